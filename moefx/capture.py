@@ -1,0 +1,247 @@
+"""Capture a model as a ``torch.fx.GraphModule``.
+
+transformers 5.x models defeat ``torch.fx.symbolic_trace`` (their forward branches on data), but
+``torch.export.export(..., strict=False)`` captures them exactly, with ``nn_module_stack`` metadata that maps
+every node back to the module that owns it. moefx therefore captures every model with torch.export, with
+dynamic batch and sequence dimensions, and adds three things:
+
+* ``use_cache`` is switched off on every config in the model while tracing (a KV cache is not a graph output);
+* ``Module.to()`` called inside ``forward`` is a no-op when it would change nothing (SwitchTransformers'
+  router does this, and torch.export cannot swap parameters while tracing);
+* a submodule whose ``forward`` loops over a data-dependent number of experts cannot be traced by any
+  tracer. Such a module is captured as an opaque ``call_module`` node (a leaf, as in symbolic_trace), provided
+  it takes tensors only and returns a tensor shaped like its first input, which is what an experts container
+  does. The captured graph is checked against eager on the example inputs, so a wrong guess cannot pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.export import Dim
+from torch.utils import _pytree as pytree
+
+from moefx.errors import CaptureError, MoefxError, first_line
+
+_OPAQUE_MODULES: dict[int, nn.Module] = {}
+_HANDLES = itertools.count()
+
+
+@torch.library.custom_op("moefx::opaque_module", mutates_args=())
+def _opaque_module(inputs: list[torch.Tensor], handle: int) -> torch.Tensor:
+    module = _OPAQUE_MODULES[handle]
+    return type(module).forward(module, *inputs)  # the class's forward: the instance's is the opaque stand-in
+
+
+@_opaque_module.register_fake
+def _(inputs: list[torch.Tensor], handle: int) -> torch.Tensor:
+    return torch.empty_like(inputs[0])
+
+
+try:  # the data-dependent failures that mean "this forward loops over data"
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    _DATA_DEPENDENT: tuple[type[BaseException], ...] = (GuardOnDataDependentSymNode,)
+except ImportError:  # pragma: no cover - older torch
+    _DATA_DEPENDENT = ()
+
+
+def normalize_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Split example inputs into positional and keyword arguments.
+
+    A tensor is one positional argument, a tuple or list is the positional arguments, and a mapping (a
+    transformers batch, say) is the keyword arguments.
+    """
+    if isinstance(example_inputs, torch.Tensor):
+        args, kwargs = (example_inputs,), {}
+    elif isinstance(example_inputs, (tuple, list)):
+        args, kwargs = tuple(example_inputs), {}
+    elif isinstance(example_inputs, dict) or hasattr(example_inputs, "keys"):
+        args, kwargs = (), dict(example_inputs)
+    else:
+        raise MoefxError(
+            f"example inputs must be a tensor, a tuple of arguments or a dict of keyword arguments, "
+            f"not {type(example_inputs).__name__}"
+        )
+    if not any(isinstance(x, torch.Tensor) for x in pytree.tree_leaves((args, kwargs))):
+        raise MoefxError("example inputs hold no tensor: pass a batch the model can run, e.g. {'input_ids': ids}")
+    return args, kwargs
+
+
+def call_model(model: nn.Module, example_inputs: Any) -> Any:
+    """Run ``model`` on example inputs given in any form :func:`normalize_inputs` accepts."""
+    args, kwargs = normalize_inputs(example_inputs)
+    return model(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def capture_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode, no KV cache and no-op ``Module.to`` for the duration of a trace; everything is restored."""
+    was_training = {m: m.training for m in model.modules()}
+    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None}
+    cache_flags = {k: c.use_cache for k, c in configs.items() if hasattr(c, "use_cache")}
+    original_to = nn.Module.to
+
+    def to_unless_noop(self: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        tensors = [*self.parameters(), *self.buffers()]
+        if all((dtype is None or t.dtype == dtype) and (device is None or t.device == device) for t in tensors):
+            return self
+        return original_to(self, *args, **kwargs)
+
+    model.eval()
+    for k in cache_flags:
+        configs[k].use_cache = False
+    nn.Module.to = to_unless_noop
+    try:
+        yield
+    finally:
+        nn.Module.to = original_to
+        for k, flag in cache_flags.items():
+            configs[k].use_cache = flag
+        for m, mode in was_training.items():
+            m.training = mode
+
+
+def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> Any:
+    shapes = torch.export.ShapesCollection()
+    for leaf in pytree.tree_leaves((args, kwargs)):
+        if isinstance(leaf, torch.Tensor) and leaf.ndim > 0:
+            shapes[leaf] = {d: Dim.AUTO for d in range(leaf.ndim)}
+    return shapes.dynamic_shapes(model, args, kwargs)
+
+
+def _innermost_forward_module(exc: BaseException) -> nn.Module | None:
+    """The innermost module whose ``forward`` is on the traceback of ``exc``."""
+    found = None
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and frame.f_code.co_name == "forward":
+            found = owner
+        tb = tb.tb_next
+    return found
+
+
+def _make_opaque(module: nn.Module, handle: int) -> None:
+    def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if kwargs or not args or not all(isinstance(a, torch.Tensor) for a in args):
+            raise CaptureError(
+                f"{type(module).__name__} has data-dependent control flow and takes non-tensor or keyword "
+                "arguments, so it cannot be captured; call it with tensors only"
+            )
+        return torch.ops.moefx.opaque_module(list(args), handle)
+
+    _OPAQUE_MODULES[handle] = module
+    module.forward = forward  # instance attribute shadows the class's forward; removed after tracing
+
+
+def _replace_opaque_nodes(gm: torch.fx.GraphModule, paths: dict[int, str]) -> None:
+    """Turn each opaque custom-op call into a ``call_module`` node on the module it stands for."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.moefx.opaque_module.default:
+            continue
+        inputs, handle = node.args
+        path = paths[handle]
+        gm.add_submodule(path, _OPAQUE_MODULES[handle])
+        with gm.graph.inserting_before(node):
+            call = gm.graph.call_module(path, tuple(inputs))
+        call.meta = dict(node.meta)
+        stack = dict(node.meta.get("nn_module_stack", {}))
+        stack[path] = (path, f"{type(_OPAQUE_MODULES[handle]).__module__}.{type(_OPAQUE_MODULES[handle]).__name__}")
+        call.meta["nn_module_stack"] = stack
+        node.replace_all_uses_with(call)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def max_output_diff(a: Any, b: Any) -> float:
+    """Largest absolute difference between the floating-point tensors of two output pytrees."""
+    la = [x for x in pytree.tree_leaves(a) if isinstance(x, torch.Tensor)]
+    lb = [x for x in pytree.tree_leaves(b) if isinstance(x, torch.Tensor)]
+    if len(la) != len(lb):
+        return float("inf")
+    worst = 0.0
+    for x, y in zip(la, lb, strict=True):
+        if x.shape != y.shape:
+            return float("inf")
+        if x.is_floating_point():
+            worst = max(worst, (x.float() - y.float()).abs().max().item() if x.numel() else 0.0)
+        elif not torch.equal(x, y):
+            return float("inf")
+    return worst
+
+
+def trace(model: nn.Module, example_inputs: Any, *, check: bool = True, max_opaque: int = 64) -> torch.fx.GraphModule:
+    """Capture ``model`` as a GraphModule with dynamic batch and sequence dimensions.
+
+    ``example_inputs`` is a tensor, a tuple of positional arguments, or a dict of keyword arguments (a
+    transformers batch). Use a batch and sequence length of at least 2: torch.export specialises size-1
+    dimensions. Every node keeps ``meta["nn_module_stack"]``, mapping it to the module that owns it. With
+    ``check`` the graph is run on the example inputs and compared with eager (max abs diff <= 1e-5).
+    The model itself is left as it was (mode, config flags and methods are restored).
+    """
+    if not isinstance(model, nn.Module):
+        raise MoefxError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    args, kwargs = normalize_inputs(example_inputs)
+    if any(p.is_meta for p in model.parameters()):
+        raise MoefxError("the model has parameters on the meta device: load its weights before capturing it")
+    paths = {id(m): name for name, m in model.named_modules()}
+    opaque: dict[int, str] = {}
+    try:
+        with capture_mode(model):
+            for _ in range(max_opaque + 1):
+                try:
+                    # torch.export prints the partial graph of a failed attempt to stderr; we handle failures
+                    with contextlib.redirect_stderr(io.StringIO()):
+                        exported = torch.export.export(
+                            model, args, kwargs, dynamic_shapes=_dynamic_shapes(model, args, kwargs), strict=False
+                        )
+                    break
+                except _DATA_DEPENDENT as exc:
+                    culprit = _innermost_forward_module(exc)
+                    if culprit is None or culprit is model or id(culprit) not in paths:
+                        raise CaptureError(
+                            f"could not capture {type(model).__name__}: its forward branches on tensor data "
+                            f"({first_line(exc)})"
+                        ) from None
+                    for m in model.modules():
+                        if type(m) is type(culprit) and id(m) in paths and m is not model:
+                            handle = next(_HANDLES)
+                            _make_opaque(m, handle)
+                            opaque[handle] = paths[id(m)]
+            else:
+                raise CaptureError(f"could not capture {type(model).__name__}: too many data-dependent modules")
+            gm = exported.module()
+            _replace_opaque_nodes(gm, opaque)
+            if check:
+                with torch.no_grad():
+                    expected = model(*args, **kwargs)
+                    got = gm(*args, **kwargs)
+                diff = max_output_diff(expected, got)
+                if not diff <= 1e-5:
+                    raise CaptureError(
+                        f"the captured graph of {type(model).__name__} differs from eager by {diff:.3g}; "
+                        "a module with data-dependent control flow was not captured faithfully"
+                    )
+    except MoefxError:
+        raise
+    except Exception as exc:  # torch.export failures are long; keep the first line and say what to do
+        raise CaptureError(
+            f"could not capture {type(model).__name__} with torch.export: {first_line(exc)}; "
+            "check that the example inputs run through the model in eager mode"
+        ) from exc
+    finally:
+        for handle in opaque:
+            module = _OPAQUE_MODULES.pop(handle)
+            module.__dict__.pop("forward", None)
+    gm.meta["moefx_opaque_modules"] = sorted(opaque.values())
+    return gm
