@@ -1,0 +1,5 @@
+import sys
+
+from moefx.cli import main
+
+sys.exit(main())

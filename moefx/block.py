@@ -1,0 +1,251 @@
+"""The MoE block descriptor and moefx's canonical block graph.
+
+Detection (``moefx.passes.detect``) describes every MoE block it finds as an :class:`MoEBlock`: where the
+router, experts and shared experts live inside the block module, and the routing semantics. From that
+description :func:`build_block` makes the block's *canonical form*, a ``torch.fx.GraphModule`` that the
+compression passes rewrite::
+
+    hidden_states -> reshape to tokens -> router (nn.Linear, E outputs) -> select_experts -> (weights, index)
+        -> experts (FusedExperts | ModuleExperts) -> [+ shared experts] -> reshape back -> output
+
+Every node is a meaningful step (the router, the selection, the experts), so a pass can find and replace
+one by name. The canonical form is checked against the original module before it is used.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from moefx.errors import DetectionError
+from moefx.experts import FusedExperts, ModuleExperts
+from moefx.routing import RoutingSpec, select_experts
+
+BLOCK_TOLERANCE = 1e-5
+
+
+@dataclass
+class FusedExpertsSource:
+    """Where a fused expert bank's tensors live, relative to the block, and how they are laid out."""
+
+    in_proj: str
+    out_proj: str
+    in_bias: str | None
+    out_bias: str | None
+    in_transposed: bool  # stored [E, in, out] rather than nn.Linear's [E, out, in]
+    out_transposed: bool
+    act: nn.Module  # maps the input projection's output [n, U] to [n, I]
+    layout: str | None  # "concat" / "interleaved" pairing of gate and up rows, None for a plain FFN
+
+
+@dataclass
+class ModuleExpertsSource:
+    """Where a bank of separate expert modules lives, relative to the block, and its FFN structure."""
+
+    container: str
+    in_linears: list[str]
+    out_linear: str
+
+
+@dataclass
+class MoEBlock:
+    """One MoE block of a model, as detection found it.
+
+    ``name`` is the block's module path (e.g. ``model.layers.3.mlp``) and ``module`` the block itself.
+    Other paths are relative to the block. ``router_weight`` and ``experts`` give handles to the weights.
+    """
+
+    name: str
+    module: nn.Module
+    num_experts: int
+    hidden_size: int
+    intermediate_size: int
+    routing: RoutingSpec
+    router_weight_path: str
+    router_bias_path: str | None
+    correction_bias_path: str | None
+    experts_source: FusedExpertsSource | ModuleExpertsSource
+    gated: bool
+    shared_experts: list[str] = field(default_factory=list)
+    shared_expert_gates: list[str] = field(default_factory=list)
+    route_on_sequence: bool = False  # the router sees [batch, seq, H] (capacity is counted per sequence)
+    returns_weights: bool = False  # the block returns (hidden, routing weights) rather than hidden
+
+    @property
+    def top_k(self) -> int:
+        return self.routing.top_k
+
+    @property
+    def scoring(self) -> str:
+        return self.routing.scoring
+
+    @property
+    def experts_kind(self) -> str:
+        return "fused" if isinstance(self.experts_source, FusedExpertsSource) else "modules"
+
+    @property
+    def router_weight(self) -> torch.Tensor:
+        return _get_tensor(self.module, self.router_weight_path)
+
+    @property
+    def experts(self) -> nn.Module:
+        """The module holding the expert weights (the fused experts module or the container of experts)."""
+        src = self.experts_source
+        path = src.container if isinstance(src, ModuleExpertsSource) else src.in_proj.rpartition(".")[0]
+        return self.module.get_submodule(path)
+
+    def summary(self) -> dict:
+        """A JSON-friendly description (for reports and ``moefx demo``)."""
+        r = self.routing
+        return {
+            "name": self.name,
+            "num_experts": self.num_experts,
+            "top_k": r.top_k,
+            "scoring": r.scoring,
+            "normalize": r.normalize,
+            "scale": r.scale,
+            "correction_bias": r.has_correction_bias,
+            "group_limited": None if r.n_group is None else f"{r.topk_group} of {r.n_group} groups",
+            "capacity": r.capacity,
+            "experts": self.experts_kind,
+            "gated": self.gated,
+            "bias": self.experts_bias,
+            "hidden": self.hidden_size,
+            "intermediate": self.intermediate_size,
+            "shared_experts": len(self.shared_experts),
+            "shared_expert_gate": bool(self.shared_expert_gates),
+        }
+
+    @property
+    def experts_bias(self) -> bool:
+        src = self.experts_source
+        if isinstance(src, FusedExpertsSource):
+            return src.in_bias is not None
+        first = next(self.module.get_submodule(src.container).children())
+        linear = first.get_submodule(src.out_linear)
+        return linear.bias is not None
+
+
+def _get_tensor(root: nn.Module, path: str) -> torch.Tensor:
+    owner, _, attr = path.rpartition(".")
+    return getattr(root.get_submodule(owner), attr)
+
+
+def build_experts(module: nn.Module, block: MoEBlock) -> FusedExperts | ModuleExperts:
+    """The block's experts as a bank, sharing weights with ``module`` where the layout allows."""
+    src = block.experts_source
+    if isinstance(src, ModuleExpertsSource):
+        return ModuleExperts(list(module.get_submodule(src.container).children()), src.in_linears, src.out_linear)
+
+    def linear_layout(path: str, transposed: bool) -> torch.Tensor:
+        t = _get_tensor(module, path)
+        return t.transpose(1, 2).contiguous() if transposed else t
+
+    return FusedExperts(
+        linear_layout(src.in_proj, src.in_transposed),
+        linear_layout(src.out_proj, src.out_transposed),
+        src.act,
+        None if src.in_bias is None else _get_tensor(module, src.in_bias),
+        None if src.out_bias is None else _get_tensor(module, src.out_bias),
+        src.layout,
+    )
+
+
+def build_router(module: nn.Module, block: MoEBlock) -> nn.Linear:
+    """An ``nn.Linear`` router that shares its weight (and bias) with the block's router."""
+    weight = _get_tensor(module, block.router_weight_path)
+    bias = None if block.router_bias_path is None else _get_tensor(module, block.router_bias_path)
+    router = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    router.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
+    if bias is not None:
+        router.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias)
+    return router
+
+
+class BlockRoot(nn.Module):
+    """Holder of a canonical block's submodules while its graph is built."""
+
+
+def build_block(module: nn.Module, block: MoEBlock) -> torch.fx.GraphModule:
+    """The canonical GraphModule of ``module`` (the block itself, or a copy of it) described by ``block``."""
+    root = BlockRoot()
+    root.router = build_router(module, block)
+    root.experts = build_experts(module, block)
+    if block.correction_bias_path is not None:
+        root.register_buffer("correction_bias", _get_tensor(module, block.correction_bias_path).detach())
+    for i, path in enumerate(block.shared_experts):
+        root.add_module(f"shared_expert_{i}", module.get_submodule(path))
+    for i, path in enumerate(block.shared_expert_gates):
+        root.add_module(f"shared_expert_gate_{i}", module.get_submodule(path))
+
+    g = torch.fx.Graph()
+    hidden_states = g.placeholder("hidden_states")
+    tokens = g.call_method("reshape", (hidden_states, -1, block.hidden_size))
+    logits = g.call_module("router", (hidden_states if block.route_on_sequence else tokens,))
+    bias = g.get_attr("correction_bias") if block.correction_bias_path is not None else None
+    selection = g.call_function(select_experts, (logits, bias), block.routing.as_kwargs())
+    weights = g.call_function(operator.getitem, (selection, 0))
+    index = g.call_function(operator.getitem, (selection, 1))
+    routed = g.call_module("experts", (tokens, index, weights))
+    for i in range(len(block.shared_experts)):
+        shared = g.call_module(f"shared_expert_{i}", (tokens,))
+        if i < len(block.shared_expert_gates):
+            gate = g.call_function(torch.sigmoid, (g.call_module(f"shared_expert_gate_{i}", (tokens,)),))
+            shared = g.call_function(operator.mul, (gate, shared))
+        routed = g.call_function(operator.add, (routed, shared))
+    out = g.call_method("view_as", (routed, hidden_states))
+    g.output((out, weights) if block.returns_weights else out)
+    gm = torch.fx.GraphModule(root, g, class_name="CanonicalMoEBlock")
+    gm.meta["moefx_block"] = block.name
+    return gm
+
+
+def max_block_diff(original: nn.Module, canonical: nn.Module, hidden_size: int, ndim: int, seed: int = 0) -> float:
+    """Largest output difference of two block modules on random hidden states (float32)."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (2, 7, hidden_size) if ndim == 3 else (14, hidden_size)
+    x = torch.randn(shape, generator=g)
+    with torch.no_grad():
+        ref, got = original(x), canonical(x)
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    got = got if isinstance(got, tuple) else (got,)
+    if len(ref) != len(got) or any(a.shape != b.shape for a, b in zip(ref, got, strict=False)):
+        return float("inf")
+    return max((a.float() - b.float()).abs().max().item() for a, b in zip(ref, got, strict=True))
+
+
+def verify_block(block: MoEBlock, ndim: int) -> float:
+    """Check the canonical form of ``block`` against the original, in float32 on copies; returns the diff."""
+    reference = copy.deepcopy(block.module).float().eval()
+    canonical = build_block(reference, block)
+    return max(max_block_diff(reference, canonical, block.hidden_size, ndim, seed) for seed in (0, 1))
+
+
+def first_verified(candidates: list[MoEBlock], ndim: int) -> MoEBlock:
+    """The first candidate reading of a block whose canonical form reproduces it; raises if none does."""
+    best = float("inf")
+    for candidate in candidates:
+        try:
+            diff = verify_block(candidate, ndim)
+        except Exception as exc:  # a wrong reading can fail to run at all (shapes disagree)
+            diff, error = float("inf"), exc
+        else:
+            error = None
+        if diff <= BLOCK_TOLERANCE:
+            return candidate
+        best = min(best, diff)
+    name = candidates[0].name
+    detail = f"max output difference {best:.3g}" if best < float("inf") else f"error: {error}"
+    raise DetectionError(
+        f"{name} looks like an MoE block, but moefx's reading of it does not reproduce its outputs ({detail}); "
+        "its routing or experts use a variant moefx does not support yet"
+    )
+
+
+def with_routing(block: MoEBlock, **changes) -> MoEBlock:
+    """A copy of ``block`` with some routing fields changed."""
+    return replace(block, routing=replace(block.routing, **changes))

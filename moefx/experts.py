@@ -1,0 +1,269 @@
+"""Expert banks: the experts of one MoE block, held as real weights and run as one module.
+
+Both banks take ``(tokens [T, H], index [T, k], weights [T, k])`` and return ``[T, H]``: the sum over a
+token's k slots of ``weight * expert(token)``, where index ``-1`` contributes nothing. Each expert is run
+once on the tokens routed to it (a static loop over experts with a data-dependent gather, which eager
+PyTorch, torch.export and ONNX all handle).
+
+* :class:`FusedExperts` holds stacked weights ``in_proj [E, U, H]`` and ``out_proj [E, H, I]`` in
+  ``nn.Linear`` layout (out, in), optional biases, and the activation that maps ``[n, U]`` to ``[n, I]``
+  as a small module (for gated experts ``U = 2I``, with the gate and up rows paired as ``layout`` says).
+* :class:`ModuleExperts` holds E expert modules of the user's own class.
+
+Both expose each expert as an :class:`FFN`, the view that alignment and merging work on.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GATED_LAYOUTS = ("concat", "interleaved")
+
+
+@dataclass
+class FFN:
+    """One expert's weights, in ``nn.Linear`` layout.
+
+    ``in_weights`` are the matrices applied to the token (``[I, H]`` each: gate and up for a gated FFN, one
+    for a plain FFN), ``in_biases`` their biases (or None), ``out_weight`` is ``[H, I]``. The hidden units
+    (the I dimension) can be permuted without changing the function: rows of every input matrix and bias,
+    columns of the output matrix.
+    """
+
+    in_weights: list[torch.Tensor]
+    in_biases: list[torch.Tensor | None]
+    out_weight: torch.Tensor
+    out_bias: torch.Tensor | None
+
+    @property
+    def hidden_units(self) -> int:
+        return self.out_weight.shape[1]
+
+    def permuted(self, perm: torch.Tensor) -> FFN:
+        return FFN(
+            [w[perm] for w in self.in_weights],
+            [None if b is None else b[perm] for b in self.in_biases],
+            self.out_weight[:, perm],
+            self.out_bias,
+        )
+
+    def tensors(self) -> list[torch.Tensor | None]:
+        return [*self.in_weights, *self.in_biases, self.out_weight, self.out_bias]
+
+    @staticmethod
+    def weighted_sum(ffns: list[FFN], coefficients: list[float]) -> FFN:
+        """``sum_i c_i * ffn_i``, tensor by tensor (the merge of aligned experts)."""
+
+        def combine(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
+            if parts[0] is None:
+                return None
+            acc = torch.zeros_like(parts[0], dtype=torch.float32)
+            for c, p in zip(coefficients, parts, strict=True):
+                acc += c * p.float()
+            return acc.to(parts[0].dtype)
+
+        n_in = len(ffns[0].in_weights)
+        columns = list(zip(*(f.tensors() for f in ffns), strict=True))
+        merged = [combine(list(col)) for col in columns]
+        return FFN(merged[:n_in], merged[n_in : 2 * n_in], merged[2 * n_in], merged[2 * n_in + 1])
+
+
+def dispatch(
+    expert_forward, num_experts: int, tokens: torch.Tensor, index: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """``out[t] = sum_j weights[t, j] * expert_{index[t, j]}(tokens[t])``, each expert run once on its tokens."""
+    out = torch.zeros_like(tokens)
+    for e in range(num_experts):
+        token, slot = torch.where(index == e)
+        y = expert_forward(e, tokens[token])
+        out.index_add_(0, token, (y * weights[token, slot, None]).to(out.dtype))
+    return out
+
+
+class FusedExperts(nn.Module):
+    """E FFN experts stored as stacked tensors: ``act(x @ in_proj[e].T + in_bias[e]) @ out_proj[e].T + out_bias[e]``."""
+
+    def __init__(
+        self,
+        in_proj: torch.Tensor,
+        out_proj: torch.Tensor,
+        act: nn.Module,
+        in_bias: torch.Tensor | None = None,
+        out_bias: torch.Tensor | None = None,
+        layout: str | None = None,
+    ) -> None:
+        super().__init__()
+        if layout is not None and layout not in GATED_LAYOUTS:
+            raise ValueError(f"layout must be one of {GATED_LAYOUTS} or None, not {layout!r}")
+        self.in_proj = _as_parameter(in_proj)
+        self.out_proj = _as_parameter(out_proj)
+        self.in_bias = None if in_bias is None else _as_parameter(in_bias)
+        self.out_bias = None if out_bias is None else _as_parameter(out_bias)
+        self.act = act
+        self.layout = layout
+
+    @property
+    def num_experts(self) -> int:
+        return self.in_proj.shape[0]
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.out_proj.shape[2]
+
+    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        h = F.linear(x, self.in_proj[e], None if self.in_bias is None else self.in_bias[e])
+        return F.linear(self.act(h), self.out_proj[e], None if self.out_bias is None else self.out_bias[e])
+
+    def forward(self, tokens: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return dispatch(self.expert_forward, self.num_experts, tokens, index, weights)
+
+    def _in_rows(self) -> list[torch.Tensor]:
+        """Row indices of ``in_proj`` belonging to each input matrix (gate, up), in hidden-unit order."""
+        size = self.intermediate_size
+        units = torch.arange(size)
+        if self.layout == "concat":
+            return [units, units + size]
+        if self.layout == "interleaved":
+            return [2 * units, 2 * units + 1]
+        return [units]
+
+    def ffn(self, e: int) -> FFN:
+        rows = self._in_rows()
+        return FFN(
+            [self.in_proj[e][r] for r in rows],
+            [None if self.in_bias is None else self.in_bias[e][r] for r in rows],
+            self.out_proj[e],
+            None if self.out_bias is None else self.out_bias[e],
+        )
+
+    def with_experts(self, ffns: list[FFN]) -> FusedExperts:
+        """A new bank of the same kind holding ``ffns`` (shares the activation module)."""
+        rows = self._in_rows()
+        in_size = self.in_proj.shape[1]
+
+        def stack_in(parts: list[list[torch.Tensor]]) -> torch.Tensor:
+            out = []
+            for per_matrix in parts:
+                full = per_matrix[0].new_empty((in_size, *per_matrix[0].shape[1:]))
+                for r, part in zip(rows, per_matrix, strict=True):
+                    full[r] = part
+                out.append(full)
+            return torch.stack(out)
+
+        has_in_bias = self.in_bias is not None
+        return FusedExperts(
+            stack_in([f.in_weights for f in ffns]),
+            torch.stack([f.out_weight for f in ffns]),
+            self.act,
+            stack_in([f.in_biases for f in ffns]) if has_in_bias else None,
+            torch.stack([f.out_bias for f in ffns]) if self.out_bias is not None else None,
+            self.layout,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, hidden={self.out_proj.shape[1]}, "
+            f"intermediate={self.intermediate_size}, layout={self.layout}, bias={self.in_bias is not None}"
+        )
+
+
+class ModuleExperts(nn.Module):
+    """E expert modules of the model's own class, each run on the tokens routed to it."""
+
+    def __init__(self, experts: list[nn.Module], in_linears: list[str], out_linear: str) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(experts)
+        self.in_linears = list(in_linears)
+        self.out_linear = out_linear
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.experts[0].get_submodule(self.out_linear).in_features
+
+    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return self.experts[e](x)
+
+    def forward(self, tokens: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return dispatch(self.expert_forward, self.num_experts, tokens, index, weights)
+
+    def ffn(self, e: int) -> FFN:
+        expert = self.experts[e]
+        ins = [expert.get_submodule(name) for name in self.in_linears]
+        out = expert.get_submodule(self.out_linear)
+        return FFN([m.weight for m in ins], [m.bias for m in ins], out.weight, out.bias)
+
+    def with_experts(self, ffns: list[FFN], templates: list[int] | None = None) -> ModuleExperts:
+        """A new bank of copies of expert ``templates[i]`` (default: expert i) carrying ``ffns[i]``'s weights."""
+        experts = []
+        for i, f in enumerate(ffns):
+            expert = copy.deepcopy(self.experts[i if templates is None else templates[i]])
+            for name, w, b in zip(self.in_linears, f.in_weights, f.in_biases, strict=True):
+                _set_linear(expert.get_submodule(name), w, b)
+            _set_linear(expert.get_submodule(self.out_linear), f.out_weight, f.out_bias)
+            experts.append(expert)
+        return ModuleExperts(experts, self.in_linears, self.out_linear)
+
+
+def _as_parameter(t: torch.Tensor) -> nn.Parameter:
+    return t if isinstance(t, nn.Parameter) else nn.Parameter(t.detach(), requires_grad=t.requires_grad)
+
+
+def _set_linear(linear: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    linear.weight = _as_parameter(weight.detach().clone())
+    if bias is not None:
+        linear.bias = _as_parameter(bias.detach().clone())
+    if hasattr(linear, "in_features"):
+        linear.in_features, linear.out_features = weight.shape[1], weight.shape[0]
+
+
+def find_ffn_linears(expert: nn.Module, hidden: int) -> tuple[list[str], str]:
+    """Names of an expert module's input linears (applied to the token) and its output linear.
+
+    The expert is captured with torch.export on a ``[n, hidden]`` input: linears fed by the input are input
+    linears and the linear whose result is returned is the output linear. Raises ``ValueError`` when the
+    expert is not such an FFN (one or two input linears of equal width, one output linear).
+    """
+    name = type(expert).__name__
+    try:
+        sample = torch.randn(3, hidden, dtype=next(expert.parameters()).dtype)
+        graph = torch.export.export(copy.deepcopy(expert).eval(), (sample,), strict=False).module().graph
+    except Exception as exc:
+        raise ValueError(f"cannot capture expert {name}: {str(exc).splitlines()[0]}") from None
+    linear_of = {}
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target == torch.ops.aten.linear.default:
+            weight = node.args[1]
+            owner = weight.target.rpartition(".")[0] if weight.op == "get_attr" else None
+            if owner is not None and isinstance(expert.get_submodule(owner), nn.Linear):
+                linear_of[node] = owner
+    placeholder = next(n for n in graph.nodes if n.op == "placeholder")
+    output = next(n for n in graph.nodes if n.op == "output")
+
+    def reaches(start: torch.fx.Node, goal: torch.fx.Node) -> bool:
+        stack, seen = [start], set()
+        while stack:
+            n = stack.pop()
+            if n is goal:
+                return True
+            if n in seen or (n is not start and n in linear_of):
+                continue
+            seen.add(n)
+            stack.extend(n.users)
+        return False
+
+    ins = [linear_of[n] for n in linear_of if reaches(placeholder, n)]
+    outs = [linear_of[n] for n in linear_of if reaches(n, output)]
+    if len(outs) != 1 or not 1 <= len(ins) <= 2 or outs[0] in ins:
+        raise ValueError(f"expert {name} is not a one- or two-input-linear FFN")
+    if {expert.get_submodule(n).out_features for n in ins} != {expert.get_submodule(outs[0]).in_features}:
+        raise ValueError(f"expert {name}: input and output linears disagree on the hidden width")
+    return ins, outs[0]

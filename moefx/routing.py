@@ -1,0 +1,130 @@
+"""Routing semantics of an MoE block, as moefx's block graphs compute them.
+
+A router maps each token's logits over E experts to ``top_k`` (weight, expert index) pairs. The variants
+that real families use are all parameters of one function, :func:`select_experts`; the detection pass
+reads them off the captured graph into a :class:`RoutingSpec`, and the canonical block is checked against
+the original module numerically, so a variant outside this set is reported rather than approximated.
+
+Index ``-1`` means "routed nowhere" (a token dropped by a capacity-limited router); its weight is 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+SCORINGS = ("softmax", "sigmoid", "softmax_topk")
+
+
+@dataclass(frozen=True)
+class RoutingSpec:
+    """How a block turns router logits into (weights, indices).
+
+    * ``scoring``: ``"softmax"`` (softmax over all experts, then top-k), ``"sigmoid"`` (independent
+      sigmoid scores, DeepSeek-V3), or ``"softmax_topk"`` (top-k of the logits, then softmax over the k,
+      GPT-OSS).
+    * ``normalize``: divide the k weights by their sum (plus ``norm_eps``); ``scale``: multiply them after.
+    * ``has_correction_bias``: a per-expert bias added to the scores for choosing only (DeepSeek-V3).
+    * ``n_group`` / ``topk_group`` / ``group_topk``: group-limited selection: experts are split into
+      ``n_group`` groups, each group scored by the sum of its ``group_topk`` best scores, and only the best
+      ``topk_group`` groups are eligible.
+    * ``capacity``: top-1 routing where each expert takes at most ``capacity`` tokens per sequence, in
+      order; later tokens are dropped (SwitchTransformers).
+    """
+
+    top_k: int
+    scoring: str = "softmax"
+    normalize: bool = False
+    norm_eps: float = 0.0
+    scale: float = 1.0
+    has_correction_bias: bool = False
+    n_group: int | None = None
+    topk_group: int | None = None
+    group_topk: int | None = None
+    capacity: int | None = None
+
+    def as_kwargs(self) -> dict:
+        kwargs = asdict(self)
+        kwargs.pop("has_correction_bias")
+        return kwargs
+
+
+def select_experts(
+    logits: torch.Tensor,
+    correction_bias: torch.Tensor | None = None,
+    *,
+    top_k: int,
+    scoring: str = "softmax",
+    normalize: bool = False,
+    norm_eps: float = 0.0,
+    scale: float = 1.0,
+    n_group: int | None = None,
+    topk_group: int | None = None,
+    group_topk: int | None = None,
+    capacity: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Route tokens: ``logits [..., E]`` to ``(weights [T, k] float32, index [T, k] int64)``.
+
+    Leading dimensions are flattened to tokens after routing; capacity counts along dimension -2 (the
+    sequence when logits are ``[batch, seq, E]``).
+    """
+    num_experts = logits.shape[-1]
+    if capacity is not None:
+        return _top1_with_capacity(logits, capacity)
+    flat = logits.reshape(-1, num_experts).float()
+    if scoring == "softmax_topk":
+        values, index = torch.topk(flat, top_k, dim=-1)
+        weights = torch.softmax(values, dim=-1)
+    else:
+        scores = torch.softmax(flat, dim=-1) if scoring == "softmax" else torch.sigmoid(flat)
+        choice = scores if correction_bias is None else scores + correction_bias
+        if n_group is not None:
+            grouped = choice.view(-1, n_group, num_experts // n_group)
+            group_scores = grouped.topk(group_topk or 1, dim=-1)[0].sum(dim=-1)
+            best_groups = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+            keep = torch.zeros_like(group_scores).scatter_(1, best_groups, 1.0)
+            keep = keep.unsqueeze(-1).expand(-1, n_group, num_experts // n_group).reshape(-1, num_experts)
+            choice = choice.masked_fill(keep == 0, float("-inf"))
+        if correction_bias is None and n_group is None:
+            weights, index = torch.topk(scores, top_k, dim=-1)
+        else:
+            index = torch.topk(choice, top_k, dim=-1, sorted=False)[1]
+            weights = scores.gather(1, index)
+    if normalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + norm_eps)
+    if scale != 1.0:
+        weights = weights * scale
+    return weights, index
+
+
+def _top1_with_capacity(logits: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    num_experts = logits.shape[-1]
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, index = probs.max(dim=-1)
+    position = torch.cumsum(F.one_hot(index, num_experts), dim=-2).gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    kept = position <= capacity
+    index = torch.where(kept, index, torch.full_like(index, -1))
+    weights = torch.where(kept, weights, torch.zeros_like(weights))
+    return weights.reshape(-1, 1), index.reshape(-1, 1)
+
+
+def combine_by_group(
+    weights: torch.Tensor, index: torch.Tensor, expert_to_group: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Map expert indices to group indices through a static ``E -> G`` table, once per group per token.
+
+    When several of a token's k experts fall in the same group, their weights are summed into the first
+    slot of that group and the other slots become ``-1`` with weight 0, so each token evaluates each distinct
+    group once. Index ``-1`` stays ``-1``.
+    """
+    group = torch.where(index >= 0, expert_to_group[index.clamp(min=0)], index)
+    same = (group.unsqueeze(-1) == group.unsqueeze(-2)) & (group.unsqueeze(-1) >= 0)  # [T, k, k]
+    k = group.shape[-1]
+    earlier = torch.ones(k, k, dtype=torch.bool, device=group.device).tril(-1)  # slot j < slot i
+    duplicate = (same & earlier).any(dim=-1)
+    summed = (same.to(weights.dtype) * weights.unsqueeze(-2)).sum(dim=-1)
+    weights = torch.where(duplicate, torch.zeros_like(summed), summed)
+    group = torch.where(duplicate, torch.full_like(group, -1), group)
+    return weights, group

@@ -1,0 +1,1 @@
+"""Graph passes over MoE blocks: detect, observe, merge, router, losparse, lower (one file a pass)."""

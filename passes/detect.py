@@ -1,0 +1,533 @@
+"""Detection: find the MoE blocks of a captured model and read their structure off the graph.
+
+Matches, in the ATen graph that :func:`moefx.trace` captures:
+
+* a **router**: a linear whose 2-D weight ``[E, H]`` feeds a top-k / argmax selection over its E outputs
+  (through softmax, sigmoid, or a softmax of the selected logits);
+* the **experts** beside it: the nearest enclosing module that holds either 3-D parameters with a leading
+  dimension of E (fused experts) or a container of E structurally identical expert modules. That module is
+  the **block**; its other parameterised children are shared experts, and a child linear with one output
+  is a shared-expert gate.
+
+The routing variant (scoring, renormalisation, scaling, correction bias, group-limited selection,
+capacity) is read from the ops between the router and the selection; a fused bank's activation is the
+subgraph between its two matmuls, extracted as a GraphModule. Detection works on structure and shapes, not
+class names, and each block's reading is verified by running moefx's canonical form of it against the
+original module. Rewrites nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import deque
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from moefx.block import (
+    FusedExpertsSource,
+    ModuleExpertsSource,
+    MoEBlock,
+    build_experts,
+    first_verified,
+)
+from moefx.capture import trace
+from moefx.errors import DetectionError
+from moefx.experts import GATED_LAYOUTS, FusedExperts, find_ffn_linears
+from moefx.routing import RoutingSpec
+
+aten = torch.ops.aten
+
+# ops that pass a value through unchanged for the purpose of reading routing structure
+_TRANSPARENT = {
+    aten.to, aten._to_copy, aten.view, aten.reshape, aten.clone, aten.contiguous, aten.detach, aten.alias,
+    aten.type_as, aten._assert_tensor_metadata, aten.flatten, aten.lift_fresh_copy,
+}  # fmt: skip
+_WEIGHT_VIEWS = _TRANSPARENT | {aten.t, aten.transpose, aten.permute}
+_SELECTIONS = {aten.topk, aten.argmax, aten.max}
+_MATMULS = {aten.linear, aten.mm, aten.bmm, aten.matmul, aten.addmm, aten.baddbmm, aten.einsum, aten._grouped_mm}
+_ROUTING_DEPTH = 16
+
+
+def _packet(node: fx.Node) -> Any:
+    return getattr(node.target, "overloadpacket", node.target) if node.op == "call_function" else None
+
+
+def _owner(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    return list(stack.values())[-1][0] if stack else ""
+
+
+def _shape(node: Any) -> tuple[int | None, ...] | None:
+    """The node's static shape; symbolic (batch, sequence, data-dependent) dimensions are None."""
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if isinstance(val, torch.Tensor):
+        return tuple(d if isinstance(d, int) else None for d in val.shape)
+    return None
+
+
+def _last_dim(node: Any) -> Any:
+    shape = _shape(node)
+    return shape[-1] if shape else None
+
+
+def _strip(node: Any, ops: set) -> Any:
+    while isinstance(node, fx.Node) and _packet(node) in ops:
+        node = node.args[0]
+    return node
+
+
+def _reach(start: fx.Node, depth: int, through: set | None = None) -> list[fx.Node]:
+    """Nodes reachable from ``start`` along users within ``depth`` hops, in BFS order.
+
+    With ``through``, the search continues only past ops in that set (it still reports the first other op).
+    """
+    seen, out, queue = {start}, [], deque([(start, 0)])
+    while queue:
+        node, d = queue.popleft()
+        if d == depth or (through is not None and node is not start and _packet(node) not in through):
+            continue
+        for user in node.users:
+            if user not in seen:
+                seen.add(user)
+                out.append(user)
+                queue.append((user, d + 1))
+    return out
+
+
+def _descendants(starts: Iterable[fx.Node]) -> set[fx.Node]:
+    seen, stack = set(), list(starts)
+    while stack:
+        node = stack.pop()
+        for user in node.users:
+            if user not in seen:
+                seen.add(user)
+                stack.append(user)
+    return seen
+
+
+def _ancestors(start: fx.Node) -> set[fx.Node]:
+    seen, stack = set(), [start]
+    while stack:
+        for arg in stack.pop().all_input_nodes:
+            if arg not in seen:
+                seen.add(arg)
+                stack.append(arg)
+    return seen
+
+
+def _relative(path: str, base: str) -> str:
+    return path[len(base) + 1 :] if base else path
+
+
+def _inside(path: str, base: str) -> bool:
+    return not base or path == base or path.startswith(base + ".")
+
+
+class _Graph:
+    """The captured graph with the lookups detection needs."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.nodes = list(gm.graph.nodes)
+        self.order = {n: i for i, n in enumerate(self.nodes)}
+
+    def attr(self, node: Any, through: set = _WEIGHT_VIEWS) -> tuple[str, torch.Tensor] | None:
+        node = _strip(node, through)
+        if isinstance(node, fx.Node) and node.op == "get_attr":
+            owner, _, name = node.target.rpartition(".")
+            tensor = getattr(self.gm.get_submodule(owner), name)
+            if isinstance(tensor, torch.Tensor):
+                return node.target, tensor
+        return None
+
+    def attr_nodes(self, prefix: str) -> list[fx.Node]:
+        return [n for n in self.nodes if n.op == "get_attr" and _inside(n.target, prefix)]
+
+
+def _router_weight(graph: _Graph, node: fx.Node) -> tuple[str, torch.Tensor] | None:
+    """The ``[E, H]`` weight of a linear node, if it is a parameter of the model."""
+    packet = _packet(node)
+    if packet is aten.linear:
+        found = graph.attr(node.args[1], _TRANSPARENT)
+    elif packet in (aten.matmul, aten.mm) and _packet(_strip(node.args[1], _TRANSPARENT)) in (aten.t, aten.transpose):
+        found = graph.attr(node.args[1])
+    else:
+        return None
+    if found is None or found[1].ndim != 2 or found[1].shape[0] < 2:
+        return None
+    return found
+
+
+def _selection(linear: fx.Node, num_experts: int) -> fx.Node | None:
+    """The top-k / argmax node that chooses among the E outputs of ``linear``."""
+    for node in _reach(linear, _ROUTING_DEPTH):
+        packet = _packet(node)
+        if packet in (aten.topk, aten.argmax) and _last_dim(node.args[0]) == num_experts:
+            k = node.args[1] if packet is aten.topk else 1
+            if isinstance(k, int) and k < num_experts:
+                return node
+    return None
+
+
+def _read_routing(graph: _Graph, linear: fx.Node, selection: fx.Node, block: str) -> tuple[RoutingSpec, str | None]:
+    """Routing semantics between the router's logits and the selection; also the correction bias path."""
+    num_experts = _last_dim(linear)
+    scoring_node = next(
+        (n for n in _reach(linear, 4, _TRANSPARENT) if _packet(n) in (aten.softmax, aten._softmax, aten.sigmoid)),
+        None,
+    )
+    selection_packet = _packet(selection)
+    if selection_packet is aten.topk and _strip(selection.args[0], _TRANSPARENT) is linear:
+        scoring = "softmax_topk"
+    elif scoring_node is not None and _packet(scoring_node) is aten.sigmoid:
+        scoring = "sigmoid"
+    elif scoring_node is not None:
+        scoring = "softmax"
+    else:
+        raise DetectionError(
+            f"{block}: the router's scores are neither a softmax nor a sigmoid of its logits, "
+            "a routing variant moefx does not support yet"
+        )
+    top_k = selection.args[1] if selection_packet is aten.topk else 1
+
+    between = set(_reach(scoring_node or linear, _ROUTING_DEPTH)) & _ancestors(selection)
+    correction_bias = None
+    n_group = topk_group = group_topk = None
+    for node in sorted(between, key=graph.order.get):
+        packet = _packet(node)
+        if packet in (aten.add, aten.add_):
+            for arg in node.args:
+                found = graph.attr(arg)
+                if found and found[1].ndim == 1 and found[1].shape[0] == num_experts:
+                    correction_bias = _relative(found[0], block)
+        shape = _shape(node)
+        if packet in (aten.view, aten.reshape) and shape and len(shape) == 3 and shape[1] * shape[2] == num_experts:
+            n_group = shape[1]
+        if packet is aten.topk and n_group:
+            if _last_dim(node.args[0]) == num_experts // n_group and _shape(node.args[0])[-2:-1] == (n_group,):
+                group_topk = node.args[1]
+            elif _last_dim(node.args[0]) == n_group:
+                topk_group = node.args[1]
+    if n_group is not None and (topk_group is None or group_topk is None):
+        raise DetectionError(f"{block}: group-limited routing whose group selection moefx cannot read")
+
+    capacity = None
+    if selection_packet is aten.argmax:
+        for node in _reach(selection, 8):
+            if _packet(node) is aten.cumsum:
+                for user in _reach(node, 3):
+                    if _packet(user) in (aten.le, aten.lt) and isinstance(user.args[1], (int, float)):
+                        capacity = int(user.args[1]) - (1 if _packet(user) is aten.lt else 0)
+    normalize, norm_eps, scale = _read_weight_transform(selection, scoring_node, top_k)
+    spec = RoutingSpec(
+        top_k=top_k, scoring=scoring, normalize=normalize, norm_eps=norm_eps, scale=scale,
+        has_correction_bias=correction_bias is not None, n_group=n_group, topk_group=topk_group,
+        group_topk=group_topk, capacity=capacity,
+    )  # fmt: skip
+    return spec, correction_bias
+
+
+def _read_weight_transform(selection: fx.Node, scoring_node: fx.Node | None, top_k: int) -> tuple[bool, float, float]:
+    """Renormalisation (with its epsilon) and scaling applied to the k selected weights."""
+    starts = [selection] + ([scoring_node] if scoring_node is not None else [])
+    normalize, eps, scale = False, 0.0, 1.0
+    seen = set()
+    for start in starts:
+        for node in _reach(start, 8):
+            shape = _shape(node)
+            if node in seen or not shape or shape[-1] != top_k or len(shape) < 2:
+                continue
+            seen.add(node)
+            packet = _packet(node)
+            if packet in (aten.div, aten.div_) and isinstance(node.args[1], fx.Node):
+                divisor = _strip(node.args[1], _TRANSPARENT)
+                if _packet(divisor) in (aten.add, aten.add_) and isinstance(divisor.args[1], (int, float)):
+                    eps, divisor = float(divisor.args[1]), _strip(divisor.args[0], _TRANSPARENT)
+                if _packet(divisor) is aten.sum:
+                    normalize = True
+            elif packet in (aten.mul, aten.mul_) and isinstance(node.args[1], (int, float)):
+                scale = float(node.args[1])
+    return normalize, eps, scale
+
+
+def _find_experts(model: nn.Module, router_owner: str, num_experts: int) -> tuple[str, list[str], str | None]:
+    """The block path, and inside it the fused expert tensors or the container of expert modules."""
+    parts = router_owner.split(".") if router_owner else []
+    for depth in range(len(parts), -1, -1):
+        block = ".".join(parts[:depth])
+        module = model.get_submodule(block)
+        fused = [
+            name
+            for name, p in module.named_parameters()
+            if p.ndim == 3 and p.shape[0] == num_experts and not _inside(_join(block, name), router_owner)
+        ]
+        owners = {name.rpartition(".")[0] for name in fused}
+        if len(fused) >= 2 and len(owners) == 1:
+            return block, fused, None
+        for name, sub in module.named_modules():
+            children = list(sub.children())
+            if (
+                len(children) == num_experts
+                and not _inside(_join(block, name), router_owner)
+                and len({type(c) for c in children}) == 1
+                and sum(1 for _ in children[0].parameters()) >= 2
+            ):
+                return block, [], name
+    raise LookupError
+
+
+def _join(base: str, name: str) -> str:
+    return f"{base}.{name}" if base and name else base or name
+
+
+def _extract_activation(graph: _Graph, in_node: fx.Node, out_node: fx.Node, in_bias: fx.Node | None) -> fx.GraphModule:
+    """The subgraph between the input projection's matmul (plus bias) and the output projection's matmul."""
+
+    def matmul_after(param: fx.Node) -> fx.Node:
+        for node in sorted(_descendants([param]), key=graph.order.get):
+            if _packet(node) in _MATMULS or (node.op == "call_function" and "mm" in str(node.target)):
+                return node
+        raise DetectionError("fused experts without a matmul on their weights")
+
+    first, second = matmul_after(in_node), matmul_after(out_node)
+    start = first
+    if in_bias is not None:
+        bias_users = _descendants([in_bias])
+        start = next(
+            (
+                u
+                for u in sorted(first.users, key=graph.order.get)
+                if u in bias_users and _packet(u) in (aten.add, aten.add_)
+            ),
+            first,
+        )
+    after_start = _descendants([start])
+    end = next((a for a in second.args if isinstance(a, fx.Node) and a in after_start), None)
+    if end is None:
+        raise DetectionError("fused experts whose activation feeds the output projection indirectly")
+    before_end = _ancestors(end)
+    region = [n for n in graph.nodes if n in after_start and (n is end or n in before_end)]
+    g = fx.Graph()
+    env = {start: g.placeholder("h")}
+    for node in region:
+        if any(a not in env for a in node.all_input_nodes):
+            raise DetectionError("the experts' activation depends on values other than the projection output")
+        if _packet(node) in (aten.to, aten._to_copy) and len(node.all_input_nodes) == 1:
+            env[node] = env[node.all_input_nodes[0]]  # dtype casts: the bank computes in its weights' dtype
+            continue
+        env[node] = g.node_copy(node, env.__getitem__)
+    g.output(env[end])
+    return fx.GraphModule(nn.Module(), g, class_name="ExpertActivation")
+
+
+def _gated_layout(bank: FusedExperts) -> str | None:
+    """How gate and up rows pair in a gated bank, found by checking which pairing permutes without effect."""
+    x = torch.randn(5, bank.in_proj.shape[2], generator=torch.Generator().manual_seed(0), dtype=bank.in_proj.dtype)
+    perm = torch.randperm(bank.intermediate_size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = bank.expert_forward(0, x)
+        for layout in GATED_LAYOUTS:
+            bank.layout = layout
+            permuted = bank.with_experts([bank.ffn(0).permuted(perm)])
+            if torch.allclose(permuted.expert_forward(0, x), reference, atol=1e-5, rtol=1e-4):
+                return layout
+    return None
+
+
+def _fused_sources(
+    graph: _Graph, block: str, names: list[str], hidden: int, num_experts: int
+) -> tuple[list[FusedExpertsSource], int, bool]:
+    """Candidate readings of a fused bank (several where shapes are ambiguous), its I, and whether it is gated."""
+    owner = names[0].rpartition(".")[0]
+    absolute = {n: _join(block, n) for n in names}
+    nodes = {n.target: n for n in graph.attr_nodes(_join(block, owner))}
+
+    def first_use(name: str) -> int:
+        node = nodes.get(absolute[name])
+        return min((graph.order[u] for u in node.users), default=1 << 30) if node is not None else 1 << 30
+
+    if len(names) != 2:
+        raise DetectionError(f"{block}: fused experts with {len(names)} stacked weights (expected 2)")
+    in_name, out_name = sorted(names, key=first_use)
+    in_shape = graph.attr(nodes[absolute[in_name]])[1].shape
+    out_shape = graph.attr(nodes[absolute[out_name]])[1].shape
+    out_options = [(False, out_shape[2])] if out_shape[1] == hidden else []
+    out_options += [(True, out_shape[1])] if out_shape[2] == hidden else []
+    in_options = [(False, in_shape[1])] if in_shape[2] == hidden else []
+    in_options += [(True, in_shape[2])] if in_shape[1] == hidden else []
+    biases = [
+        n.target
+        for n in nodes.values()
+        if n.target not in absolute.values() and graph.attr(n)[1].ndim == 2 and graph.attr(n)[1].shape[0] == num_experts
+    ]
+    biases.sort(key=lambda t: min((graph.order[u] for u in nodes[t].users), default=1 << 30))
+    in_bias = out_bias = None
+    if len(biases) == 2:
+        in_bias, out_bias = biases
+    elif len(biases) == 1:
+        only = graph.attr(nodes[biases[0]])[1]
+        in_bias, out_bias = (None, biases[0]) if only.shape[1] == hidden else (biases[0], None)
+    act = _extract_activation(
+        graph, nodes[absolute[in_name]], nodes[absolute[out_name]], nodes[in_bias] if in_bias else None
+    )
+    sources = []
+    for in_t, units in in_options:
+        for out_t, inter in out_options:
+            if units not in (inter, 2 * inter):
+                continue
+            sources.append(
+                FusedExpertsSource(
+                    in_name, out_name, in_bias and _relative(in_bias, block), out_bias and _relative(out_bias, block),
+                    in_t, out_t, act, "concat" if units == 2 * inter else None,
+                )
+            )  # fmt: skip
+    if not sources:
+        raise DetectionError(
+            f"{block}: stacked expert weights {tuple(in_shape)} and {tuple(out_shape)} do not form an FFN"
+        )
+    inter = out_shape[2] if not sources[0].out_transposed else out_shape[1]
+    return sources, inter, sources[0].layout is not None
+
+
+def _shared_children(graph: _Graph, model: nn.Module, block: str, skip: set[str]) -> tuple[list[str], list[str]]:
+    """Parameterised children of the block used in its forward: shared experts and shared-expert gates."""
+    module = model.get_submodule(block)
+    used = {_owner(n) for n in graph.nodes} | {n.target for n in graph.nodes if n.op in ("get_attr", "call_module")}
+    experts, gates = [], []
+    for name, child in module.named_children():
+        path = _join(block, name)
+        if name in skip or not any(True for _ in child.parameters()):
+            continue
+        if not any(_inside(u, path) for u in used):
+            continue
+        if isinstance(child, nn.Linear) and child.out_features == 1:
+            gates.append(name)
+        else:
+            experts.append(name)
+    return experts, gates
+
+
+def _block_input(graph: _Graph, block: str) -> fx.Node:
+    region = {n for n in graph.nodes if n.op == "call_function" and _inside(_owner(n), block)}
+    region |= {n for n in graph.nodes if n.op == "call_module" and _inside(n.target, block)}
+    inputs = {
+        a
+        for n in region
+        for a in n.all_input_nodes
+        if a not in region and a.op != "get_attr" and isinstance(a.meta.get("val"), torch.Tensor)
+    }
+    inputs = {a for a in inputs if a.meta["val"].is_floating_point()}
+    if len(inputs) != 1:
+        raise DetectionError(f"{block}: an MoE block must take one hidden-states tensor, found {len(inputs)} inputs")
+    return inputs.pop()
+
+
+def _describe_block(graph: _Graph, model: nn.Module, linear: fx.Node, selection: fx.Node) -> MoEBlock | None:
+    weight_path, weight = _router_weight(graph, linear)
+    num_experts, hidden = weight.shape
+    router_owner = weight_path.rpartition(".")[0]
+    try:
+        block, fused_names, container = _find_experts(model, router_owner, num_experts)
+    except LookupError:
+        return None
+    spec, correction_bias = _read_routing(graph, linear, selection, block or type(model).__name__)
+    bias_arg = linear.args[2] if len(linear.args) > 2 else None
+    router_bias = graph.attr(bias_arg) if bias_arg is not None else None
+    block_input = _block_input(graph, block)
+    module = model.get_submodule(block)
+    top_children = {_relative(weight_path, block).split(".")[0]}
+    common = dict(
+        name=block, module=module, num_experts=num_experts, hidden_size=hidden, routing=spec,
+        router_weight_path=_relative(weight_path, block),
+        router_bias_path=None if router_bias is None else _relative(router_bias[0], block),
+        correction_bias_path=correction_bias, route_on_sequence=len(_shape(linear.args[0]) or ()) >= 3,
+    )  # fmt: skip
+    if container is not None:
+        experts = list(module.get_submodule(container).children())
+        try:
+            in_linears, out_linear = find_ffn_linears(experts[0], hidden)
+        except ValueError as exc:
+            raise DetectionError(f"{block}: {exc}") from None
+        source = ModuleExpertsSource(container, in_linears, out_linear)
+        intermediate = experts[0].get_submodule(out_linear).in_features
+        sources, gated = [source], len(in_linears) == 2
+        top_children.add(container.split(".")[0])
+    else:
+        sources, intermediate, gated = _fused_sources(graph, block, fused_names, hidden, num_experts)
+        top_children.add(fused_names[0].split(".")[0])
+    shared, gates = _shared_children(graph, model, block, top_children)
+    ndim = len(_shape(block_input))
+    with torch.no_grad():
+        probe = copy.deepcopy(module).float().eval()(torch.randn(2, 3, hidden) if ndim == 3 else torch.randn(6, hidden))
+    returns_weights = isinstance(probe, tuple) and len(probe) == 2
+    candidates = [
+        MoEBlock(
+            **common, intermediate_size=intermediate, experts_source=source, gated=gated, shared_experts=shared,
+            shared_expert_gates=gates, returns_weights=returns_weights,
+        )
+        for source in sources
+    ]  # fmt: skip
+    found = first_verified(candidates, ndim)
+    src = found.experts_source
+    if isinstance(src, FusedExpertsSource) and src.layout is not None:
+        src.layout = _gated_layout(build_experts(copy.deepcopy(module).float(), found))
+        if src.layout is None:
+            raise DetectionError(f"{block}: gated experts whose gate/up row pairing moefx cannot determine")
+    return found
+
+
+class DetectMoEBlocks(PassBase):
+    """Analysis pass: finds the MoE blocks of the model that ``gm`` was captured from.
+
+    Matches router linears feeding an expert selection, with expert weights beside them (see the module
+    docstring). Rewrites nothing; the blocks are in ``self.blocks`` after the pass runs.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.blocks: list[MoEBlock] = []
+        self.routers_examined = 0
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        graph = _Graph(graph_module)
+        blocks: dict[str, MoEBlock] = {}
+        for node in graph.nodes:
+            found = _router_weight(graph, node)
+            if found is None:
+                continue
+            self.routers_examined += 1
+            selection = _selection(node, found[1].shape[0])
+            if selection is None:
+                continue
+            block = _describe_block(graph, self.model, node, selection)
+            if block is not None and block.name not in blocks:
+                blocks[block.name] = block
+        self.blocks = list(blocks.values())
+        return PassResult(graph_module, False)
+
+
+def find_moe_blocks(
+    model: nn.Module, example_inputs: Any, graph_module: fx.GraphModule | None = None
+) -> list[MoEBlock]:
+    """The MoE blocks of ``model``, in execution order.
+
+    ``example_inputs`` is a tensor, tuple or dict of keyword arguments that the model runs on (batch and
+    sequence length of at least 2). Pass ``graph_module`` to reuse a capture from :func:`moefx.trace`.
+    Raises :class:`moefx.DetectionError` when the model has no MoE block.
+    """
+    gm = graph_module if graph_module is not None else trace(model, example_inputs)
+    detect = DetectMoEBlocks(model)
+    detect(gm)
+    if not detect.blocks:
+        raise DetectionError(
+            f"no MoE block found in {type(model).__name__}: searched {detect.routers_examined} linear layers for a "
+            "router (a linear whose outputs feed a top-k or argmax expert selection) with expert weights beside it "
+            "(3-D parameters with a leading expert dimension, or a container of expert modules); "
+            "moefx compresses Mixture-of-Experts models only"
+        )
+    return detect.blocks

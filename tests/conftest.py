@@ -1,0 +1,50 @@
+"""Shared fixtures: each tiny family model is built, captured and analysed once per test session."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import pytest
+import torch
+
+from moefx.capture import trace
+from moefx.passes.detect import find_moe_blocks
+from moefx.zoo import FAMILIES, example_inputs, tiny_model
+
+logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+@functools.cache
+def _prepared(family: str):
+    model = tiny_model(family)
+    inputs = example_inputs(family)
+    graph = trace(model, inputs)
+    blocks = find_moe_blocks(model, inputs, graph_module=graph)
+    return model, inputs, graph, blocks
+
+
+@pytest.fixture(scope="session")
+def zoo():
+    """``zoo(family)``: the cached ``(model, example_inputs, graph, blocks)`` of a family. Do not mutate."""
+    return _prepared
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def prepared(family):
+    """``(model, example_inputs, captured graph, blocks)`` of the tiny model of ``family``. Do not mutate."""
+    return _prepared(family)
+
+
+@pytest.fixture
+def new_shape_inputs(family) -> dict[str, torch.Tensor]:
+    """Inputs of ``family`` with a batch and sequence length unlike the example's, left-padded in one row."""
+    inputs = example_inputs(family, batch=3, seq=11, seed=1)
+    if "attention_mask" in inputs:
+        inputs["attention_mask"][0, :3] = 0
+    return inputs

@@ -1,0 +1,155 @@
+import operator
+
+import pytest
+import torch
+from torch.fx.passes.infra.pass_manager import PassManager
+
+import moefx
+from moefx.block import build_block, max_block_diff
+from moefx.passes.detect import DetectMoEBlocks, find_moe_blocks
+from moefx.routing import select_experts
+from moefx.zoo import example_inputs, tiny_model
+
+EXPECTED = {
+    # family: (block names, top_k, scoring, normalize, experts kind, gated, bias, shared, shared gate)
+    "mixtral": (["model.layers.0.mlp", "model.layers.1.mlp"], 2, "softmax", True, "fused", True, False, 0, False),
+    "qwen2_moe": (["model.layers.0.mlp", "model.layers.1.mlp"], 2, "softmax", False, "fused", True, False, 1, True),
+    "qwen3_moe": (["model.layers.0.mlp", "model.layers.1.mlp"], 2, "softmax", True, "fused", True, False, 0, False),
+    "olmoe": (["model.layers.0.mlp", "model.layers.1.mlp"], 2, "softmax", False, "fused", True, False, 0, False),
+    "deepseek_v3": (["model.layers.1.mlp", "model.layers.2.mlp"], 2, "sigmoid", True, "fused", True, False, 1, False),
+    "switch": (
+        ["encoder.block.0.layer.1.mlp", "encoder.block.1.layer.1.mlp",
+         "decoder.block.0.layer.2.mlp", "decoder.block.1.layer.2.mlp"],
+        1, "softmax", False, "modules", False, False, 0, False,
+    ),
+    "gpt_oss": (["model.layers.0.mlp", "model.layers.1.mlp"], 2, "softmax_topk", False, "fused", True, True, 0, False),
+    "hand_written": (["moes.0", "moes.1"], 2, "softmax", True, "modules", False, True, 0, False),
+}  # fmt: skip
+
+
+def test_blocks_found_per_family(family, prepared):
+    _, _, _, blocks = prepared
+    names, top_k, scoring, normalize, kind, gated, bias, shared, shared_gate = EXPECTED[family]
+    assert [b.name for b in blocks] == names
+    for b in blocks:
+        assert (b.num_experts, b.top_k, b.scoring, b.routing.normalize) == (8, top_k, scoring, normalize)
+        assert (b.experts_kind, b.gated, b.experts_bias) == (kind, gated, bias)
+        assert (len(b.shared_experts), bool(b.shared_expert_gates)) == (shared, shared_gate)
+        assert b.router_weight.shape == (8, 32)
+        assert b.module is prepared[0].get_submodule(b.name)
+
+
+def test_deepseek_routing_details(zoo):
+    r = zoo("deepseek_v3")[3][0].routing
+    assert (r.has_correction_bias, r.n_group, r.topk_group, r.group_topk, r.scale, r.norm_eps) == (
+        True, 4, 2, 2, 2.5, 1e-20)  # fmt: skip
+
+
+def test_switch_capacity_and_gpt_oss_layout(zoo):
+    assert {b.routing.capacity for b in zoo("switch")[3]} == {64}
+    gpt = zoo("gpt_oss")[3][0]
+    assert gpt.experts_source.layout == "interleaved" and gpt.experts_source.in_transposed
+    assert gpt.returns_weights
+    mixtral = zoo("mixtral")[3][0]
+    assert mixtral.experts_source.layout == "concat" and not mixtral.experts_source.in_transposed
+
+
+def test_canonical_block_reproduces_original(prepared):
+    _, _, _, blocks = prepared
+    for b in blocks:
+        canonical = build_block(b.module, b)
+        for seed in range(3):
+            assert max_block_diff(b.module, canonical, b.hidden_size, ndim=3, seed=seed) <= 1e-5
+
+
+def test_canonical_block_graph_structure(prepared):
+    _, _, _, blocks = prepared
+    b = blocks[0]
+    graph = build_block(b.module, b).graph
+    ops = [(n.op, n.target) for n in graph.nodes]
+    assert ops[0] == ("placeholder", "hidden_states")
+    assert ("call_module", "router") in ops and ("call_module", "experts") in ops
+    assert [n.target for n in graph.nodes if n.op == "call_function"].count(select_experts) == 1
+    experts = next(n for n in graph.nodes if n.target == "experts")
+    selection = next(n for n in graph.nodes if n.target is select_experts)
+    assert {a.target for a in experts.args[1:]} == {operator.getitem}
+    assert all(a.args[0] is selection for a in experts.args[1:])
+    shared = [n.target for n in graph.nodes if n.op == "call_module" and n.target.startswith("shared_expert")]
+    assert len(shared) == len(b.shared_experts) + len(b.shared_expert_gates)
+
+
+def test_small_capacity_drops_tokens_exactly_as_switch_does():
+    model = tiny_model("switch")
+    for module in model.modules():
+        if hasattr(module, "expert_capacity"):
+            module.expert_capacity = 2
+    blocks = find_moe_blocks(model, example_inputs("switch"))
+    b = blocks[0]
+    assert b.routing.capacity == 2
+    canonical = build_block(b.module, b)
+    x = torch.randn(2, 9, 32)
+    with torch.no_grad():
+        _, index = select_experts(canonical.router(x), top_k=1, capacity=2)
+        assert (index == -1).sum() > 0  # tokens really were dropped
+        assert torch.allclose(canonical(x), b.module(x), atol=1e-6)
+
+
+def test_bfloat16_model_is_detected():
+    model = tiny_model("mixtral").to(torch.bfloat16)
+    blocks = find_moe_blocks(model, example_inputs("mixtral"))
+    assert len(blocks) == 2
+    canonical = build_block(blocks[0].module, blocks[0])
+    x = torch.randn(2, 5, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert canonical(x).dtype == torch.bfloat16
+        assert (canonical(x).float() - blocks[0].module(x).float()).abs().max() < 3e-2
+
+
+def test_detection_runs_as_a_pass_in_a_pass_manager(prepared):
+    model, _, graph, blocks = prepared
+    detect = DetectMoEBlocks(model)
+    result = PassManager([detect])(graph)
+    assert result.graph_module is graph and not result.modified
+    assert [b.name for b in detect.blocks] == [b.name for b in blocks]
+
+
+def test_dense_model_gets_one_clear_error():
+    with pytest.raises(moefx.DetectionError, match="no MoE block found in MistralForCausalLM") as info:
+        moefx.find_moe_blocks(tiny_model("dense"), example_inputs("dense"))
+    message = str(info.value)
+    assert "\n" not in message and "router" in message and "searched" in message
+
+
+class ToyMoE(torch.nn.Module):
+    """An MoE whose routing moefx may not model: ``scores_of`` and ``weights_of`` are free functions."""
+
+    def __init__(self, scores_of, weights_of):
+        super().__init__()
+        self.scores_of, self.weights_of = scores_of, weights_of
+        self.router = torch.nn.Linear(8, 4, bias=False)
+        self.experts = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8)) for _ in range(4)
+        )
+
+    def forward(self, x):
+        flat = x.reshape(-1, 8)
+        w, idx = self.scores_of(self.router(flat)).topk(2, dim=-1)
+        w = self.weights_of(w)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            tok, slot = torch.where(idx == e)
+            out.index_add_(0, tok, expert(flat[tok]) * w[tok, slot, None])
+        return out.reshape(x.shape)
+
+
+@pytest.mark.parametrize(
+    "scores_of, weights_of, message",
+    [
+        (lambda logits: torch.softmax(logits, -1), lambda w: w**2, "does not reproduce its outputs"),
+        (lambda logits: torch.softmax(logits**3, -1), lambda w: w, "neither a softmax nor a sigmoid"),
+    ],
+)
+def test_unknown_routing_variant_is_reported_not_approximated(scores_of, weights_of, message):
+    with pytest.raises(moefx.DetectionError, match=message) as info:
+        find_moe_blocks(torch.nn.Sequential(ToyMoE(scores_of, weights_of)), torch.randn(2, 5, 8))
+    assert "\n" not in str(info.value)
