@@ -4,8 +4,10 @@ Capture a model (:func:`trace`), find its MoE blocks (:func:`find_moe_blocks`), 
 merged, compressed expert banks.
 """
 
+from moefx.api import CompressionReport, calibrate, compile, convert, prepare
 from moefx.block import MoEBlock
 from moefx.capture import trace
+from moefx.config import CompressionConfig
 from moefx.errors import (
     CalibrationError,
     CaptureError,
@@ -13,6 +15,7 @@ from moefx.errors import (
     ConfigError,
     DetectionError,
     MoefxError,
+    MoefxWarning,
 )
 from moefx.passes.detect import find_moe_blocks
 
@@ -20,11 +23,18 @@ __all__ = [
     "CalibrationError",
     "CaptureError",
     "CheckpointError",
+    "CompressionConfig",
+    "CompressionReport",
     "ConfigError",
     "DetectionError",
     "MoEBlock",
     "MoefxError",
+    "MoefxWarning",
+    "calibrate",
+    "compile",
+    "convert",
     "find_moe_blocks",
+    "prepare",
     "trace",
 ]
 __version__ = "0.1.0"

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import operator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -74,6 +74,7 @@ class MoEBlock:
     shared_expert_gates: list[str] = field(default_factory=list)
     route_on_sequence: bool = False  # the router sees [batch, seq, H] (capacity is counted per sequence)
     returns_weights: bool = False  # the block returns (hidden, routing weights) rather than hidden
+    mask_key: str = "attention_mask"  # the model input that marks this block's padding tokens
 
     @property
     def top_k(self) -> int:
@@ -204,6 +205,13 @@ def build_block(module: nn.Module, block: MoEBlock) -> torch.fx.GraphModule:
     return gm
 
 
+def selection_nodes(graph: torch.fx.Graph) -> tuple[torch.fx.Node, torch.fx.Node, torch.fx.Node]:
+    """A canonical block's ``select_experts`` node and its weights and index outputs."""
+    selection = next(n for n in graph.nodes if n.op == "call_function" and n.target is select_experts)
+    outputs = {u.args[1]: u for u in selection.users if u.target is operator.getitem}
+    return selection, outputs[0], outputs[1]
+
+
 def max_block_diff(original: nn.Module, canonical: nn.Module, hidden_size: int, ndim: int, seed: int = 0) -> float:
     """Largest output difference of two block modules on random hidden states (float32)."""
     g = torch.Generator().manual_seed(seed)
@@ -244,8 +252,3 @@ def first_verified(candidates: list[MoEBlock], ndim: int) -> MoEBlock:
         f"{name} looks like an MoE block, but moefx's reading of it does not reproduce its outputs ({detail}); "
         "its routing or experts use a variant moefx does not support yet"
     )
-
-
-def with_routing(block: MoEBlock, **changes) -> MoEBlock:
-    """A copy of ``block`` with some routing fields changed."""
-    return replace(block, routing=replace(block.routing, **changes))

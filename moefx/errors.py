@@ -34,6 +34,10 @@ class CheckpointError(MoefxError):
     """A checkpoint or artifact path is wrong, missing or corrupt."""
 
 
+class MoefxWarning(UserWarning):
+    """moefx did something other than asked (e.g. kept an exact router it could not prune soundly)."""
+
+
 def first_line(exc: BaseException, limit: int = 200) -> str:
     """The first non-empty line of an exception's message, shortened, for embedding in a one-line error."""
     for line in str(exc).splitlines():

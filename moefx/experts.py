@@ -16,6 +16,7 @@ Both expose each expert as an :class:`FFN`, the view that alignment and merging 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -74,13 +75,24 @@ class FFN:
 
 
 def dispatch(
-    expert_forward, num_experts: int, tokens: torch.Tensor, index: torch.Tensor, weights: torch.Tensor
+    expert_forward: Callable[[int, torch.Tensor], torch.Tensor],
+    num_experts: int,
+    tokens: torch.Tensor,
+    index: torch.Tensor,
+    weights: torch.Tensor,
+    observe: Callable[..., None] | None = None,
 ) -> torch.Tensor:
-    """``out[t] = sum_j weights[t, j] * expert_{index[t, j]}(tokens[t])``, each expert run once on its tokens."""
+    """``out[t] = sum_j weights[t, j] * expert_{index[t, j]}(tokens[t])``, each expert run once on its tokens.
+
+    ``observe(e, token, slot, x, y)``, if given, sees each expert's routed tokens, inputs and outputs.
+    """
     out = torch.zeros_like(tokens)
     for e in range(num_experts):
         token, slot = torch.where(index == e)
-        y = expert_forward(e, tokens[token])
+        x = tokens[token]
+        y = expert_forward(e, x)
+        if observe is not None:
+            observe(e, token, slot, x, y)
         out.index_add_(0, token, (y * weights[token, slot, None]).to(out.dtype))
     return out
 
@@ -141,8 +153,8 @@ class FusedExperts(nn.Module):
             None if self.out_bias is None else self.out_bias[e],
         )
 
-    def with_experts(self, ffns: list[FFN]) -> FusedExperts:
-        """A new bank of the same kind holding ``ffns`` (shares the activation module)."""
+    def with_experts(self, ffns: list[FFN], templates: list[int] | None = None) -> FusedExperts:
+        """A new bank of the same kind holding ``ffns`` (shares the activation module; ``templates`` unused)."""
         rows = self._in_rows()
         in_size = self.in_proj.shape[1]
 

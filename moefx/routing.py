@@ -128,3 +128,10 @@ def combine_by_group(
     weights = torch.where(duplicate, torch.zeros_like(summed), summed)
     group = torch.where(duplicate, torch.full_like(group, -1), group)
     return weights, group
+
+
+def group_logit_targets(logits: torch.Tensor, expert_to_group: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Per token, each group's pooled logit ``logsumexp`` over its members, centred over groups."""
+    logits = logits.double()
+    pooled = torch.stack([torch.logsumexp(logits[:, expert_to_group == g], dim=-1) for g in range(num_groups)], dim=-1)
+    return pooled - pooled.mean(dim=-1, keepdim=True)

@@ -464,10 +464,12 @@ def _describe_block(graph: _Graph, model: nn.Module, linear: fx.Node, selection:
     with torch.no_grad():
         probe = copy.deepcopy(module).float().eval()(torch.randn(2, 3, hidden) if ndim == 3 else torch.randn(6, hidden))
     returns_weights = isinstance(probe, tuple) and len(probe) == 2
+    inputs = {n.target for n in _ancestors(block_input) if n.op == "placeholder"}
+    mask_key = "decoder_attention_mask" if inputs & {"decoder_input_ids", "decoder_inputs_embeds"} else "attention_mask"
     candidates = [
         MoEBlock(
             **common, intermediate_size=intermediate, experts_source=source, gated=gated, shared_experts=shared,
-            shared_expert_gates=gates, returns_weights=returns_weights,
+            shared_expert_gates=gates, returns_weights=returns_weights, mask_key=mask_key,
         )
         for source in sources
     ]  # fmt: skip

@@ -1,0 +1,293 @@
+"""Merge: plan which experts each block keeps and how the others join them, then rewrite the expert bank.
+
+Planning (:func:`plan_compression`) follows M-SMoE (Li et al., ICLR 2024, Section 3.1):
+
+1. score every expert (activation frequency; REAP saliency for ``method="reap"``), normalise the scores
+   within each layer (the best expert of a layer gets 1.0) and keep the globally best ones, so the number
+   kept per layer adapts while the average is what was asked (``adaptive=False``: the same count per layer);
+2. every other expert joins the kept (dominant) expert it is most similar to (router-logit cosine
+   similarity by default), or, for ``method="hc-smoe"``, experts are clustered hierarchically (average
+   linkage, Euclidean distance) on their mean outputs over the calibration tokens;
+3. each group is merged as a frequency-weighted average (uniform for ``method="average"``), after aligning
+   every member's hidden neurons to the group's dominant expert by weight matching (a linear assignment
+   problem over the concatenated FFN weights, solved with ``scipy.optimize.linear_sum_assignment``).
+
+Pruning methods (``prune-frequency``, ``reap``) keep the chosen experts as they are and drop the rest.
+
+:class:`MergeExperts` applies a block's plan to its canonical graph.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.cluster.hierarchy import cut_tree, linkage
+from scipy.optimize import linear_sum_assignment
+from torch import fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from moefx.block import MoEBlock, selection_nodes
+from moefx.config import CompressionConfig
+from moefx.errors import ConfigError
+from moefx.experts import FFN
+from moefx.passes.observe import BlockStats
+from moefx.routing import combine_by_group
+
+
+@dataclass
+class BlockPlan:
+    """How one block is compressed.
+
+    ``groups[g]`` lists the original experts that become output expert ``g``, its dominant
+    (representative) expert first, with merge ``coefficients[g]``. ``expert_to_group[e]`` is the group of
+    expert ``e``, or -1 when the expert is dropped. ``router`` is ``"exact"`` or ``"pruned"``.
+    """
+
+    name: str
+    num_experts: int
+    groups: list[list[int]]
+    coefficients: list[list[float]]
+    expert_to_group: list[int]
+    align: bool
+    router: str
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.groups)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.groups == [[e] for e in range(self.num_experts)]
+
+    @staticmethod
+    def identity(name: str, num_experts: int) -> BlockPlan:
+        groups = [[e] for e in range(num_experts)]
+        return BlockPlan(name, num_experts, groups, [[1.0]] * num_experts, list(range(num_experts)), False, "exact")
+
+
+def allocate_experts(
+    scores: list[torch.Tensor], target: float | int, adaptive: bool, min_keep: list[int]
+) -> list[list[int]]:
+    """The experts each layer keeps, best first.
+
+    ``target`` is a fraction of each layer's experts (float) or an average count (int). With ``adaptive``,
+    each layer first keeps its ``min_keep`` best experts, and the rest of the budget goes to the globally
+    best experts by score normalised within their layer (the paper's adaptive ratio). Otherwise every
+    layer keeps the same share.
+    """
+    sizes = [len(s) for s in scores]
+    if isinstance(target, float):
+        per_layer = [max(1, round(target * n)) for n in sizes]
+        budget = round(target * sum(sizes))
+    else:
+        per_layer = [min(target, n) for n in sizes]
+        budget = sum(per_layer)
+    order = [sorted(range(n), key=lambda e, s=s: (-float(s[e]), e)) for s, n in zip(scores, sizes, strict=True)]
+    if not adaptive:
+        short = [(i, c, m) for i, (c, m) in enumerate(zip(per_layer, min_keep, strict=True)) if c < m]
+        if short:
+            i, c, m = short[0]
+            raise ConfigError(
+                f"experts={target} keeps {c} experts in MoE layer {i}, fewer than its top_k={m}; keep at least {m}"
+            )
+        return [o[:c] for o, c in zip(order, per_layer, strict=True)]
+    if budget < sum(min_keep):
+        raise ConfigError(
+            f"experts={target} keeps {budget} experts over {len(sizes)} MoE layers, fewer than their top_k "
+            f"({sum(min_keep)} in all); keep at least top_k experts per layer"
+        )
+    counts = list(min_keep)
+    candidates = []
+    for layer, (s, o) in enumerate(zip(scores, order, strict=True)):
+        best = float(s.max()) if len(s) else 0.0
+        for rank, e in enumerate(o[min_keep[layer] :]):
+            normalised = float(s[e]) / best if best > 0 else 0.0
+            candidates.append((-normalised, layer, rank, e))
+    for _, layer, _, _ in sorted(candidates)[: max(0, budget - sum(min_keep))]:
+        counts[layer] += 1
+    return [o[:c] for o, c in zip(order, counts, strict=True)]
+
+
+def cosine_similarity_matrix(features: torch.Tensor) -> torch.Tensor:
+    """Pairwise cosine similarity of the rows of ``features`` (zero rows are similar to nothing)."""
+    f = features.double()
+    norms = f.norm(dim=1).clamp(min=1e-12)
+    return (f @ f.T) / (norms[:, None] * norms[None, :])
+
+
+def expert_similarity(kind: str, stats: BlockStats, router_weight: torch.Tensor, ffns: list[FFN]) -> torch.Tensor:
+    """``[E, E]`` similarity between experts by ``kind`` (see :class:`moefx.CompressionConfig`)."""
+    if kind == "router-logits":
+        diag = stats.logit_gram.diagonal().clamp(min=1e-12).sqrt()
+        return stats.logit_gram / (diag[:, None] * diag[None, :])
+    if kind == "router-weight":
+        return cosine_similarity_matrix(router_weight.detach())
+    if kind == "expert-weight":
+        return cosine_similarity_matrix(
+            torch.stack([torch.cat([t.detach().flatten().float() for t in f.tensors() if t is not None]) for f in ffns])
+        )
+    if kind == "expert-output":
+        return cosine_similarity_matrix(stats.mean_outputs)
+    raise ValueError(f"no similarity matrix for {kind!r}")
+
+
+def group_by_similarity(
+    dominants: list[int], num_experts: int, similarity: torch.Tensor | None, rng: np.random.Generator
+) -> list[list[int]]:
+    """Each non-dominant expert joins the most similar dominant (a random one when ``similarity`` is None)."""
+    groups = [[d] for d in dominants]
+    for e in range(num_experts):
+        if e in dominants:
+            continue
+        if similarity is None:
+            g = int(rng.integers(len(dominants)))
+        else:
+            g = int(torch.argmax(similarity[e, dominants]))
+        groups[g].append(e)
+    return groups
+
+
+def cluster_hierarchically(features: torch.Tensor, num_clusters: int, frequency: torch.Tensor) -> list[list[int]]:
+    """HC-SMoE's grouping: average-linkage clustering of ``features`` rows (Euclidean), most used member first."""
+    num_experts = features.shape[0]
+    if num_clusters >= num_experts:
+        return [[e] for e in range(num_experts)]
+    labels = cut_tree(linkage(features.double().numpy(), method="average", metric="euclidean"), num_clusters)[:, 0]
+    groups = [[int(e) for e in np.flatnonzero(labels == c)] for c in range(num_clusters)]
+    return [sorted(g, key=lambda e: (-float(frequency[e]), e)) for g in groups]
+
+
+def align_ffn(reference: FFN, other: FFN) -> torch.Tensor:
+    """The permutation of ``other``'s hidden units that best matches ``reference`` (weight matching).
+
+    Maximises the summed inner products of corresponding input rows, biases and output columns, one
+    permutation shared by every matrix (gate, up and down of a gated FFN). ``other.permuted(perm)`` is the
+    aligned expert; it computes the same function as ``other``.
+    """
+    cost = reference.out_weight.detach().double().T @ other.out_weight.detach().double()
+    for a, b in zip(reference.in_weights, other.in_weights, strict=True):
+        cost += a.detach().double() @ b.detach().double().T
+    for a, b in zip(reference.in_biases, other.in_biases, strict=True):
+        if a is not None:
+            cost += a.detach().double()[:, None] * b.detach().double()[None, :]
+    _, columns = linear_sum_assignment(cost.numpy(), maximize=True)
+    return torch.as_tensor(columns, dtype=torch.long)
+
+
+def merge_ffns(ffns: list[FFN], coefficients: list[float], align: bool) -> FFN:
+    """Weighted average of a group's experts, each aligned to the first (the dominant) when ``align``."""
+    if len(ffns) == 1:
+        return ffns[0]
+    aligned = [ffns[0]] + [f.permuted(align_ffn(ffns[0], f)) if align else f for f in ffns[1:]]
+    return FFN.weighted_sum(aligned, coefficients)
+
+
+def merge_coefficients(groups: list[list[int]], frequency: torch.Tensor, uniform: bool) -> list[list[float]]:
+    """Frequency-weighted (or uniform) coefficients per group; a group never activated is averaged uniformly."""
+    result = []
+    for g in groups:
+        f = frequency[g].double()
+        if uniform or float(f.sum()) <= 0.0:
+            result.append([1.0 / len(g)] * len(g))
+        else:
+            result.append((f / f.sum()).tolist())
+    return result
+
+
+def _expert_to_group(groups: list[list[int]], num_experts: int) -> list[int]:
+    table = [-1] * num_experts
+    for g, members in enumerate(groups):
+        for e in members:
+            table[e] = g
+    return table
+
+
+def plan_compression(
+    blocks: list[MoEBlock],
+    stats: dict[str, BlockStats],
+    ffns: dict[str, list[FFN]],
+    router_weights: dict[str, torch.Tensor],
+    config: CompressionConfig,
+) -> dict[str, BlockPlan]:
+    """Plans for every block: skipped blocks get the identity plan."""
+    skip = {b.name for i, b in enumerate(blocks) if i in config.skip_layers or b.name in config.skip_layers}
+    unknown = [s for s in config.skip_layers if isinstance(s, str) and s not in {b.name for b in blocks}]
+    if unknown:
+        raise ConfigError(f"skip_layers names {unknown[0]!r}, which is not an MoE block of this model")
+    merged = [b for b in blocks if b.name not in skip]
+    plans = {b.name: BlockPlan.identity(b.name, b.num_experts) for b in blocks if b.name in skip}
+    if not merged:
+        return plans
+    score_of = (lambda s: s.reap_saliency) if config.method == "reap" else (lambda s: s.frequency)
+    kept = allocate_experts(
+        [score_of(stats[b.name]) for b in merged], config.experts, config.adaptive, [b.top_k for b in merged]
+    )
+    rng = np.random.default_rng(config.seed)
+    align = config.method in ("m-smoe", "average") if config.align is None else config.align
+    for block, dominants in zip(merged, kept, strict=True):
+        s = stats[block.name]
+        if config.prunes:
+            groups = [[d] for d in sorted(dominants)]
+        elif config.method == "hc-smoe":
+            groups = cluster_hierarchically(s.mean_outputs, len(dominants), s.frequency)
+        else:
+            similarity = (
+                None
+                if config.similarity == "random"
+                else expert_similarity(config.similarity, s, router_weights[block.name], ffns[block.name])
+            )
+            groups = group_by_similarity(sorted(dominants), block.num_experts, similarity, rng)
+        plans[block.name] = BlockPlan(
+            name=block.name,
+            num_experts=block.num_experts,
+            groups=groups,
+            coefficients=merge_coefficients(groups, s.frequency, uniform=config.method == "average"),
+            expert_to_group=_expert_to_group(groups, block.num_experts),
+            align=align and not config.prunes,
+            router="pruned" if config.prunes else config.router,
+        )
+    return plans
+
+
+class MergeExperts(PassBase):
+    """Replace a canonical block's experts with the merged experts of its plan.
+
+    Matches: the ``experts`` call_module and the ``select_experts`` node of a canonical block.
+    Rewrites: the ``experts`` module becomes a bank of ``plan.num_groups`` experts (each group merged as
+    planned; real weights, nothing aliased), and a ``combine_by_group`` call with the plan's ``E -> G``
+    table (buffer ``expert_to_group``) is inserted between the selection and the experts, so each token runs
+    each distinct group once with the summed weights of its selected members. An identity plan changes
+    nothing.
+    """
+
+    def __init__(self, plan: BlockPlan) -> None:
+        super().__init__()
+        self.plan = plan
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        plan = self.plan
+        if plan.is_identity:
+            return PassResult(graph_module, False)
+        bank = graph_module.get_submodule("experts")
+        merged = [
+            merge_ffns([bank.ffn(e) for e in group], coefficients, plan.align)
+            for group, coefficients in zip(plan.groups, plan.coefficients, strict=True)
+        ]
+        representatives = [group[0] for group in plan.groups]
+        graph_module.experts = bank.with_experts(merged, representatives)
+        graph_module.register_buffer("expert_to_group", torch.tensor(plan.expert_to_group, dtype=torch.long))
+        graph = graph_module.graph
+        _, weights, index = selection_nodes(graph)
+        experts = next(n for n in graph.nodes if n.op == "call_module" and n.target == "experts")
+        with graph.inserting_before(experts):
+            table = graph.get_attr("expert_to_group")
+            combined = graph.call_function(combine_by_group, (weights, index, table))
+            group_weights = graph.call_function(operator.getitem, (combined, 0))
+            group_index = graph.call_function(operator.getitem, (combined, 1))
+        experts.args = (experts.args[0], group_index, group_weights)
+        graph.lint()
+        graph_module.recompile()
+        return PassResult(graph_module, True)

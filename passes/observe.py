@@ -1,0 +1,329 @@
+"""Observe: calibration observers for canonical MoE blocks (prepare / calibrate / convert, as torch.ao does).
+
+:class:`InsertObservers` matches a canonical block's ``select_experts`` node and its ``experts`` module.
+It inserts a :class:`RoutingObserver` after the selection (the routing weights pass through it unchanged)
+and replaces the experts module with :class:`ObservedExperts`, which runs the same bank and records
+per-expert statistics. :class:`RemoveObservers` undoes both. The observed block computes exactly what the
+block computed before.
+
+All statistics are sums and Gram matrices, so their size does not depend on how many tokens are seen.
+Padding tokens are excluded: a forward pre-hook on the model (:func:`install_mask_hook`) publishes the
+batch's attention masks, and each observer applies the one for its block's token stream. Tokens that a
+capacity-limited router drops (index -1) count as routed nowhere.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from torch.utils.hooks import RemovableHandle
+
+from moefx.block import selection_nodes
+from moefx.experts import dispatch
+from moefx.routing import group_logit_targets
+
+_ACTIVE_MASKS: dict[str, torch.Tensor] = {}
+
+
+def _token_mask(key: str, num_tokens: int, device: torch.device) -> torch.Tensor:
+    mask = _ACTIVE_MASKS.get(key)
+    if mask is None or mask.numel() != num_tokens:
+        return torch.ones(num_tokens, dtype=torch.bool, device=device)
+    return mask.reshape(-1).to(device=device, dtype=torch.bool)
+
+
+def install_mask_hook(model: nn.Module) -> tuple[RemovableHandle, RemovableHandle]:
+    """Hooks on ``model`` that publish every ``*attention_mask`` argument of a call while it runs."""
+    signature = inspect.signature(model.forward)
+
+    def publish(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        try:
+            bound = signature.bind_partial(*args, **kwargs).arguments
+        except TypeError:
+            bound = kwargs
+        _ACTIVE_MASKS.clear()
+        _ACTIVE_MASKS.update(
+            {k: v for k, v in bound.items() if k.endswith("attention_mask") and isinstance(v, torch.Tensor)}
+        )
+
+    def withdraw(*_: object) -> None:
+        _ACTIVE_MASKS.clear()
+
+    return model.register_forward_pre_hook(publish, with_kwargs=True), model.register_forward_hook(withdraw)
+
+
+@dataclass(frozen=True)
+class CalibrationNeeds:
+    """Which optional statistics to collect (each costs memory or compute)."""
+
+    all_token_outputs: bool = False  # every expert on every token: HC-SMoE, expert-output similarity
+    expert_input_moments: bool = False  # per-expert sum of x x^T over routed tokens: activation-aware SVD
+    router_input_moments: bool = False  # sum of x x^T over all tokens of the router input
+
+
+class RoutingObserver(nn.Module):
+    """Records routing statistics; returns the routing weights unchanged.
+
+    Buffers (float64): ``tokens`` (valid tokens), ``dropped`` (valid tokens routed nowhere), ``counts[E]``
+    (how often each expert is in a token's top-k), ``weight_sums[E]``, ``logit_gram[E, E]`` and
+    ``logit_sums[E]`` (for cosine similarity of router-logit columns), and with ``router_input_moments``
+    ``router_input_gram[H, H]`` and ``router_input_sum[H]``.
+    """
+
+    def __init__(self, num_experts: int, hidden: int, mask_key: str, router_input_moments: bool = False) -> None:
+        super().__init__()
+        self.mask_key = mask_key
+        f64 = dict(dtype=torch.float64)
+        self.register_buffer("tokens", torch.zeros((), **f64))
+        self.register_buffer("dropped", torch.zeros((), **f64))
+        self.register_buffer("counts", torch.zeros(num_experts, **f64))
+        self.register_buffer("weight_sums", torch.zeros(num_experts, **f64))
+        self.register_buffer("logit_gram", torch.zeros(num_experts, num_experts, **f64))
+        self.register_buffer("logit_sums", torch.zeros(num_experts, **f64))
+        for name in ("router_input_gram", "router_input_sum", "expert_to_group", "group_cross", "group_target_sums"):
+            self.register_buffer(name, None)
+        if router_input_moments:
+            self.router_input_gram = torch.zeros(hidden, hidden, **f64)
+            self.router_input_sum = torch.zeros(hidden, **f64)
+
+    def fit_groups(self, expert_to_group: list[int]) -> None:
+        """Switch to a second calibration pass that only collects the pruned-router fit for these groups:
+        ``group_cross[H, G]`` (sum of router input times centred pooled group logit) and
+        ``group_target_sums[G]``."""
+        if self.router_input_sum is None:
+            raise ValueError("the pruned-router fit needs the router input moments of the first pass")
+        table = torch.tensor(expert_to_group, dtype=torch.long)
+        num_groups = int(table.max()) + 1
+        self.expert_to_group = table
+        self.group_cross = torch.zeros(self.router_input_sum.shape[0], num_groups, dtype=torch.float64)
+        self.group_target_sums = torch.zeros(num_groups, dtype=torch.float64)
+
+    @torch.no_grad()
+    def observe(self, weights: torch.Tensor, index: torch.Tensor, logits: torch.Tensor, router_input: torch.Tensor):
+        num_tokens, num_experts = index.shape[0], self.counts.shape[0]
+        valid = _token_mask(self.mask_key, num_tokens, index.device)
+        if self.expert_to_group is not None:
+            x = router_input.reshape(num_tokens, -1)[valid].double()
+            targets = group_logit_targets(
+                logits.reshape(num_tokens, num_experts)[valid], self.expert_to_group, self.group_cross.shape[1]
+            )
+            self.group_cross += x.T @ targets
+            self.group_target_sums += targets.sum(dim=0)
+            return
+        index, weights = index[valid], weights[valid].double()
+        logits = logits.reshape(num_tokens, num_experts)[valid].double()
+        self.tokens += valid.sum()
+        self.dropped += (index < 0).all(dim=-1).sum()
+        routed = index >= 0
+        self.counts += torch.bincount(index[routed], minlength=num_experts).double()
+        self.weight_sums.index_add_(0, index[routed], weights[routed])
+        self.logit_gram += logits.T @ logits
+        self.logit_sums += logits.sum(dim=0)
+        if self.router_input_gram is not None:
+            x = router_input.reshape(num_tokens, -1)[valid].double()
+            self.router_input_gram += x.T @ x
+            self.router_input_sum += x.sum(dim=0)
+
+    def forward(
+        self, weights: torch.Tensor, index: torch.Tensor, logits: torch.Tensor, router_input: torch.Tensor
+    ) -> torch.Tensor:
+        self.observe(weights, index, logits, router_input)
+        return weights
+
+
+class ObservedExperts(nn.Module):
+    """Runs an expert bank exactly as it runs, recording per-expert statistics over routed tokens.
+
+    Buffers (float64 unless noted): ``routed[E]`` (routed token-slots), ``output_sums[E, H]``,
+    ``output_norm_sums[E]`` and ``weighted_output_norm_sums[E]`` (sum of routing weight times output norm,
+    REAP's saliency numerator); with ``all_token_outputs`` ``all_output_sums[E, H]`` and ``all_tokens``
+    (each expert applied to every valid token); with ``expert_input_moments`` ``input_grams[E, H, H]``
+    (float32) and ``input_sums[E, H]``.
+    """
+
+    def __init__(self, bank: nn.Module, hidden: int, mask_key: str, needs: CalibrationNeeds) -> None:
+        super().__init__()
+        self.bank = bank
+        self.mask_key = mask_key
+        self.needs = needs
+        num_experts = bank.num_experts
+        f64 = dict(dtype=torch.float64)
+        self.register_buffer("routed", torch.zeros(num_experts, **f64))
+        self.register_buffer("output_sums", torch.zeros(num_experts, hidden, **f64))
+        self.register_buffer("output_norm_sums", torch.zeros(num_experts, **f64))
+        self.register_buffer("weighted_output_norm_sums", torch.zeros(num_experts, **f64))
+        for name in ("all_tokens", "all_output_sums", "input_grams", "input_sums"):
+            self.register_buffer(name, None)
+        if needs.all_token_outputs:
+            self.all_tokens = torch.zeros((), **f64)
+            self.all_output_sums = torch.zeros(num_experts, hidden, **f64)
+        if needs.expert_input_moments:
+            self.input_grams = torch.zeros(num_experts, hidden, hidden)
+            self.input_sums = torch.zeros(num_experts, hidden, **f64)
+
+    @property
+    def num_experts(self) -> int:
+        return self.bank.num_experts
+
+    def forward(self, tokens: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        valid = _token_mask(self.mask_key, tokens.shape[0], tokens.device)
+
+        @torch.no_grad()
+        def record(e: int, token: torch.Tensor, slot: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
+            keep = valid[token]
+            x, y = x[keep], y[keep].double()
+            w = weights[token[keep], slot[keep]].double()
+            norms = y.norm(dim=-1)
+            self.routed[e] += keep.sum()
+            self.output_sums[e] += y.sum(dim=0)
+            self.output_norm_sums[e] += norms.sum()
+            self.weighted_output_norm_sums[e] += (w * norms).sum()
+            if self.needs.expert_input_moments:
+                xf = x.float()
+                self.input_grams[e] += xf.T @ xf
+                self.input_sums[e] += x.double().sum(dim=0)
+
+        out = dispatch(self.bank.expert_forward, self.num_experts, tokens, index, weights, record)
+        if self.needs.all_token_outputs:
+            with torch.no_grad():
+                every = tokens[valid]
+                self.all_tokens += every.shape[0]
+                for e in range(self.num_experts):
+                    self.all_output_sums[e] += self.bank.expert_forward(e, every).double().sum(dim=0)
+        return out
+
+
+class InsertObservers(PassBase):
+    """Insert calibration observers into a canonical MoE block.
+
+    Matches: the ``select_experts`` call and the ``experts`` call_module of a canonical block.
+    Rewrites: adds a ``routing_observer`` call_module (weights, index, logits, router input -> weights)
+    after the selection, re-points the consumers of the weights at it, and wraps the experts module in
+    :class:`ObservedExperts`. Outputs are unchanged.
+    """
+
+    def __init__(self, hidden: int, mask_key: str, needs: CalibrationNeeds | None = None) -> None:
+        super().__init__()
+        self.hidden, self.mask_key, self.needs = hidden, mask_key, needs or CalibrationNeeds()
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        graph = graph_module.graph
+        selection, weights, index = selection_nodes(graph)
+        logits = selection.args[0]
+        experts = next(n for n in graph.nodes if n.op == "call_module" and n.target == "experts")
+        bank = graph_module.get_submodule("experts")
+        graph_module.add_submodule(
+            "routing_observer",
+            RoutingObserver(bank.num_experts, self.hidden, self.mask_key, self.needs.router_input_moments),
+        )
+        graph_module.add_submodule("observed_experts", ObservedExperts(bank, self.hidden, self.mask_key, self.needs))
+        with graph.inserting_after(max(weights, index, key=lambda n: list(graph.nodes).index(n))):
+            observed = graph.call_module("routing_observer", (weights, index, logits, logits.args[0]))
+        weights.replace_all_uses_with(observed, delete_user_cb=lambda user: user is not observed)
+        experts.target = "observed_experts"
+        graph_module.delete_submodule("experts")
+        graph.lint()
+        graph_module.recompile()
+        return PassResult(graph_module, True)
+
+
+class RemoveObservers(PassBase):
+    """Remove the observers :class:`InsertObservers` added.
+
+    Matches: the ``routing_observer`` call_module and the ``observed_experts`` call_module.
+    Rewrites: the observer node is replaced by the weights it passed through, and the experts node calls
+    the plain bank again (as ``experts``). The observer modules are deleted.
+    """
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        graph = graph_module.graph
+        modified = False
+        for node in list(graph.nodes):
+            if node.op == "call_module" and node.target == "routing_observer":
+                node.replace_all_uses_with(node.args[0])
+                graph.erase_node(node)
+                graph_module.delete_submodule("routing_observer")
+                modified = True
+            elif node.op == "call_module" and node.target == "observed_experts":
+                graph_module.add_submodule("experts", graph_module.get_submodule("observed_experts").bank)
+                node.target = "experts"
+                graph_module.delete_submodule("observed_experts")
+                modified = True
+        if modified:
+            graph.lint()
+            graph_module.recompile()
+        return PassResult(graph_module, modified)
+
+
+@dataclass
+class BlockStats:
+    """A block's calibration statistics (see the observers for what each sum is)."""
+
+    tokens: float
+    dropped: float
+    counts: torch.Tensor
+    weight_sums: torch.Tensor
+    logit_gram: torch.Tensor
+    logit_sums: torch.Tensor
+    routed: torch.Tensor
+    output_sums: torch.Tensor
+    output_norm_sums: torch.Tensor
+    weighted_output_norm_sums: torch.Tensor
+    all_output_sums: torch.Tensor | None = None
+    all_tokens: float = 0.0
+    input_grams: torch.Tensor | None = None
+    input_sums: torch.Tensor | None = None
+    router_input_gram: torch.Tensor | None = None
+    router_input_sum: torch.Tensor | None = None
+    group_cross: torch.Tensor | None = None
+    group_target_sums: torch.Tensor | None = None
+
+    @property
+    def frequency(self) -> torch.Tensor:
+        """Fraction of valid tokens that have each expert among their top-k."""
+        return self.counts / max(self.tokens, 1.0)
+
+    @property
+    def reap_saliency(self) -> torch.Tensor:
+        """REAP: mean over an expert's routed tokens of routing weight times output norm."""
+        return self.weighted_output_norm_sums / self.routed.clamp(min=1.0)
+
+    @property
+    def mean_outputs(self) -> torch.Tensor:
+        """Each expert's mean output over every calibration token (needs ``all_token_outputs``)."""
+        if self.all_output_sums is None:
+            raise ValueError("mean outputs over all tokens were not collected (CalibrationNeeds.all_token_outputs)")
+        return self.all_output_sums / max(self.all_tokens, 1.0)
+
+
+def collect_statistics(graph_module: fx.GraphModule) -> BlockStats:
+    """The statistics gathered by the observers of an observed canonical block."""
+    routing = graph_module.get_submodule("routing_observer")
+    experts = graph_module.get_submodule("observed_experts")
+    optional = {
+        name: getattr(module, name, None)
+        for module, names in (
+            (experts, ("all_output_sums", "input_grams", "input_sums")),
+            (routing, ("router_input_gram", "router_input_sum", "group_cross", "group_target_sums")),
+        )
+        for name in names
+    }
+    all_tokens = getattr(experts, "all_tokens", None)
+    return BlockStats(
+        tokens=routing.tokens.item(),
+        dropped=routing.dropped.item(),
+        counts=routing.counts.clone(),
+        weight_sums=routing.weight_sums.clone(),
+        logit_gram=routing.logit_gram.clone(),
+        logit_sums=routing.logit_sums.clone(),
+        routed=experts.routed.clone(),
+        output_sums=experts.output_sums.clone(),
+        output_norm_sums=experts.output_norm_sums.clone(),
+        weighted_output_norm_sums=experts.weighted_output_norm_sums.clone(),
+        all_tokens=0.0 if all_tokens is None else all_tokens.item(),
+        **{k: None if v is None else v.clone() for k, v in optional.items()},
+    )

@@ -1,0 +1,118 @@
+"""Router: shrink a merged block's router to one output per group ("pruned" router mode).
+
+After :class:`~moefx.passes.merge.MergeExperts` a block keeps its E-way router and maps selected experts to
+groups (exact mode). :class:`PruneRouter` instead gives the router G outputs and selects the top-k groups
+directly, which the paper (Appendix A1.2) names as the way to real latency gains.
+
+For merged groups the G router rows are fitted in closed form: ridge least squares of the group's pooled
+logit, ``log sum_{e in group} exp(logit_e)`` (the logit whose softmax is the group's total probability),
+centred per token because softmax ignores a per-token shift, on the calibration tokens' router inputs.
+Without that data the rows fall back to the frequency-weighted mean of the members' rows. For pruning
+methods the rows are the kept experts' own rows. Routing that cannot be pruned soundly (group-limited
+selection; sigmoid scores of merged experts) keeps the exact router; :func:`router_prune_blocker` says why.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from moefx.block import selection_nodes
+from moefx.passes.merge import BlockPlan
+from moefx.passes.observe import BlockStats
+from moefx.routing import RoutingSpec, combine_by_group
+
+
+def router_prune_blocker(routing: RoutingSpec, merges: bool) -> str | None:
+    """Why this routing cannot be given fewer outputs soundly, or None if it can."""
+    if routing.n_group is not None:
+        return "its group-limited expert selection cannot be expressed over a different number of experts"
+    if merges and routing.scoring == "sigmoid":
+        return "independent sigmoid scores of merged experts have no pooled equivalent"
+    return None
+
+
+def fit_pruned_router(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    plan: BlockPlan,
+    stats: BlockStats,
+    ridge: float = 1e-4,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The ``[G, H]`` weight (and ``[G]`` bias) of a pruned router for ``plan``.
+
+    Pruning plans (singleton groups) keep the kept experts' rows. Merging plans use the least-squares fit
+    when ``stats`` holds the group-fit sums (``group_cross``, from a second calibration pass), otherwise the
+    frequency-weighted mean of each group's rows.
+    """
+    groups = plan.groups
+    if all(len(g) == 1 for g in groups):
+        rows = [g[0] for g in groups]
+        return weight[rows].detach().clone(), None if bias is None else bias[rows].detach().clone()
+    if stats.group_cross is None or stats.router_input_gram is None:
+        w = torch.stack([sum(c * weight[e].double() for e, c in zip(g, cs, strict=True)) for g, cs in
+                         zip(groups, plan.coefficients, strict=True)])  # fmt: skip
+        b = None
+        if bias is not None:
+            b = torch.stack([sum(c * bias[e].double() for e, c in zip(g, cs, strict=True)) for g, cs in
+                             zip(groups, plan.coefficients, strict=True)])  # fmt: skip
+        return w.to(weight.dtype), None if b is None else b.to(bias.dtype)
+    gram, cross = stats.router_input_gram, stats.group_cross  # [H, H], [H, G]
+    if bias is not None:  # augment the input with a constant 1 for the bias column
+        n = torch.tensor([[stats.tokens]], dtype=gram.dtype)
+        gram = torch.cat([torch.cat([gram, stats.router_input_sum[:, None]], 1),
+                          torch.cat([stats.router_input_sum[None, :], n], 1)], 0)  # fmt: skip
+        cross = torch.cat([cross, stats.group_target_sums[None, :]], 0)
+    scale = gram.diagonal().mean().clamp(min=1e-12)
+    solution = torch.linalg.solve(gram + ridge * scale * torch.eye(gram.shape[0], dtype=gram.dtype), cross).T
+    if bias is not None:
+        return solution[:, :-1].to(weight.dtype).contiguous(), solution[:, -1].to(bias.dtype).contiguous()
+    return solution.to(weight.dtype).contiguous(), None
+
+
+class PruneRouter(PassBase):
+    """Give a merged canonical block a router with one output per group.
+
+    Matches: the ``router`` call_module, the ``select_experts`` call and the ``combine_by_group`` call that
+    :class:`~moefx.passes.merge.MergeExperts` inserted. Rewrites: ``router`` becomes an ``nn.Linear`` with
+    the given ``[G, H]`` weight; ``combine_by_group`` and its table are removed so the experts take the
+    selection's outputs directly; the selection picks ``min(top_k, G)`` groups, its correction bias keeps the
+    representatives' entries, and a capacity grows by ``ceil(E / G)`` (a group serves that many experts).
+    """
+
+    def __init__(self, plan: BlockPlan, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.plan, self.weight, self.bias = plan, weight, bias
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        graph = graph_module.graph
+        num_groups, hidden = self.weight.shape
+        router = nn.Linear(hidden, num_groups, bias=self.bias is not None, device="meta")
+        router.weight = nn.Parameter(self.weight.detach().clone())
+        if self.bias is not None:
+            router.bias = nn.Parameter(self.bias.detach().clone())
+        graph_module.router = router
+        selection, weights, index = selection_nodes(graph)
+        combine = next((n for n in graph.nodes if n.op == "call_function" and n.target is combine_by_group), None)
+        if combine is not None:
+            for user in list(combine.users):
+                user.replace_all_uses_with(weights if user.args[1] == 0 else index)
+                graph.erase_node(user)
+            table = combine.args[2]
+            graph.erase_node(combine)
+            graph.erase_node(table)
+            delattr(graph_module, "expert_to_group")
+        kwargs = dict(selection.kwargs)
+        kwargs["top_k"] = min(kwargs["top_k"], num_groups)
+        if kwargs.get("capacity") is not None:
+            kwargs["capacity"] = kwargs["capacity"] * math.ceil(self.plan.num_experts / num_groups)
+        selection.kwargs = kwargs
+        if isinstance(selection.args[1], fx.Node):  # the correction bias of the kept experts
+            representatives = torch.tensor([g[0] for g in self.plan.groups])
+            graph_module.correction_bias = graph_module.correction_bias[representatives].clone()
+        graph.lint()
+        graph_module.recompile()
+        return PassResult(graph_module, True)

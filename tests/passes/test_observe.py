@@ -1,0 +1,115 @@
+import copy
+import operator
+
+import pytest
+import torch
+from torch.fx.passes.infra.pass_manager import PassManager
+
+from moefx.api import _set_submodule
+from moefx.block import build_block
+from moefx.passes.observe import (
+    CalibrationNeeds,
+    InsertObservers,
+    RemoveObservers,
+    collect_statistics,
+    install_mask_hook,
+)
+from moefx.routing import select_experts
+
+
+def _observed(block, needs=None):
+    needs = needs or CalibrationNeeds()
+    graph = build_block(block.module, block)
+    return PassManager([InsertObservers(block.hidden_size, block.mask_key, needs)])(graph).graph_module
+
+
+def test_insert_observers_graph_structure_and_numerics(zoo):
+    block = zoo("qwen2_moe")[3][0]
+    canonical = build_block(block.module, block)
+    observed = _observed(block)
+    nodes = {n.target: n for n in observed.graph.nodes if n.op == "call_module"}
+    assert "routing_observer" in nodes and "observed_experts" in nodes and "experts" not in nodes
+    observer = nodes["routing_observer"]
+    weights, index, logits, router_input = observer.args
+    assert weights.target is operator.getitem and weights.args[0].target is select_experts
+    assert logits is weights.args[0].args[0] and router_input is logits.args[0]
+    assert nodes["observed_experts"].args[2] is observer  # the experts read the weights through the observer
+    x = torch.randn(2, 9, block.hidden_size)
+    with torch.no_grad():
+        assert torch.equal(observed(x), canonical(x))
+
+
+def test_remove_observers_restores_the_canonical_graph(zoo):
+    block = zoo("mixtral")[3][0]
+    canonical = build_block(block.module, block)
+    observed = _observed(block, CalibrationNeeds(all_token_outputs=True, expert_input_moments=True))
+    restored = PassManager([RemoveObservers()])(observed).graph_module
+    signature = lambda g: [(n.op, str(n.target)) for n in g.graph.nodes]  # noqa: E731
+    assert signature(restored) == signature(canonical)
+    assert not hasattr(restored, "routing_observer") and not hasattr(restored, "observed_experts")
+    x = torch.randn(2, 5, block.hidden_size)
+    with torch.no_grad():
+        assert torch.equal(restored(x), canonical(x))
+
+
+def test_routing_statistics_match_direct_computation(zoo):
+    block = zoo("mixtral")[3][0]
+    observed = _observed(block)
+    x = torch.randn(3, 7, block.hidden_size)
+    with torch.no_grad():
+        observed(x)
+        logits = observed.router(x.reshape(-1, block.hidden_size)).double()
+        _, index = select_experts(logits, top_k=2)
+    stats = collect_statistics(observed)
+    assert stats.tokens == 21 and stats.dropped == 0
+    assert torch.equal(stats.counts, torch.bincount(index.flatten(), minlength=8).double())
+    assert torch.allclose(stats.logit_gram, logits.T @ logits)
+    assert torch.equal(stats.routed, stats.counts)
+
+
+def test_padding_tokens_are_excluded(zoo):
+    model, inputs, _, blocks = zoo("mixtral")
+    model = copy.deepcopy(model)
+    for b in blocks:
+        _set_submodule(model, b.name, _observed(b))
+    hooks = install_mask_hook(model)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[0, :5] = 0
+    with torch.no_grad():
+        model(input_ids=inputs["input_ids"], attention_mask=mask)
+    for h in hooks:
+        h.remove()
+    stats = collect_statistics(model.get_submodule(blocks[0].name))
+    assert stats.tokens == 11
+    assert stats.counts.sum() == 22 and stats.routed.sum() == 22
+
+
+def test_dropped_tokens_count_as_routed_nowhere(zoo):
+    block = zoo("switch")[3][0]
+    observed = _observed(block)
+    graph_selection = next(n for n in observed.graph.nodes if n.target is select_experts)
+    graph_selection.kwargs = {**graph_selection.kwargs, "capacity": 1}
+    observed.recompile()
+    x = torch.randn(1, 12, block.hidden_size)
+    with torch.no_grad():
+        observed(x)
+        _, index = select_experts(observed.router(x), top_k=1, capacity=1)
+    stats = collect_statistics(observed)
+    dropped = int((index == -1).sum())
+    assert dropped > 0
+    assert stats.dropped == dropped and stats.counts.sum() == 12 - dropped
+    assert stats.counts[0] == (index == 0).sum()  # a dropped token is not counted for expert 0
+
+
+@pytest.mark.parametrize("needs", [CalibrationNeeds(), CalibrationNeeds(True, True, True)])
+def test_statistics_do_not_grow_with_tokens(zoo, needs):
+    block = zoo("gpt_oss")[3][0]
+    observed = _observed(block, needs)
+    size = lambda: sum(b.numel() for b in observed.buffers())  # noqa: E731
+    with torch.no_grad():
+        observed(torch.randn(1, 2, block.hidden_size))
+        after_one = size()
+        for _ in range(5):
+            observed(torch.randn(4, 64, block.hidden_size))
+    assert size() == after_one
+    assert collect_statistics(observed).tokens == 2 + 5 * 256

@@ -1,0 +1,194 @@
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+
+import moefx
+from moefx.capture import max_output_diff
+from moefx.config import METHODS
+from moefx.zoo import FAMILIES, example_inputs, tiny_model
+
+
+def _calibration(family, batches=3, seed=0):
+    return [example_inputs(family, batch=4, seq=16, seed=seed + s) for s in range(batches)]
+
+
+def _compile(family, **options):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", moefx.MoefxWarning)
+        return moefx.compile(tiny_model(family), _calibration(family), **options)
+
+
+def _outputs(model, family):
+    with torch.no_grad():
+        return model(**example_inputs(family, batch=3, seq=11, seed=99))
+
+
+def test_keeping_every_expert_reproduces_the_model(family):
+    model = tiny_model(family)
+    compressed = moefx.compile(model, _calibration(family), experts=1.0)
+    assert max_output_diff(_outputs(model, family), _outputs(compressed, family)) <= 1e-5
+    assert all(b.kept == b.num_experts for b in compressed.moefx_report.blocks)
+
+
+@pytest.mark.parametrize("experts", [0.5, 0.25])
+@pytest.mark.parametrize("router", ["exact", "pruned"])
+def test_compression_keeps_the_requested_share_of_expert_parameters(family, experts, router):
+    compressed = _compile(family, experts=experts, router=router)
+    report = compressed.moefx_report
+    per_expert = report.expert_params_before // sum(b.num_experts for b in report.blocks)
+    target = experts * report.expert_params_before
+    assert abs(report.expert_params_after - target) <= per_expert * len(report.blocks)
+    assert sum(p.numel() for b in report.blocks for p in compressed.get_submodule(b.name).experts.parameters()) == (
+        report.expert_params_after
+    )
+    out = _outputs(compressed, family)
+    logits = out.logits if hasattr(out, "logits") else out
+    assert logits.isfinite().all()
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("family", ["mixtral", "switch", "gpt_oss"])
+def test_every_method_compresses(family, method):
+    compressed = _compile(family, experts=0.5, method=method)
+    report = compressed.moefx_report
+    assert report.expert_params_after * 2 == report.expert_params_before
+    logits = _outputs(compressed, family)
+    logits = logits.logits if hasattr(logits, "logits") else logits
+    assert logits.isfinite().all()
+    if method in ("prune-frequency", "reap"):
+        for b in report.blocks:  # pruning: a pruned router with one row per kept expert, no merging
+            block = compressed.get_submodule(b.name)
+            assert all(len(g) == 1 for g in b.groups) and block.router.weight.shape[0] == b.kept
+
+
+def test_the_state_dict_really_shrinks():
+    model = tiny_model("mixtral")
+    compressed = _compile("mixtral", experts=0.25, router="pruned")
+
+    def saved_bytes(m):
+        buffer = io.BytesIO()
+        torch.save(m.state_dict(), buffer)
+        return buffer.tell()
+
+    experts_before = sum(p.numel() for n, p in model.named_parameters() if "experts" in n)
+    experts_after = sum(p.numel() for n, p in compressed.named_parameters() if "experts" in n)
+    assert experts_after * 4 == experts_before
+    saved = saved_bytes(model) - saved_bytes(compressed)
+    assert saved >= 0.9 * (experts_before - experts_after) * 4  # float32 bytes of the dropped experts
+
+
+def test_the_input_model_is_not_modified():
+    model = tiny_model("qwen2_moe")
+    before = copy.deepcopy(model.state_dict())
+    modules = dict(model.named_modules())
+    moefx.compile(model, _calibration("qwen2_moe"), experts=0.25)
+    assert dict(model.named_modules()) == modules
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_transformers_model_stays_one_and_generates():
+    model = tiny_model("mixtral")
+    compressed = _compile("mixtral", experts=0.5, router="pruned")
+    assert type(compressed) is type(model)
+    prompt = example_inputs("mixtral", batch=1, seq=4)["input_ids"]
+    generated = compressed.generate(prompt, max_new_tokens=5, do_sample=False)
+    assert generated.shape == (1, 9)
+
+
+def test_prepare_calibrate_convert_equals_compile():
+    calib = _calibration("olmoe")
+    model = tiny_model("olmoe")
+    probe = moefx.prepare(model, calib[0])
+    assert max_output_diff(_outputs(probe, "olmoe"), _outputs(model, "olmoe")) == 0.0  # observing changes nothing
+    observed = moefx.prepare(model, calib[0])
+    for batch in calib:
+        with torch.no_grad():
+            observed(**batch)
+    manual = moefx.convert(observed, experts=0.5)
+    automatic = moefx.compile(model, calib, experts=0.5)
+    assert max_output_diff(_outputs(manual, "olmoe"), _outputs(automatic, "olmoe")) == 0.0
+
+
+def test_bfloat16_models_compile_in_their_dtype():
+    model = tiny_model("qwen3_moe").to(torch.bfloat16)
+    compressed = moefx.compile(model, _calibration("qwen3_moe"), experts=0.5)
+    assert {p.dtype for p in compressed.parameters()} == {torch.bfloat16}
+    assert _outputs(compressed, "qwen3_moe").logits.isfinite().all()
+
+
+def test_an_expert_never_activated_is_merged_without_nan():
+    model = tiny_model("gpt_oss")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.router.bias[3] = -1e4  # expert 3 is never chosen
+    compressed = moefx.compile(model, _calibration("gpt_oss"), experts=0.5)
+    assert all(b.frequency[3] == 0.0 for b in compressed.moefx_report.blocks)
+    assert all(p.isfinite().all() for p in compressed.parameters())
+
+
+def test_skip_layers_leaves_a_block_unchanged():
+    compressed = _compile("mixtral", experts=0.5, skip_layers=[0])
+    first, second = compressed.moefx_report.blocks
+    assert first.kept == 8 and first.router == "unchanged" and second.kept == 4
+
+
+@pytest.mark.parametrize(
+    "options, error, message",
+    [
+        ({"experts": 0.0}, moefx.ConfigError, "out of range"),
+        ({"experts": 1.5}, moefx.ConfigError, "out of range"),
+        ({"experts": -2}, moefx.ConfigError, "out of range"),
+        ({"experts": True}, moefx.ConfigError, "fraction"),
+        ({"experts": 0.1}, moefx.ConfigError, "fewer than their top_k"),
+        ({"experts": 0.1, "adaptive": False}, moefx.ConfigError, "fewer than its top_k"),
+        ({"method": "magic"}, moefx.ConfigError, "unknown method 'magic'"),
+        ({"router": "fast"}, moefx.ConfigError, "unknown router"),
+        ({"expert": 0.5}, moefx.ConfigError, "unknown option 'expert'"),
+        ({"skip_layers": ["model.layers.9.mlp"]}, moefx.ConfigError, "not an MoE block"),
+    ],
+)
+def test_bad_options_get_one_line_errors(options, error, message):
+    with pytest.raises(error, match=message) as info:
+        moefx.compile(tiny_model("mixtral"), _calibration("mixtral", batches=1), **options)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_calibration_data_gets_one_line_errors():
+    model = tiny_model("mixtral")
+    with pytest.raises(moefx.CalibrationError, match="yielded no batches"):
+        moefx.compile(model, [])
+    exhausted = iter(_calibration("mixtral", batches=1))
+    list(exhausted)
+    with pytest.raises(moefx.CalibrationError, match="yielded no batches"):
+        moefx.compile(model, exhausted)
+    with pytest.raises(moefx.CalibrationError, match="must be an iterable of batches"):
+        moefx.compile(model, 42)
+    with pytest.raises(moefx.CalibrationError, match="must be an iterable of batches"):
+        moefx.compile(model, example_inputs("mixtral"))
+
+
+def test_a_dense_model_is_rejected_with_one_line():
+    with pytest.raises(moefx.DetectionError, match="no MoE block found in MistralForCausalLM"):
+        moefx.compile(tiny_model("dense"), _calibration("dense", batches=1))
+
+
+def test_a_meta_device_model_is_rejected():
+    with torch.device("meta"):
+        model = tiny_model("mixtral")
+    with pytest.raises(moefx.MoefxError, match="meta device"):
+        moefx.compile(model, _calibration("mixtral", batches=1))
+
+
+def test_convert_needs_a_prepared_model():
+    with pytest.raises(moefx.MoefxError, match="returned by moefx.prepare"):
+        moefx.convert(tiny_model("mixtral"))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruned_and_exact_routers_agree_on_the_kept_experts(family):
+    exact = _compile(family, experts=0.5, router="exact")
+    pruned = _compile(family, experts=0.5, router="pruned")
+    assert [b.groups for b in exact.moefx_report.blocks] == [b.groups for b in pruned.moefx_report.blocks]
