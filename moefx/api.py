@@ -9,10 +9,11 @@ transformers model, with fewer expert weights inside its MoE blocks.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +25,10 @@ from moefx.block import MoEBlock, build_block
 from moefx.capture import call_model
 from moefx.config import CompressionConfig
 from moefx.errors import CalibrationError, MoefxError, MoefxWarning
+from moefx.experts import FFN
+from moefx.losparse import stable_rank
 from moefx.passes.detect import find_moe_blocks
+from moefx.passes.losparse import CompressExperts, plan_losparse
 from moefx.passes.merge import BlockPlan, MergeExperts, plan_compression
 from moefx.passes.observe import (
     BlockStats,
@@ -41,7 +45,7 @@ _STATE = "_moefx_prepared"
 
 @dataclass
 class BlockReport:
-    """What compression did to one block."""
+    """What compression did to one block (FLOPs are per token, for the block's MoE layer)."""
 
     name: str
     num_experts: int
@@ -50,7 +54,13 @@ class BlockReport:
     router: str
     frequency: list[float]
     expert_params_before: int
+    expert_params_merged: int
     expert_params_after: int
+    flops_before: int
+    flops_merged: int
+    flops_after: int
+    stable_rank_before: list[float] = field(default_factory=list)  # per original expert, mean over its matrices
+    stable_rank_after: list[float] = field(default_factory=list)  # per merged expert, before any LoSparse
 
 
 @dataclass
@@ -68,6 +78,14 @@ class CompressionReport:
     @property
     def expert_params_after(self) -> int:
         return sum(b.expert_params_after for b in self.blocks)
+
+    @property
+    def flops_before(self) -> int:
+        return sum(b.flops_before for b in self.blocks)
+
+    @property
+    def flops_after(self) -> int:
+        return sum(b.flops_after for b in self.blocks)
 
 
 @dataclass
@@ -143,12 +161,40 @@ def _state(model: nn.Module) -> _Prepared:
     return state
 
 
-def _block_graph(model: nn.Module, block: MoEBlock) -> torch.fx.GraphModule:
-    return model.get_submodule(block.name)
-
-
 def _experts_params(bank: nn.Module) -> int:
     return sum(p.numel() for p in bank.parameters())
+
+
+def block_flops(graph: torch.fx.GraphModule, bank: nn.Module, top_k: int) -> int:
+    """Analytic FLOPs per token of a canonical block with expert ``bank``: router, ``top_k`` average
+    experts, shared experts (matmuls only, 2 FLOPs per multiply-accumulate)."""
+    experts = sum(bank.expert_flops(e) for e in range(bank.num_experts)) / max(bank.num_experts, 1)
+    shared = sum(
+        2 * m.weight.numel()
+        for name, m in graph.named_modules()
+        if name.startswith("shared_expert") and isinstance(m, nn.Linear)
+    )
+    return int(2 * graph.router.weight.numel() + top_k * experts + shared)
+
+
+def _mean_stable_rank(ffn: FFN) -> float:
+    matrices = [*ffn.in_weights, ffn.out_weight]
+    return sum(stable_rank(w) for w in matrices) / len(matrices)
+
+
+class _Stages:
+    """Accumulates wall time per named stage."""
+
+    def __init__(self, seconds: dict[str, float]) -> None:
+        self.seconds = seconds
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 def convert(
@@ -159,65 +205,121 @@ def convert(
 ) -> nn.Module:
     """Compress a prepared, calibrated model in place and return it (observers removed).
 
-    ``calib_batches`` lets a pruned router be fitted by least squares (a second, cheap calibration pass);
-    without them its rows are the frequency-weighted mean of each group's rows. The report is in
+    ``calib_batches`` allows the passes that need a second look at the data once the groups are known:
+    the least-squares fit of a pruned router and MC-SMoE's activation-aware compression. Without them a
+    pruned router averages its groups' rows and MC-SMoE uses plain SVD. The report is in
     ``model.moefx_report``.
     """
     config = CompressionConfig.from_arguments(config, overrides)
     state = _state(observed)
-    start = time.perf_counter()
-    graphs = {b.name: _block_graph(observed, b) for b in state.blocks}
-    stats = {name: collect_statistics(g) for name, g in graphs.items()}
-    for name, s in stats.items():
-        if s.tokens <= 0:
-            raise CalibrationError(
-                f"no calibration token reached {name} (all were padding?): calibrate with real, unmasked tokens"
-            )
-    banks = {name: g.get_submodule("observed_experts").bank for name, g in graphs.items()}
-    ffns = {name: [bank.ffn(e) for e in range(bank.num_experts)] for name, bank in banks.items()}
-    routers = {name: g.get_submodule("router").weight for name, g in graphs.items()}
-    plans = plan_compression(state.blocks, stats, ffns, routers, config)
-    planned = time.perf_counter()
-
-    for b in state.blocks:
-        plan = plans[b.name]
-        reason = router_prune_blocker(b.routing, merges=not config.prunes)
-        if plan.router == "pruned" and reason is not None:
-            warnings.warn(
-                f"{b.name}: router='pruned' is not possible here ({reason}); keeping the exact router",
-                MoefxWarning,
-                stacklevel=2,
-            )
-            plan.router = "exact"
+    stage = _Stages(state.seconds)
+    graphs = {b.name: observed.get_submodule(b.name) for b in state.blocks}
+    with stage("planning"):
+        stats = {name: collect_statistics(g) for name, g in graphs.items()}
+        for name, s in stats.items():
+            if s.tokens <= 0:
+                raise CalibrationError(
+                    f"no calibration token reached {name} (all were padding?): calibrate with real, unmasked tokens"
+                )
+        banks = {name: g.get_submodule("observed_experts").bank for name, g in graphs.items()}
+        ffns = {name: [bank.ffn(e) for e in range(bank.num_experts)] for name, bank in banks.items()}
+        routers = {name: g.get_submodule("router").weight for name, g in graphs.items()}
+        plans = plan_compression(state.blocks, stats, ffns, routers, config)
+        _keep_exact_routers_that_cannot_be_pruned(state.blocks, plans, config)
     fit = [b for b in state.blocks if plans[b.name].router == "pruned" and not config.prunes]
     if fit and calib_batches is not None:
-        for b in fit:
-            graphs[b.name].get_submodule("routing_observer").fit_groups(plans[b.name].expert_to_group)
-        calibrate(observed, calib_batches, progress=config.progress)
-        stats.update({b.name: collect_statistics(graphs[b.name]) for b in fit})
-    fitted = time.perf_counter()
+        with stage("router fit pass"):
+            for b in fit:
+                graphs[b.name].get_submodule("routing_observer").fit_groups(plans[b.name].expert_to_group)
+            calibrate(observed, calib_batches, progress=config.progress)
+            stats.update({b.name: collect_statistics(graphs[b.name]) for b in fit})
 
     report = CompressionReport(config)
-    for b in state.blocks:
-        plan, graph = plans[b.name], graphs[b.name]
-        before = _experts_params(banks[b.name])
-        passes = [RemoveObservers(), MergeExperts(plan)]
-        if plan.router == "pruned" and not plan.is_identity:
-            weight, bias = fit_pruned_router(graph.router.weight, graph.router.bias, plan, stats[b.name])
-            passes.append(PruneRouter(plan, weight, bias))
-        compact = PassManager(passes)(graph).graph_module
-        _set_submodule(observed, b.name, compact)
-        report.blocks.append(_block_report(b, plan, stats[b.name], before, _experts_params(compact.experts)))
+    with stage("merging and rewriting"):
+        for b in state.blocks:
+            plan, graph = plans[b.name], graphs[b.name]
+            before = (_experts_params(banks[b.name]), block_flops(graph, banks[b.name], b.top_k))
+            passes = [RemoveObservers(), MergeExperts(plan)]
+            if plan.router == "pruned" and not plan.is_identity:
+                weight, bias = fit_pruned_router(graph.router.weight, graph.router.bias, plan, stats[b.name])
+                passes.append(PruneRouter(plan, weight, bias))
+            compact = PassManager(passes)(graph).graph_module
+            _set_submodule(observed, b.name, compact)
+            graphs[b.name] = compact
+            merged = (_experts_params(compact.experts), block_flops(compact, compact.experts, b.top_k))
+            report.blocks.append(_block_report(b, plan, stats[b.name], before, merged, ffns[b.name], compact))
+    if config.method == "mc-smoe":
+        with stage("low-rank and sparse compression"):
+            merged_blocks = [b for b in state.blocks if not plans[b.name].is_identity]
+            _compress_experts(observed, merged_blocks, config, calib_batches)
+        for r, b in zip(report.blocks, state.blocks, strict=True):
+            graph = observed.get_submodule(b.name)
+            r.expert_params_after = _experts_params(graph.experts)
+            r.flops_after = block_flops(graph, graph.experts, b.top_k)
     for hook in state.hooks:
         hook.remove()
     delattr(observed, _STATE)
-    report.seconds = {**state.seconds, "planning (grouping)": planned - start, "router fit pass": fitted - planned,
-                      "merging and rewriting": time.perf_counter() - fitted}  # fmt: skip
+    report.seconds = dict(state.seconds)
     observed.moefx_report = report
     return observed
 
 
-def _block_report(block: MoEBlock, plan: BlockPlan, stats: BlockStats, before: int, after: int) -> BlockReport:
+def _keep_exact_routers_that_cannot_be_pruned(
+    blocks: list[MoEBlock], plans: dict[str, BlockPlan], config: CompressionConfig
+) -> None:
+    for b in blocks:
+        reason = router_prune_blocker(b.routing, merges=not config.prunes)
+        if plans[b.name].router == "pruned" and reason is not None:
+            warnings.warn(
+                f"{b.name}: router='pruned' is not possible here ({reason}); keeping the exact router",
+                MoefxWarning,
+                stacklevel=3,
+            )
+            plans[b.name].router = "exact"
+
+
+def _compress_experts(
+    model: nn.Module, blocks: list[MoEBlock], config: CompressionConfig, calib_batches: list[Any] | None
+) -> None:
+    """MC-SMoE's second stage: LoSparse every merged block's experts (one global sparse threshold)."""
+    graphs = {b.name: model.get_submodule(b.name) for b in blocks}
+    moments: dict[str, list[tuple[torch.Tensor | None, torch.Tensor | None]]] = {}
+    if calib_batches is not None:
+        needs = CalibrationNeeds(expert_input_moments=True)
+        for b in blocks:
+            PassManager([InsertObservers(b.hidden_size, b.mask_key, needs)])(graphs[b.name])
+        calibrate(model, calib_batches, progress=config.progress)
+        for b in blocks:
+            s = collect_statistics(graphs[b.name])
+            PassManager([RemoveObservers()])(graphs[b.name])
+            moments[b.name] = [
+                (s.input_grams[e].double() / s.routed[e], s.hidden_grams[e].double() / s.routed[e])
+                if s.routed[e] > 0
+                else (None, None)
+                for e in range(len(s.routed))
+            ]
+    experts = plan_losparse(
+        {b.name: graphs[b.name].experts for b in blocks},
+        moments,
+        config.rank,
+        config.sparse_keep,
+        activation_aware=config.svd == "activation-aware",
+        axis=config.sparse_axis,
+    )
+    for b in blocks:
+        PassManager([CompressExperts(experts[b.name])])(graphs[b.name])
+
+
+def _block_report(
+    block: MoEBlock,
+    plan: BlockPlan,
+    stats: BlockStats,
+    before: tuple[int, int],
+    merged: tuple[int, int],
+    original: list[FFN],
+    compact: torch.fx.GraphModule,
+) -> BlockReport:
+    bank = compact.experts
     return BlockReport(
         name=block.name,
         num_experts=block.num_experts,
@@ -225,8 +327,14 @@ def _block_report(block: MoEBlock, plan: BlockPlan, stats: BlockStats, before: i
         groups=plan.groups,
         router=plan.router if not plan.is_identity else "unchanged",
         frequency=stats.frequency.tolist(),
-        expert_params_before=before,
-        expert_params_after=after,
+        expert_params_before=before[0],
+        expert_params_merged=merged[0],
+        expert_params_after=merged[0],
+        flops_before=before[1],
+        flops_merged=merged[1],
+        flops_after=merged[1],
+        stable_rank_before=[_mean_stable_rank(f) for f in original],
+        stable_rank_after=[_mean_stable_rank(bank.ffn(g)) for g in range(bank.num_experts)],
     )
 
 

@@ -49,6 +49,7 @@ class ModuleExpertsSource:
     container: str
     in_linears: list[str]
     out_linear: str
+    act: nn.Module  # the activation between the linears, one argument per input linear
 
 
 @dataclass
@@ -140,7 +141,8 @@ def build_experts(module: nn.Module, block: MoEBlock) -> FusedExperts | ModuleEx
     """The block's experts as a bank, sharing weights with ``module`` where the layout allows."""
     src = block.experts_source
     if isinstance(src, ModuleExpertsSource):
-        return ModuleExperts(list(module.get_submodule(src.container).children()), src.in_linears, src.out_linear)
+        experts = list(module.get_submodule(src.container).children())
+        return ModuleExperts(experts, src.in_linears, src.out_linear, src.act)
 
     def linear_layout(path: str, transposed: bool) -> torch.Tensor:
         t = _get_tensor(module, path)

@@ -8,9 +8,11 @@ from typing import Any
 
 from moefx.errors import ConfigError
 
-METHODS = ("m-smoe", "prune-frequency", "average", "hc-smoe", "reap")
+METHODS = ("m-smoe", "mc-smoe", "prune-frequency", "average", "hc-smoe", "reap")
 ROUTER_MODES = ("exact", "pruned")
 SIMILARITIES = ("router-logits", "router-weight", "expert-weight", "expert-output", "random")
+SVD_MODES = ("activation-aware", "plain")
+SPARSE_AXES = ("columns", "rows")
 
 
 @dataclass
@@ -20,21 +22,27 @@ class CompressionConfig:
     * ``experts``: experts kept, on average over the merged layers: a float in (0, 1] is a fraction of each
       layer's experts, an int an average count. Each layer keeps at least its ``top_k``.
     * ``method``: ``"m-smoe"`` (the paper: frequency-dominant experts, routing-similarity grouping,
-      permutation alignment, frequency-weighted merging) or a baseline: ``"prune-frequency"`` (keep the
-      most used experts), ``"average"`` (M-SMoE's groups merged uniformly), ``"hc-smoe"`` (hierarchical
-      clustering on mean expert outputs, frequency-weighted merging), ``"reap"`` (keep the experts with
-      the largest mean routing-weight times output norm).
+      permutation alignment, frequency-weighted merging), ``"mc-smoe"`` (M-SMoE, then each merged expert's
+      linears compressed to low-rank plus structured-sparse parts, see ``rank``) or a baseline:
+      ``"prune-frequency"`` (keep the most used experts), ``"average"`` (M-SMoE's groups merged
+      uniformly), ``"hc-smoe"`` (hierarchical clustering on mean expert outputs, frequency-weighted
+      merging), ``"reap"`` (keep the experts with the largest mean routing-weight times output norm).
     * ``router``: ``"exact"`` keeps the original router and maps each chosen expert to its group;
       ``"pruned"`` shrinks the router to one output per group, fitted by least squares (falls back to exact,
       with a warning, where the routing cannot be pruned soundly). Pruning methods always prune the router.
     * ``adaptive``: allocate kept experts across layers by globally ranked, per-layer normalised scores
       (the paper); ``False`` keeps the same count in every layer.
     * ``align``: permutation-align group members to their dominant expert before merging; ``None`` (the
-      default) does what each method's paper does: M-SMoE and average align, HC-SMoE does not.
+      default) does what each method's paper does: M-SMoE, MC-SMoE and average align, HC-SMoE does not.
     * ``similarity``: how non-dominant experts choose their group (M-SMoE and average):
       ``"router-logits"`` (the paper), ``"router-weight"``, ``"expert-weight"``, ``"expert-output"``, ``"random"``.
     * ``skip_layers``: MoE blocks left unchanged, by index among the model's MoE blocks or by name
       (the paper leaves the first one: ``skip_layers=[0]``).
+    * ``rank``, ``sparse_keep``, ``svd``, ``sparse_axis`` (``method="mc-smoe"``): each merged linear becomes
+      ``U V + S`` with ``U V`` of rank ``rank`` (an int, the paper's 32, or a fraction of ``min(out, in)``)
+      from an ``"activation-aware"`` SVD (whitened by the calibration input second moment) or a
+      ``"plain"`` one, and ``S`` the residual with ``sparse_keep`` of its ``"columns"`` (input features,
+      the paper) or ``"rows"`` (output units, the authors' code) kept, by one threshold over the model.
     * ``seed``: for the random similarity and anything else random.
     * ``inplace``: compress the given model itself instead of a copy (saves memory; the input is consumed).
     * ``progress``: show progress bars.
@@ -47,6 +55,10 @@ class CompressionConfig:
     align: bool | None = None
     similarity: str = "router-logits"
     skip_layers: list[int | str] = field(default_factory=list)
+    rank: int | float = 32
+    sparse_keep: float = 0.1
+    svd: str = "activation-aware"
+    sparse_axis: str = "columns"
     seed: int = 0
     inplace: bool = False
     progress: bool = False
@@ -66,9 +78,16 @@ class CompressionConfig:
             ("method", self.method, METHODS),
             ("router", self.router, ROUTER_MODES),
             ("similarity", self.similarity, SIMILARITIES),
+            ("svd", self.svd, SVD_MODES),
+            ("sparse_axis", self.sparse_axis, SPARSE_AXES),
         ):
             if value not in allowed:
                 raise ConfigError(f"unknown {name} {value!r}: choose one of {', '.join(allowed)}")
+        r = self.rank
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or r <= 0 or (isinstance(r, float) and r > 1):
+            raise ConfigError(f"rank={r!r} is out of range: give a positive integer or a fraction in (0, 1]")
+        if isinstance(self.sparse_keep, bool) or not 0.0 <= self.sparse_keep <= 1.0:
+            raise ConfigError(f"sparse_keep={self.sparse_keep!r} is out of range: give a fraction in [0, 1]")
         if not isinstance(self.skip_layers, (list, tuple)):
             raise ConfigError("skip_layers must be a list of MoE block indices or names")
 

@@ -21,7 +21,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
+
+from moefx.graphs import extract_subgraph
 
 GATED_LAYOUTS = ("concat", "interleaved")
 
@@ -127,12 +129,19 @@ class FusedExperts(nn.Module):
     def intermediate_size(self) -> int:
         return self.out_proj.shape[2]
 
+    def expert_hidden(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``e``'s hidden activation (the output projection's input)."""
+        return self.act(F.linear(x, self.in_proj[e], None if self.in_bias is None else self.in_bias[e]))
+
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        h = F.linear(x, self.in_proj[e], None if self.in_bias is None else self.in_bias[e])
-        return F.linear(self.act(h), self.out_proj[e], None if self.out_bias is None else self.out_bias[e])
+        return F.linear(self.expert_hidden(e, x), self.out_proj[e], None if self.out_bias is None else self.out_bias[e])
 
     def forward(self, tokens: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return dispatch(self.expert_forward, self.num_experts, tokens, index, weights)
+
+    def expert_flops(self, e: int) -> int:
+        """FLOPs (2 per multiply-accumulate) of expert ``e`` for one token, matmuls only."""
+        return 2 * (self.in_proj[e].numel() + self.out_proj[e].numel())
 
     def _in_rows(self) -> list[torch.Tensor]:
         """Row indices of ``in_proj`` belonging to each input matrix (gate, up), in hidden-unit order."""
@@ -187,11 +196,12 @@ class FusedExperts(nn.Module):
 class ModuleExperts(nn.Module):
     """E expert modules of the model's own class, each run on the tokens routed to it."""
 
-    def __init__(self, experts: list[nn.Module], in_linears: list[str], out_linear: str) -> None:
+    def __init__(self, experts: list[nn.Module], in_linears: list[str], out_linear: str, act: nn.Module) -> None:
         super().__init__()
         self.experts = nn.ModuleList(experts)
         self.in_linears = list(in_linears)
         self.out_linear = out_linear
+        self.act = act  # the activation between the linears (one argument per input linear), for analysis
 
     @property
     def num_experts(self) -> int:
@@ -204,8 +214,17 @@ class ModuleExperts(nn.Module):
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         return self.experts[e](x)
 
+    def expert_hidden(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``e``'s hidden activation (the output linear's input), through the extracted activation."""
+        expert = self.experts[e]
+        return self.act(*[expert.get_submodule(name)(x) for name in self.in_linears])
+
     def forward(self, tokens: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return dispatch(self.expert_forward, self.num_experts, tokens, index, weights)
+
+    def expert_flops(self, e: int) -> int:
+        """FLOPs (2 per multiply-accumulate) of expert ``e`` for one token, matmuls only."""
+        return 2 * sum(w.numel() for w in (*self.ffn(e).in_weights, self.ffn(e).out_weight))
 
     def ffn(self, e: int) -> FFN:
         expert = self.experts[e]
@@ -222,7 +241,7 @@ class ModuleExperts(nn.Module):
                 _set_linear(expert.get_submodule(name), w, b)
             _set_linear(expert.get_submodule(self.out_linear), f.out_weight, f.out_bias)
             experts.append(expert)
-        return ModuleExperts(experts, self.in_linears, self.out_linear)
+        return ModuleExperts(experts, self.in_linears, self.out_linear, self.act)
 
 
 def _as_parameter(t: torch.Tensor) -> nn.Parameter:
@@ -237,12 +256,13 @@ def _set_linear(linear: nn.Module, weight: torch.Tensor, bias: torch.Tensor | No
         linear.in_features, linear.out_features = weight.shape[1], weight.shape[0]
 
 
-def find_ffn_linears(expert: nn.Module, hidden: int) -> tuple[list[str], str]:
-    """Names of an expert module's input linears (applied to the token) and its output linear.
+def ffn_structure(expert: nn.Module, hidden: int) -> tuple[list[str], str, fx.GraphModule]:
+    """An expert module's input linears (applied to the token), output linear, and activation between them.
 
     The expert is captured with torch.export on a ``[n, hidden]`` input: linears fed by the input are input
-    linears and the linear whose result is returned is the output linear. Raises ``ValueError`` when the
-    expert is not such an FFN (one or two input linears of equal width, one output linear).
+    linears, the linear whose result is returned is the output linear, and the activation is the
+    subgraph from the input linears' outputs to the output linear's input (one argument per input linear).
+    Raises ``ValueError`` when the expert is not such an FFN.
     """
     name = type(expert).__name__
     try:
@@ -260,7 +280,7 @@ def find_ffn_linears(expert: nn.Module, hidden: int) -> tuple[list[str], str]:
     placeholder = next(n for n in graph.nodes if n.op == "placeholder")
     output = next(n for n in graph.nodes if n.op == "output")
 
-    def reaches(start: torch.fx.Node, goal: torch.fx.Node) -> bool:
+    def reaches(start: fx.Node, goal: fx.Node) -> bool:
         stack, seen = [start], set()
         while stack:
             n = stack.pop()
@@ -272,10 +292,12 @@ def find_ffn_linears(expert: nn.Module, hidden: int) -> tuple[list[str], str]:
             stack.extend(n.users)
         return False
 
-    ins = [linear_of[n] for n in linear_of if reaches(placeholder, n)]
-    outs = [linear_of[n] for n in linear_of if reaches(n, output)]
+    ins = [n for n in linear_of if reaches(placeholder, n)]
+    outs = [n for n in linear_of if reaches(n, output)]
     if len(outs) != 1 or not 1 <= len(ins) <= 2 or outs[0] in ins:
         raise ValueError(f"expert {name} is not a one- or two-input-linear FFN")
-    if {expert.get_submodule(n).out_features for n in ins} != {expert.get_submodule(outs[0]).in_features}:
+    in_names, out_name = [linear_of[n] for n in ins], linear_of[outs[0]]
+    if {expert.get_submodule(n).out_features for n in in_names} != {expert.get_submodule(out_name).in_features}:
         raise ValueError(f"expert {name}: input and output linears disagree on the hidden width")
-    return ins, outs[0]
+    act = extract_subgraph(graph, ins, outs[0].args[0], "ExpertActivation")
+    return in_names, out_name, act

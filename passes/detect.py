@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 from collections import deque
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -36,7 +35,8 @@ from moefx.block import (
 )
 from moefx.capture import trace
 from moefx.errors import DetectionError
-from moefx.experts import GATED_LAYOUTS, FusedExperts, find_ffn_linears
+from moefx.experts import GATED_LAYOUTS, FusedExperts, ffn_structure
+from moefx.graphs import ancestors, descendants, extract_subgraph
 from moefx.routing import RoutingSpec
 
 aten = torch.ops.aten
@@ -96,27 +96,6 @@ def _reach(start: fx.Node, depth: int, through: set | None = None) -> list[fx.No
                 out.append(user)
                 queue.append((user, d + 1))
     return out
-
-
-def _descendants(starts: Iterable[fx.Node]) -> set[fx.Node]:
-    seen, stack = set(), list(starts)
-    while stack:
-        node = stack.pop()
-        for user in node.users:
-            if user not in seen:
-                seen.add(user)
-                stack.append(user)
-    return seen
-
-
-def _ancestors(start: fx.Node) -> set[fx.Node]:
-    seen, stack = set(), [start]
-    while stack:
-        for arg in stack.pop().all_input_nodes:
-            if arg not in seen:
-                seen.add(arg)
-                stack.append(arg)
-    return seen
 
 
 def _relative(path: str, base: str) -> str:
@@ -194,7 +173,7 @@ def _read_routing(graph: _Graph, linear: fx.Node, selection: fx.Node, block: str
         )
     top_k = selection.args[1] if selection_packet is aten.topk else 1
 
-    between = set(_reach(scoring_node or linear, _ROUTING_DEPTH)) & _ancestors(selection)
+    between = set(_reach(scoring_node or linear, _ROUTING_DEPTH)) & ancestors(selection)
     correction_bias = None
     n_group = topk_group = group_topk = None
     for node in sorted(between, key=graph.order.get):
@@ -288,7 +267,7 @@ def _extract_activation(graph: _Graph, in_node: fx.Node, out_node: fx.Node, in_b
     """The subgraph between the input projection's matmul (plus bias) and the output projection's matmul."""
 
     def matmul_after(param: fx.Node) -> fx.Node:
-        for node in sorted(_descendants([param]), key=graph.order.get):
+        for node in sorted(descendants([param]), key=graph.order.get):
             if _packet(node) in _MATMULS or (node.op == "call_function" and "mm" in str(node.target)):
                 return node
         raise DetectionError("fused experts without a matmul on their weights")
@@ -296,7 +275,7 @@ def _extract_activation(graph: _Graph, in_node: fx.Node, out_node: fx.Node, in_b
     first, second = matmul_after(in_node), matmul_after(out_node)
     start = first
     if in_bias is not None:
-        bias_users = _descendants([in_bias])
+        bias_users = descendants([in_bias])
         start = next(
             (
                 u
@@ -305,23 +284,14 @@ def _extract_activation(graph: _Graph, in_node: fx.Node, out_node: fx.Node, in_b
             ),
             first,
         )
-    after_start = _descendants([start])
+    after_start = descendants([start])
     end = next((a for a in second.args if isinstance(a, fx.Node) and a in after_start), None)
     if end is None:
         raise DetectionError("fused experts whose activation feeds the output projection indirectly")
-    before_end = _ancestors(end)
-    region = [n for n in graph.nodes if n in after_start and (n is end or n in before_end)]
-    g = fx.Graph()
-    env = {start: g.placeholder("h")}
-    for node in region:
-        if any(a not in env for a in node.all_input_nodes):
-            raise DetectionError("the experts' activation depends on values other than the projection output")
-        if _packet(node) in (aten.to, aten._to_copy) and len(node.all_input_nodes) == 1:
-            env[node] = env[node.all_input_nodes[0]]  # dtype casts: the bank computes in its weights' dtype
-            continue
-        env[node] = g.node_copy(node, env.__getitem__)
-    g.output(env[end])
-    return fx.GraphModule(nn.Module(), g, class_name="ExpertActivation")
+    try:
+        return extract_subgraph(graph.gm.graph, [start], end, "ExpertActivation")
+    except ValueError:
+        raise DetectionError("the experts' activation depends on values other than the projection output") from None
 
 
 def _gated_layout(bank: FusedExperts) -> str | None:
@@ -449,10 +419,10 @@ def _describe_block(graph: _Graph, model: nn.Module, linear: fx.Node, selection:
     if container is not None:
         experts = list(module.get_submodule(container).children())
         try:
-            in_linears, out_linear = find_ffn_linears(experts[0], hidden)
+            in_linears, out_linear, act = ffn_structure(experts[0], hidden)
         except ValueError as exc:
             raise DetectionError(f"{block}: {exc}") from None
-        source = ModuleExpertsSource(container, in_linears, out_linear)
+        source = ModuleExpertsSource(container, in_linears, out_linear, act)
         intermediate = experts[0].get_submodule(out_linear).in_features
         sources, gated = [source], len(in_linears) == 2
         top_children.add(container.split(".")[0])
@@ -464,7 +434,7 @@ def _describe_block(graph: _Graph, model: nn.Module, linear: fx.Node, selection:
     with torch.no_grad():
         probe = copy.deepcopy(module).float().eval()(torch.randn(2, 3, hidden) if ndim == 3 else torch.randn(6, hidden))
     returns_weights = isinstance(probe, tuple) and len(probe) == 2
-    inputs = {n.target for n in _ancestors(block_input) if n.op == "placeholder"}
+    inputs = {n.target for n in ancestors(block_input) if n.op == "placeholder"}
     mask_key = "decoder_attention_mask" if inputs & {"decoder_input_ids", "decoder_inputs_embeds"} else "attention_mask"
     candidates = [
         MoEBlock(

@@ -226,7 +226,7 @@ def plan_compression(
         [score_of(stats[b.name]) for b in merged], config.experts, config.adaptive, [b.top_k for b in merged]
     )
     rng = np.random.default_rng(config.seed)
-    align = config.method in ("m-smoe", "average") if config.align is None else config.align
+    align = config.method in ("m-smoe", "mc-smoe", "average") if config.align is None else config.align
     for block, dominants in zip(merged, kept, strict=True):
         s = stats[block.name]
         if config.prunes:

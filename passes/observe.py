@@ -61,7 +61,7 @@ class CalibrationNeeds:
     """Which optional statistics to collect (each costs memory or compute)."""
 
     all_token_outputs: bool = False  # every expert on every token: HC-SMoE, expert-output similarity
-    expert_input_moments: bool = False  # per-expert sum of x x^T over routed tokens: activation-aware SVD
+    expert_input_moments: bool = False  # per-expert sums of x x^T and h h^T over routed tokens (LoSparse)
     router_input_moments: bool = False  # sum of x x^T over all tokens of the router input
 
 
@@ -141,8 +141,8 @@ class ObservedExperts(nn.Module):
     Buffers (float64 unless noted): ``routed[E]`` (routed token-slots), ``output_sums[E, H]``,
     ``output_norm_sums[E]`` and ``weighted_output_norm_sums[E]`` (sum of routing weight times output norm,
     REAP's saliency numerator); with ``all_token_outputs`` ``all_output_sums[E, H]`` and ``all_tokens``
-    (each expert applied to every valid token); with ``expert_input_moments`` ``input_grams[E, H, H]``
-    (float32) and ``input_sums[E, H]``.
+    (each expert applied to every valid token); with ``expert_input_moments`` ``input_grams[E, H, H]`` and
+    ``hidden_grams[E, I, I]`` (float32; token and hidden-activation second moments) and ``input_sums[E, H]``.
     """
 
     def __init__(self, bank: nn.Module, hidden: int, mask_key: str, needs: CalibrationNeeds) -> None:
@@ -156,13 +156,14 @@ class ObservedExperts(nn.Module):
         self.register_buffer("output_sums", torch.zeros(num_experts, hidden, **f64))
         self.register_buffer("output_norm_sums", torch.zeros(num_experts, **f64))
         self.register_buffer("weighted_output_norm_sums", torch.zeros(num_experts, **f64))
-        for name in ("all_tokens", "all_output_sums", "input_grams", "input_sums"):
+        for name in ("all_tokens", "all_output_sums", "input_grams", "hidden_grams", "input_sums"):
             self.register_buffer(name, None)
         if needs.all_token_outputs:
             self.all_tokens = torch.zeros((), **f64)
             self.all_output_sums = torch.zeros(num_experts, hidden, **f64)
         if needs.expert_input_moments:
             self.input_grams = torch.zeros(num_experts, hidden, hidden)
+            self.hidden_grams = torch.zeros(num_experts, bank.intermediate_size, bank.intermediate_size)
             self.input_sums = torch.zeros(num_experts, hidden, **f64)
 
     @property
@@ -184,7 +185,9 @@ class ObservedExperts(nn.Module):
             self.weighted_output_norm_sums[e] += (w * norms).sum()
             if self.needs.expert_input_moments:
                 xf = x.float()
+                hf = self.bank.expert_hidden(e, x).float()
                 self.input_grams[e] += xf.T @ xf
+                self.hidden_grams[e] += hf.T @ hf
                 self.input_sums[e] += x.double().sum(dim=0)
 
         out = dispatch(self.bank.expert_forward, self.num_experts, tokens, index, weights, record)
@@ -218,7 +221,12 @@ class InsertObservers(PassBase):
         bank = graph_module.get_submodule("experts")
         graph_module.add_submodule(
             "routing_observer",
-            RoutingObserver(bank.num_experts, self.hidden, self.mask_key, self.needs.router_input_moments),
+            RoutingObserver(
+                graph_module.get_submodule("router").out_features,
+                self.hidden,
+                self.mask_key,
+                self.needs.router_input_moments,
+            ),
         )
         graph_module.add_submodule("observed_experts", ObservedExperts(bank, self.hidden, self.mask_key, self.needs))
         with graph.inserting_after(max(weights, index, key=lambda n: list(graph.nodes).index(n))):
@@ -276,6 +284,7 @@ class BlockStats:
     all_output_sums: torch.Tensor | None = None
     all_tokens: float = 0.0
     input_grams: torch.Tensor | None = None
+    hidden_grams: torch.Tensor | None = None
     input_sums: torch.Tensor | None = None
     router_input_gram: torch.Tensor | None = None
     router_input_sum: torch.Tensor | None = None
@@ -307,7 +316,7 @@ def collect_statistics(graph_module: fx.GraphModule) -> BlockStats:
     optional = {
         name: getattr(module, name, None)
         for module, names in (
-            (experts, ("all_output_sums", "input_grams", "input_sums")),
+            (experts, ("all_output_sums", "input_grams", "hidden_grams", "input_sums")),
             (routing, ("router_input_gram", "router_input_sum", "group_cross", "group_target_sums")),
         )
         for name in names

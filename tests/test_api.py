@@ -192,3 +192,45 @@ def test_pruned_and_exact_routers_agree_on_the_kept_experts(family):
     exact = _compile(family, experts=0.5, router="exact")
     pruned = _compile(family, experts=0.5, router="pruned")
     assert [b.groups for b in exact.moefx_report.blocks] == [b.groups for b in pruned.moefx_report.blocks]
+
+
+def test_mc_smoe_at_full_rank_keeping_everything_equals_m_smoe(family):
+    m_smoe = _compile(family, experts=0.5)
+    mc_smoe = _compile(family, experts=0.5, method="mc-smoe", rank=1.0, sparse_keep=1.0)
+    assert max_output_diff(_outputs(m_smoe, family), _outputs(mc_smoe, family)) <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["mixtral", "switch", "gpt_oss", "deepseek_v3"])
+def test_mc_smoe_shrinks_parameters_and_flops_as_configured(family):
+    compressed = _compile(family, experts=0.5, method="mc-smoe", rank=4, sparse_keep=0.1)
+    report = compressed.moefx_report
+    linears = [
+        m
+        for b in report.blocks
+        for e in compressed.get_submodule(b.name).experts.experts
+        for m in (*e.in_linears, e.out_linear)
+    ]
+    assert {m.rank for m in linears} == {4}
+    assert sum(m.index.numel() for m in linears) == round(0.1 * sum(m.in_features for m in linears))
+    assert report.expert_params_after == sum(m.num_parameters() for m in linears)
+    for b in report.blocks:
+        assert b.expert_params_after < b.expert_params_merged < b.expert_params_before
+        assert b.flops_after < b.flops_merged <= b.flops_before
+        assert len(b.stable_rank_before) == b.num_experts and len(b.stable_rank_after) == b.kept
+    logits = _outputs(compressed, family)
+    assert (logits.logits if hasattr(logits, "logits") else logits).isfinite().all()
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"rank": 0}, "rank=0"),
+        ({"rank": 1.5}, "rank=1.5"),
+        ({"sparse_keep": 2.0}, "sparse_keep"),
+        ({"svd": "exact"}, "unknown svd"),
+        ({"sparse_axis": "diag"}, "unknown sparse_axis"),
+    ],
+)
+def test_losparse_options_are_validated(bad, message):
+    with pytest.raises(moefx.ConfigError, match=message):
+        moefx.CompressionConfig(method="mc-smoe", **bad)

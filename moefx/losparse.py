@@ -1,0 +1,193 @@
+"""LoSparse: a linear layer stored as low-rank plus structured-sparse parts, ``W ~= U V + S``.
+
+MC-SMoE (Section 3.2) compresses each merged expert's weight this way, after LoSparse (Li et al., 2023):
+``U V`` is a rank-r factorisation and ``S = W - U V`` is the residual with whole columns (input features) or
+rows (output units) pruned. :class:`LoSparseLinear` stores only ``U``, ``V`` and the kept slices of ``S``
+with their indices, and computes ``U (V x) + S_kept x[kept]`` without materialising ``W``; its
+:meth:`~LoSparseLinear.num_parameters` is its real size. :class:`LoSparseExperts` is an expert bank whose
+experts are FFNs of LoSparse linears.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moefx.experts import FFN, dispatch
+
+SPARSE_AXES = ("columns", "rows")
+
+
+def stable_rank(weight: torch.Tensor) -> float:
+    """``sum(sigma_i^2) / max(sigma_i^2)`` (MC-SMoE Eq. 3): how many directions carry the matrix's energy."""
+    sigma = torch.linalg.svdvals(weight.detach().double())
+    return float((sigma**2).sum() / sigma[0] ** 2) if sigma.numel() and sigma[0] > 0 else 0.0
+
+
+def low_rank_factors(
+    weight: torch.Tensor, rank: int, input_gram: torch.Tensor | None = None, damping: float = 1e-2
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``U [out, r]`` and ``V [r, in]`` with ``U V`` the best rank-r approximation of ``weight``.
+
+    Plain (``input_gram`` None): truncated SVD, minimising ``||W - U V||_F``. Activation-aware: with the
+    input second moment ``C = E[x x^T]`` (damped by ``damping`` times its mean diagonal), minimise the
+    output error ``||(W - U V) C^{1/2}||_F`` by an SVD of ``W L`` where ``C = L L^T``.
+    """
+    w = weight.detach().double()
+    rank = max(0, min(rank, *w.shape))
+    if input_gram is None:
+        p, sigma, qt = torch.linalg.svd(w, full_matrices=False)
+        root = sigma[:rank].sqrt()
+        return p[:, :rank] * root, root[:, None] * qt[:rank]
+    c = input_gram.double()
+    c = c + damping * c.diagonal().mean().clamp(min=1e-12) * torch.eye(c.shape[0], dtype=c.dtype)
+    lower = torch.linalg.cholesky(c)
+    p, sigma, qt = torch.linalg.svd(w @ lower, full_matrices=False)
+    root = sigma[:rank].sqrt()
+    # V = sqrt(S) Q^T L^{-1}: solve V L = sqrt(S) Q^T (left=False solves X A = B)
+    v = torch.linalg.solve_triangular(lower, root[:, None] * qt[:rank], upper=False, left=False)
+    return p[:, :rank] * root, v
+
+
+def sparse_scores(residual: torch.Tensor, axis: str, input_gram: torch.Tensor | None) -> torch.Tensor:
+    """Importance of each column (or row) of the residual ``S``: its contribution to the output's energy.
+
+    Column j: ``||S[:, j]|| * rms(x_j)``; row i: ``sqrt(sum_j S_ij^2 E[x_j^2])``. Without input statistics
+    every input feature counts as unit RMS.
+    """
+    s = residual.detach().double()
+    second = torch.ones(s.shape[1], dtype=s.dtype) if input_gram is None else input_gram.double().diagonal()
+    second = second.clamp(min=0.0)
+    if axis == "columns":
+        return s.norm(dim=0) * second.sqrt()
+    return ((s**2) * second[None, :]).sum(dim=1).sqrt()
+
+
+class LoSparseLinear(nn.Module):
+    """``y = U (V x) + S_kept x[kept] + b`` (columns) or ``y = U (V x) + b`` with ``y[kept] += S_kept x`` (rows)."""
+
+    def __init__(
+        self,
+        u: torch.Tensor,
+        v: torch.Tensor,
+        sparse: torch.Tensor,
+        index: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        axis: str = "columns",
+    ) -> None:
+        super().__init__()
+        if axis not in SPARSE_AXES:
+            raise ValueError(f"axis must be one of {SPARSE_AXES}, not {axis!r}")
+        self.out_features, self.in_features = u.shape[0], v.shape[1]
+        self.axis = axis
+        self.u = nn.Parameter(u.detach().clone())
+        self.v = nn.Parameter(v.detach().clone())
+        self.sparse = nn.Parameter(sparse.detach().clone())
+        self.register_buffer("index", index.detach().clone().long())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self.has_sparse = index.numel() > 0
+
+    @property
+    def rank(self) -> int:
+        return self.u.shape[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(F.linear(x, self.v), self.u, self.bias)
+        if not self.has_sparse:
+            return y
+        if self.axis == "columns":
+            return y + F.linear(x.index_select(-1, self.index), self.sparse)
+        return y.index_add(-1, self.index, F.linear(x, self.sparse))
+
+    def num_parameters(self) -> int:
+        """Stored weights: ``U``, ``V``, the kept part of ``S`` and the bias (the index is not a weight)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self) -> int:
+        """Multiply-accumulates per input row, counted as 2 FLOPs each."""
+        macs = self.rank * (self.in_features + self.out_features) + self.sparse.numel()
+        return 2 * macs
+
+    def dense_weight(self) -> torch.Tensor:
+        """``U V + S`` as a dense ``[out, in]`` matrix (for analysis; the forward never builds it)."""
+        w = self.u @ self.v
+        if self.has_sparse:
+            if self.axis == "columns":
+                w = w.index_add(1, self.index, self.sparse)
+            else:
+                w = w.index_add(0, self.index, self.sparse)
+        return w
+
+    @staticmethod
+    def decompose(
+        weight: torch.Tensor, rank: int, input_gram: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(U, V, S)`` with ``S = W - U V`` dense, before any pruning (float64)."""
+        u, v = low_rank_factors(weight, rank, input_gram)
+        return u, v, weight.detach().double() - u @ v
+
+    @classmethod
+    def from_parts(
+        cls,
+        u: torch.Tensor,
+        v: torch.Tensor,
+        residual: torch.Tensor,
+        keep: torch.Tensor,
+        bias: torch.Tensor | None,
+        axis: str,
+        dtype: torch.dtype,
+    ) -> LoSparseLinear:
+        """A LoSparse linear keeping the ``keep`` columns (or rows) of ``residual``."""
+        keep = keep.sort().values
+        sparse = residual[:, keep] if axis == "columns" else residual[keep]
+        return cls(u.to(dtype), v.to(dtype), sparse.to(dtype), keep, None if bias is None else bias.to(dtype), axis)
+
+    def extra_repr(self) -> str:
+        kept = self.index.numel()
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, sparse {self.axis} kept={kept}"
+
+
+class LoSparseFFN(nn.Module):
+    """An FFN expert of LoSparse linears: ``out(act(in_0(x), [in_1(x)]))``."""
+
+    def __init__(self, in_linears: list[nn.Module], out_linear: nn.Module, act: nn.Module) -> None:
+        super().__init__()
+        self.in_linears = nn.ModuleList(in_linears)
+        self.out_linear = out_linear
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_linear(self.act(*[linear(x) for linear in self.in_linears]))
+
+
+class LoSparseExperts(nn.Module):
+    """An expert bank of :class:`LoSparseFFN` experts (the same interface as the dense banks)."""
+
+    def __init__(self, experts: list[LoSparseFFN]) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(experts)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return self.experts[e](x)
+
+    def forward(self, tokens: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return dispatch(self.expert_forward, self.num_experts, tokens, index, weights)
+
+    def expert_flops(self, e: int) -> int:
+        """FLOPs (2 per multiply-accumulate) of expert ``e`` for one token, matmuls only."""
+        expert = self.experts[e]
+        return sum(m.flops_per_token() for m in (*expert.in_linears, expert.out_linear))
+
+    def ffn(self, e: int) -> FFN:
+        """Expert ``e`` as dense weights (materialised, for analysis)."""
+        expert = self.experts[e]
+        ins, out = list(expert.in_linears), expert.out_linear
+        return FFN([m.dense_weight() for m in ins], [m.bias for m in ins], out.dense_weight(), out.bias)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
