@@ -18,6 +18,7 @@ from moefx.errors import (
     MoefxWarning,
 )
 from moefx.passes.detect import find_moe_blocks
+from moefx.recover import recover
 
 __all__ = [
     "CalibrationError",
@@ -35,6 +36,7 @@ __all__ = [
     "convert",
     "find_moe_blocks",
     "prepare",
+    "recover",
     "trace",
 ]
 __version__ = "0.1.0"

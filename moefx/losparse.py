@@ -87,6 +87,7 @@ class LoSparseLinear(nn.Module):
         self.register_buffer("index", index.detach().clone().long())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
         self.has_sparse = index.numel() > 0
+        self.register_buffer("mask", None)  # set during gradual pruning (see moefx.recover), then compacted
 
     @property
     def rank(self) -> int:
@@ -96,9 +97,29 @@ class LoSparseLinear(nn.Module):
         y = F.linear(F.linear(x, self.v), self.u, self.bias)
         if not self.has_sparse:
             return y
+        sparse = self.sparse if self.mask is None else self.sparse * self.slice_shape(self.mask)
         if self.axis == "columns":
-            return y + F.linear(x.index_select(-1, self.index), self.sparse)
-        return y.index_add(-1, self.index, F.linear(x, self.sparse))
+            return y + F.linear(x.index_select(-1, self.index), sparse)
+        return y.index_add(-1, self.index, F.linear(x, sparse))
+
+    def slice_shape(self, per_slice: torch.Tensor) -> torch.Tensor:
+        """A per-kept-column (or row) vector shaped to broadcast over ``sparse``."""
+        return per_slice[None, :] if self.axis == "columns" else per_slice[:, None]
+
+    def slice_scores(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum of ``tensor`` (shaped like ``sparse``) over each kept column (or row)."""
+        return tensor.sum(dim=0) if self.axis == "columns" else tensor.sum(dim=1)
+
+    @torch.no_grad()
+    def compact(self) -> None:
+        """Drop the slices that ``mask`` switched off, for good."""
+        if self.mask is None:
+            return
+        keep = self.mask.bool()
+        self.sparse = nn.Parameter(self.sparse[:, keep] if self.axis == "columns" else self.sparse[keep])
+        self.index = self.index[keep]
+        self.mask = None
+        self.has_sparse = self.index.numel() > 0
 
     def num_parameters(self) -> int:
         """Stored weights: ``U``, ``V``, the kept part of ``S`` and the bias (the index is not a weight)."""
