@@ -1,1 +1,11 @@
-"""Deployment back-ends: ONNX, TorchScript, torch.export (pt2) and compressed checkpoints."""
+"""Deployment back-ends: ONNX (served by ONNX Runtime), torch.export (pt2), TorchScript, and checkpoints.
+
+``moefx.export.pt2`` is the recommended PyTorch artifact; TorchScript is deprecated upstream.
+"""
+
+from moefx.export.checkpoint import load, save, save_pretrained, to_transformers
+from moefx.export.onnx import onnx
+from moefx.export.pt2 import pt2
+from moefx.export.torchscript import torchscript
+
+__all__ = ["load", "onnx", "pt2", "save", "save_pretrained", "to_transformers", "torchscript"]

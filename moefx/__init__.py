@@ -17,6 +17,7 @@ from moefx.errors import (
     MoefxError,
     MoefxWarning,
 )
+from moefx.export.checkpoint import load, save
 from moefx.passes.detect import find_moe_blocks
 from moefx.recover import recover
 
@@ -35,8 +36,10 @@ __all__ = [
     "compile",
     "convert",
     "find_moe_blocks",
+    "load",
     "prepare",
     "recover",
+    "save",
     "trace",
 ]
 __version__ = "0.1.0"

@@ -104,11 +104,6 @@ def calibration_needs(config: CompressionConfig) -> CalibrationNeeds:
     )
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent), attr, module)
-
-
 def prepare(
     model: nn.Module, example_inputs: Any, needs: CalibrationNeeds | None = None, inplace: bool = False
 ) -> nn.Module:
@@ -125,7 +120,7 @@ def prepare(
     for b in blocks:
         graph = build_block(b.module, b)
         observe = InsertObservers(b.hidden_size, b.mask_key, needs or CalibrationNeeds())
-        _set_submodule(target, b.name, PassManager([observe])(graph).graph_module)
+        target.set_submodule(b.name, PassManager([observe])(graph).graph_module)
     seconds = {"capture and detection": detected - start, "observer insertion": time.perf_counter() - detected}
     setattr(target, _STATE, _Prepared(blocks, install_mask_hook(target), seconds))
     return target
@@ -244,7 +239,7 @@ def convert(
                 weight, bias = fit_pruned_router(graph.router.weight, graph.router.bias, plan, stats[b.name])
                 passes.append(PruneRouter(plan, weight, bias))
             compact = PassManager(passes)(graph).graph_module
-            _set_submodule(observed, b.name, compact)
+            observed.set_submodule(b.name, compact)
             graphs[b.name] = compact
             merged = (_experts_params(compact.experts), block_flops(compact, compact.experts, b.top_k))
             report.blocks.append(_block_report(b, plan, stats[b.name], before, merged, ffns[b.name], compact))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -56,12 +56,13 @@ class ModuleExpertsSource:
 class MoEBlock:
     """One MoE block of a model, as detection found it.
 
-    ``name`` is the block's module path (e.g. ``model.layers.3.mlp``) and ``module`` the block itself.
-    Other paths are relative to the block. ``router_weight`` and ``experts`` give handles to the weights.
+    ``name`` is the block's module path (e.g. ``model.layers.3.mlp``) and ``module`` the block itself
+    (None in the copy a canonical block keeps in ``meta["moefx_block"]``). Other paths are relative to
+    it. ``router_weight`` and ``experts`` give handles to the weights.
     """
 
     name: str
-    module: nn.Module
+    module: nn.Module | None
     num_experts: int
     hidden_size: int
     intermediate_size: int
@@ -203,7 +204,7 @@ def build_block(module: nn.Module, block: MoEBlock) -> torch.fx.GraphModule:
     out = g.call_method("view_as", (routed, hidden_states))
     g.output((out, weights) if block.returns_weights else out)
     gm = torch.fx.GraphModule(root, g, class_name="CanonicalMoEBlock")
-    gm.meta["moefx_block"] = block.name
+    gm.meta["moefx_block"] = replace(block, module=None)  # the descriptor, without the original module
     return gm
 
 

@@ -5,7 +5,6 @@ import pytest
 import torch
 from torch.fx.passes.infra.pass_manager import PassManager
 
-from moefx.api import _set_submodule
 from moefx.block import build_block
 from moefx.passes.observe import (
     CalibrationNeeds,
@@ -71,7 +70,7 @@ def test_padding_tokens_are_excluded(zoo):
     model, inputs, _, blocks = zoo("mixtral")
     model = copy.deepcopy(model)
     for b in blocks:
-        _set_submodule(model, b.name, _observed(b))
+        model.set_submodule(b.name, _observed(b))
     hooks = install_mask_hook(model)
     mask = torch.ones(2, 8, dtype=torch.long)
     mask[0, :5] = 0

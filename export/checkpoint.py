@@ -1,0 +1,342 @@
+"""Checkpoints of compressed models.
+
+``moefx.save(model, dir)`` writes ``model.safetensors`` (every weight, nothing pickled) and ``moefx.json``
+(the base architecture, example-input shapes, and per MoE block the structure compression gave it: number
+of experts, router outputs, LoSparse ranks and kept slices). ``moefx.load(dir)`` rebuilds the base model
+(a transformers model from its config, or the ``model`` you pass), re-runs moefx's detection on it to
+rebuild each canonical block, reshapes the blocks as described, and loads the weights.
+
+:func:`save_pretrained` writes an ordinary transformers checkpoint (loadable without moefx) for models whose
+every compressed block has a pruned router, dense experts and the same expert count.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+from torch import fx, nn
+from torch.fx.passes.infra.pass_manager import PassManager
+
+from moefx.block import FusedExpertsSource, ModuleExpertsSource, MoEBlock, build_block, selection_nodes
+from moefx.capture import max_output_diff, normalize_inputs
+from moefx.errors import CheckpointError, MoefxError, first_line
+from moefx.export.serving import atomic_output, is_canonical_block
+from moefx.losparse import LoSparseExperts, LoSparseFFN, LoSparseLinear
+from moefx.passes.losparse import CompressExperts, parts_activation
+from moefx.passes.merge import BlockPlan, MergeExperts
+from moefx.passes.router import PruneRouter
+from moefx.routing import combine_by_group
+
+FORMAT, VERSION = "moefx-checkpoint", 1
+WEIGHTS, DESCRIPTION = "model.safetensors", "moefx.json"
+
+
+def _canonical_blocks(model: nn.Module) -> dict[str, fx.GraphModule]:
+    return {name: m for name, m in model.named_modules() if is_canonical_block(m)}
+
+
+def _describe_block(graph: fx.GraphModule) -> dict:
+    bank = graph.get_submodule("experts")
+    selection = selection_nodes(graph.graph)[0]
+    description = {
+        "router_outputs": graph.router.out_features,
+        "num_experts": bank.num_experts,
+        "combine": any(n.target is combine_by_group for n in graph.graph.nodes),
+        "selection": dict(selection.kwargs),
+        "losparse": None,
+    }
+    if isinstance(bank, LoSparseExperts):
+        description["losparse"] = [
+            [
+                {"rank": m.rank, "kept": m.index.numel(), "axis": m.axis, "bias": m.bias is not None}
+                for m in (*e.in_linears, e.out_linear)
+            ]
+            for e in bank.experts
+        ]
+    return description
+
+
+def _input_spec(example_inputs: Any) -> dict:
+    args, kwargs = normalize_inputs(example_inputs)
+    if args:
+        raise CheckpointError("save needs example inputs given as a dict of keyword tensors (e.g. input_ids)")
+    return {
+        name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "high": int(t.max()) + 1}
+        for name, t in kwargs.items()
+        if isinstance(t, torch.Tensor)
+    }
+
+
+def _synthesize(spec: dict) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    inputs = {}
+    for name, s in spec.items():
+        dtype = getattr(torch, s["dtype"])
+        if "mask" in name:
+            inputs[name] = torch.ones(s["shape"], dtype=dtype)
+        elif dtype.is_floating_point:
+            inputs[name] = torch.randn(s["shape"], generator=g, dtype=dtype)
+        else:
+            inputs[name] = torch.randint(0, max(s["high"], 1), s["shape"], generator=g, dtype=dtype)
+    return inputs
+
+
+def save(model: nn.Module, directory: str | os.PathLike, example_inputs: Any) -> Path:
+    """Save a compressed model to ``directory`` (created; must not exist) as safetensors plus JSON.
+
+    ``example_inputs`` (a dict of tensors the model runs on) tells :func:`load` how to re-detect the blocks.
+    """
+    blocks = _canonical_blocks(model)
+    if not blocks:
+        raise CheckpointError("save expects a model compressed by moefx.compile (it has no moefx MoE blocks)")
+    target = Path(directory)
+    if target.exists():
+        raise CheckpointError(f"{target} already exists: choose a new directory for the checkpoint")
+    config = getattr(model, "config", None)
+    base = None
+    if config is not None and hasattr(config, "to_dict"):
+        base = {"transformers_class": type(model).__name__, "config": config.to_dict()}
+    description = {
+        "format": FORMAT,
+        "version": VERSION,
+        "base": base,
+        "example_inputs": _input_spec(example_inputs),
+        "blocks": {name: _describe_block(g) for name, g in blocks.items()},
+    }
+    with atomic_output(target) as scratch:
+        scratch.mkdir()
+        save_model(model, str(scratch / WEIGHTS))
+        (scratch / DESCRIPTION).write_text(json.dumps(description, indent=1, default=str) + "\n")
+    return target
+
+
+def _read_description(directory: Path) -> dict:
+    if not directory.is_dir():
+        raise CheckpointError(f"no checkpoint at {directory}: the directory does not exist")
+    for name in (DESCRIPTION, WEIGHTS):
+        if not (directory / name).is_file():
+            raise CheckpointError(f"{directory} is not a moefx checkpoint: {name} is missing")
+    try:
+        description = json.loads((directory / DESCRIPTION).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{directory / DESCRIPTION} is corrupt ({first_line(exc)})") from None
+    if description.get("format") != FORMAT or description.get("version") != VERSION:
+        raise CheckpointError(f"{directory / DESCRIPTION} is not a moefx checkpoint of version {VERSION}")
+    return description
+
+
+def _base_model(description: dict, model: nn.Module | None) -> nn.Module:
+    if model is not None:
+        return copy.deepcopy(model).eval()
+    base = description["base"]
+    if base is None:
+        raise CheckpointError("this checkpoint is not a transformers model: pass model=<the uncompressed architecture>")
+    import transformers
+
+    cls = getattr(transformers, base["transformers_class"], None)
+    if cls is None:
+        raise CheckpointError(f"transformers has no class {base['transformers_class']}: upgrade transformers")
+    config = cls.config_class.from_dict(base["config"])
+    return cls(config).eval()
+
+
+def _reshape_block(graph: fx.GraphModule, block: MoEBlock, saved: dict) -> fx.GraphModule:
+    """Give a canonical block the structure a saved one had (weights are loaded afterwards)."""
+    groups = saved["num_experts"]
+    if saved["combine"] or groups != block.num_experts:
+        members = [[g] for g in range(groups)]
+        members[-1].extend(range(groups, block.num_experts))
+        table = [min(e, groups - 1) for e in range(block.num_experts)]
+        plan = BlockPlan(block.name, block.num_experts, members, [[1.0 / len(m)] * len(m) for m in members], table,
+                         False, "exact")  # fmt: skip
+        PassManager([MergeExperts(plan)])(graph)
+        if saved["router_outputs"] == groups and groups != block.num_experts:
+            router = graph.router
+            bias = None if router.bias is None else router.bias[:groups]
+            PassManager([PruneRouter(plan, router.weight[:groups], bias)])(graph)
+    if saved["losparse"] is not None:
+        bank = graph.get_submodule("experts")
+        experts = []
+        for e, linears in enumerate(saved["losparse"]):
+            ffn = bank.ffn(e)
+            shapes = [w.shape for w in (*ffn.in_weights, ffn.out_weight)]
+            dtype = ffn.out_weight.dtype
+            built = [_empty_losparse(shape, spec, dtype) for shape, spec in zip(shapes, linears, strict=True)]
+            experts.append(LoSparseFFN(built[:-1], built[-1], parts_activation(bank)))
+        PassManager([CompressExperts(experts)])(graph)
+    selection = selection_nodes(graph.graph)[0]
+    selection.kwargs = saved["selection"]
+    graph.recompile()
+    return graph
+
+
+def _empty_losparse(shape: torch.Size, spec: dict, dtype: torch.dtype) -> LoSparseLinear:
+    out_features, in_features = shape
+    rank, kept = spec["rank"], spec["kept"]
+    sparse = torch.zeros(out_features, kept) if spec["axis"] == "columns" else torch.zeros(kept, in_features)
+    return LoSparseLinear(
+        torch.zeros(out_features, rank, dtype=dtype),
+        torch.zeros(rank, in_features, dtype=dtype),
+        sparse.to(dtype),
+        torch.arange(kept),
+        torch.zeros(out_features, dtype=dtype) if spec["bias"] else None,
+        spec["axis"],
+    )
+
+
+def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+    """Load a checkpoint written by :func:`save`.
+
+    Transformers models are rebuilt from the saved config; for other models pass ``model``, an instance of
+    the uncompressed architecture (its weights are replaced).
+    """
+    from moefx.passes.detect import find_moe_blocks
+
+    directory = Path(directory)
+    description = _read_description(directory)
+    target = _base_model(description, model)
+    found = {b.name: b for b in find_moe_blocks(target, _synthesize(description["example_inputs"]))}
+    missing = set(description["blocks"]) - set(found)
+    if missing:
+        raise CheckpointError(f"the checkpoint's block {sorted(missing)[0]} is not an MoE block of the base model")
+    for name, saved in description["blocks"].items():
+        block = found[name]
+        target.set_submodule(name, _reshape_block(build_block(block.module, block), block, saved))
+    try:
+        missing_keys, unexpected = load_model(target, str(directory / WEIGHTS), strict=False)
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise CheckpointError(f"{directory / WEIGHTS} is corrupt or truncated ({first_line(exc)})") from None
+    if missing_keys or unexpected:
+        detail = sorted(missing_keys or unexpected)[0]
+        raise CheckpointError(f"{directory / WEIGHTS} does not match its description (e.g. {detail})")
+    return target.eval()
+
+
+def _config_field(config: Any, value: int, accept: Any) -> str:
+    """The config field equal to ``value`` that ``accept(key, trial_config)`` confirms."""
+    for key, current in config.to_dict().items():
+        if current == value and not isinstance(current, bool) and accept(key, config):
+            return key
+    raise MoefxError(f"cannot find the field of {type(config).__name__} that holds {value}")
+
+
+def _changes_router(cls: type, block: MoEBlock, groups: int) -> Any:
+    """``accept`` for :func:`_config_field`: setting the field to ``groups`` gives the router ``groups`` rows."""
+
+    def accept(key: str, config: Any) -> bool:
+        trial = copy.deepcopy(config)
+        setattr(trial, key, groups)
+        with torch.device("meta"):
+            probe = cls(trial)
+        return probe.get_submodule(block.name).get_parameter(block.router_weight_path).shape[0] == groups
+
+    return accept
+
+
+def _transformers_state(
+    graph: fx.GraphModule, block: MoEBlock, prefix: str, expert_names: list[str]
+) -> dict[str, torch.Tensor]:
+    """A compressed canonical block's weights under the original block's parameter names and layout.
+
+    ``expert_names`` are the child names of the experts container (for experts held as modules).
+    """
+    state = {f"{prefix}{block.router_weight_path}": graph.router.weight.detach()}
+    if block.router_bias_path is not None:
+        state[f"{prefix}{block.router_bias_path}"] = graph.router.bias.detach()
+    if block.correction_bias_path is not None:
+        state[f"{prefix}{block.correction_bias_path}"] = graph.correction_bias.detach()
+    bank = graph.experts
+    src = block.experts_source
+    if isinstance(src, FusedExpertsSource):
+        in_proj = bank.in_proj.transpose(1, 2) if src.in_transposed else bank.in_proj
+        out_proj = bank.out_proj.transpose(1, 2) if src.out_transposed else bank.out_proj
+        state[f"{prefix}{src.in_proj}"] = in_proj.detach()
+        state[f"{prefix}{src.out_proj}"] = out_proj.detach()
+        if src.in_bias is not None:
+            state[f"{prefix}{src.in_bias}"] = bank.in_bias.detach()
+        if src.out_bias is not None:
+            state[f"{prefix}{src.out_bias}"] = bank.out_bias.detach()
+    else:
+        for child, expert in zip(expert_names, bank.experts, strict=True):
+            for name, tensor in expert.state_dict().items():
+                state[f"{prefix}{src.container}.{child}.{name}"] = tensor
+    for i, path in enumerate(block.shared_experts):
+        for name, tensor in graph.get_submodule(f"shared_expert_{i}").state_dict().items():
+            state[f"{prefix}{path}.{name}"] = tensor
+    for i, path in enumerate(block.shared_expert_gates):
+        for name, tensor in graph.get_submodule(f"shared_expert_gate_{i}").state_dict().items():
+            state[f"{prefix}{path}.{name}"] = tensor
+    return state
+
+
+def to_transformers(model: nn.Module, example_inputs: Any) -> nn.Module:
+    """An ordinary transformers model (no moefx modules) equal to a compressed ``model``.
+
+    Every compressed block must have a pruned router (one output per expert), dense experts, and the
+    same number of experts; the result is a model of the same class whose config has that many experts.
+    Its outputs are checked against ``model``'s on ``example_inputs`` (max abs diff <= 1e-5).
+    """
+    blocks = _canonical_blocks(model)
+    config = getattr(model, "config", None)
+    if not blocks or config is None or not hasattr(config, "to_dict"):
+        raise MoefxError("to_transformers expects a transformers model compressed by moefx.compile")
+    counts = set()
+    for name, graph in blocks.items():
+        if isinstance(graph.experts, LoSparseExperts):
+            raise MoefxError(f"{name} has LoSparse experts, which transformers cannot hold: use moefx.save")
+        if any(n.target is combine_by_group for n in graph.graph.nodes):
+            raise MoefxError(f"{name} keeps the exact router: compile with router='pruned' for a transformers model")
+        counts.add(graph.experts.num_experts)
+    if len(counts) != 1:
+        raise MoefxError("the blocks keep different expert counts: compile with adaptive=False for transformers")
+    groups = counts.pop()
+    cls = type(model)
+    first_graph = next(iter(blocks.values()))
+    first = first_graph.meta["moefx_block"]
+    new_config = copy.deepcopy(config)
+    if groups != first.num_experts:
+        setattr(new_config, _config_field(config, first.num_experts, _changes_router(cls, first, groups)), groups)
+    capacity = selection_nodes(first_graph.graph)[0].kwargs.get("capacity")
+    if capacity is not None and capacity != first.routing.capacity:
+        field = _config_field(config, first.routing.capacity, lambda key, trial: "capacity" in key)
+        setattr(new_config, field, capacity)
+    plain = cls(new_config).eval()
+    state = {k: v for k, v in model.state_dict().items() if not any(k.startswith(f"{b}.") for b in blocks)}
+    for name, graph in blocks.items():
+        block = graph.meta["moefx_block"]
+        names = []
+        if isinstance(block.experts_source, ModuleExpertsSource):
+            names = [n for n, _ in plain.get_submodule(f"{name}.{block.experts_source.container}").named_children()]
+        state.update(_transformers_state(graph, block, f"{name}.", names))
+    missing, unexpected = plain.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in dict(plain.named_buffers())]
+    if missing or unexpected:
+        raise MoefxError(f"cannot map the compressed weights onto {cls.__name__} (e.g. {(missing or unexpected)[0]})")
+    args, kwargs = normalize_inputs(example_inputs)
+    with torch.no_grad():
+        diff = max_output_diff(_logits(model(*args, **kwargs)), _logits(plain(*args, **kwargs)))
+    if not diff <= 1e-5:
+        raise MoefxError(f"the transformers model differs from the compressed one by {diff:.3g}")
+    return plain
+
+
+def _logits(output: Any) -> torch.Tensor:
+    return output.logits if hasattr(output, "logits") else output
+
+
+def save_pretrained(model: nn.Module, directory: str | os.PathLike, example_inputs: Any) -> Path:
+    """Write a transformers checkpoint (``from_pretrained`` loads it without moefx); see :func:`to_transformers`."""
+    plain = to_transformers(model, example_inputs)
+    target = Path(directory)
+    if target.exists():
+        raise CheckpointError(f"{target} already exists: choose a new directory for the checkpoint")
+    with atomic_output(target) as scratch:
+        plain.save_pretrained(str(scratch))
+    return target

@@ -1,0 +1,167 @@
+"""What every exporter shares: the serving module, new-shape parity checks and atomic writes.
+
+An artifact serves a model's logits from positional tensor inputs named after the example inputs (a
+language model: ``input_ids``, ``attention_mask``; SwitchTransformers adds ``decoder_input_ids``). An
+original model (not compressed by moefx) is exported through its canonical MoE blocks, which compute exactly
+what its own blocks compute but, unlike transformers 5's export-time grouped-mm op, translate to ONNX.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from moefx.block import build_block
+from moefx.capture import normalize_inputs
+from moefx.errors import CheckpointError, MoefxError
+
+PARITY_TOLERANCE = 1e-4
+
+
+def is_canonical_block(module: nn.Module) -> bool:
+    """Whether ``module`` is a block moefx built (by ``compile`` or :func:`canonicalize`)."""
+    return isinstance(module, torch.fx.GraphModule) and "moefx_block" in getattr(module, "meta", {})
+
+
+def canonicalize(model: nn.Module, example_inputs: Any) -> nn.Module:
+    """``model`` with every MoE block replaced by its canonical form, unless moefx already built them."""
+    if any(is_canonical_block(m) for m in model.modules()):
+        return model
+    from moefx.passes.detect import find_moe_blocks
+
+    for block in find_moe_blocks(model, example_inputs):
+        model.set_submodule(block.name, build_block(block.module, block))
+    return model
+
+
+class ServingModule(nn.Module):
+    """Calls the model with named tensors given positionally and returns its logits tensor."""
+
+    def __init__(self, model: nn.Module, input_names: list[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.input_names = list(input_names)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return logits_of(self.model(**dict(zip(self.input_names, inputs, strict=True))))
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The logits of a model output (a tensor, an output with ``.logits``, or a tuple's first tensor)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise MoefxError(f"cannot serve a model whose output is a {type(output).__name__}: return logits")
+
+
+def serving_model(model: nn.Module, example_inputs: Any) -> tuple[ServingModule, tuple[torch.Tensor, ...]]:
+    """A serving copy of ``model`` (cache off, eval, canonical MoE blocks) and its positional example inputs."""
+    args, kwargs = normalize_inputs(example_inputs)
+    if args:
+        kwargs = {f"input_{i}": a for i, a in enumerate(args)} | kwargs
+        names = list(kwargs)
+        model = _PositionalAdapter(model, len(args))
+    else:
+        names = list(kwargs)
+    if not all(isinstance(v, torch.Tensor) for v in kwargs.values()):
+        raise MoefxError("export needs example inputs that are all tensors (e.g. input_ids and attention_mask)")
+    copied = copy.deepcopy(model).eval()
+    for m in copied.modules():
+        config = getattr(m, "config", None)
+        if config is not None and hasattr(config, "use_cache"):
+            config.use_cache = False
+    canonicalize(copied, kwargs)
+    return ServingModule(copied, names), tuple(kwargs.values())
+
+
+class _PositionalAdapter(nn.Module):
+    """Lets a model that takes positional arguments be called with ``input_0=..., input_1=...``."""
+
+    def __init__(self, model: nn.Module, count: int) -> None:
+        super().__init__()
+        self.model, self.count = model, count
+
+    def forward(self, **inputs: torch.Tensor) -> Any:
+        return self.model(*(inputs[f"input_{i}"] for i in range(self.count)))
+
+
+def new_shape_inputs(inputs: tuple[torch.Tensor, ...], names: list[str]) -> tuple[torch.Tensor, ...]:
+    """Inputs with one more row and three more positions than the examples, for the parity check."""
+    g = torch.Generator().manual_seed(1234)
+    result = []
+    for name, t in zip(names, inputs, strict=True):
+        shape = list(t.shape)
+        if len(shape) >= 1:
+            shape[0] += 1
+        if len(shape) >= 2:
+            shape[1] += 3
+        if "mask" in name:
+            result.append(torch.ones(shape, dtype=t.dtype))
+        elif t.is_floating_point():
+            result.append(torch.randn(shape, generator=g, dtype=t.dtype))
+        else:
+            low, high = int(t.min()), int(t.max())
+            result.append(torch.randint(low, high + 1, shape, generator=g, dtype=t.dtype))
+    return tuple(result)
+
+
+def check_parity(
+    kind: str, serving: ServingModule, run_artifact: Callable[[tuple[torch.Tensor, ...]], Any], example: tuple
+) -> float:
+    """Run the artifact on new-shape inputs and compare with eager; raise naming the worst output."""
+    inputs = new_shape_inputs(example, serving.input_names)
+    with torch.no_grad():
+        expected = serving(*inputs)
+        got = run_artifact(inputs)
+    got = torch.as_tensor(got[0] if isinstance(got, (tuple, list)) else got)
+    if got.shape != expected.shape:
+        raise MoefxError(f"the {kind} artifact returned shape {tuple(got.shape)}, eager {tuple(expected.shape)}")
+    diff = (got.float() - expected.float()).abs()
+    worst = float(diff.max()) if diff.numel() else 0.0
+    if not worst <= PARITY_TOLERANCE:
+        where = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
+        raise MoefxError(
+            f"the {kind} artifact differs from eager on new input shapes: logits{list(where)} is "
+            f"{float(got.flatten()[diff.argmax()]):.6g} vs {float(expected.flatten()[diff.argmax()]):.6g} "
+            f"(max abs diff {worst:.3g} > {PARITY_TOLERANCE}); pass verify=False to keep it anyway"
+        )
+    return worst
+
+
+def dynamic_shapes_for(inputs: tuple[torch.Tensor, ...]) -> tuple[tuple[dict, ...]]:
+    """Dynamic batch and sequence dimensions for every input (nested: the inputs are one ``*args``)."""
+    return (tuple({d: torch.export.Dim.AUTO for d in range(min(t.ndim, 2))} for t in inputs),)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """A scratch directory beside ``path``; on success its files move to ``path``'s directory atomically.
+
+    Yields the scratch file path to write (same name as ``path``). Nothing is left behind on failure.
+    """
+    target = Path(path)
+    if target.is_dir():
+        raise CheckpointError(f"{target} is a directory: give a file path for the artifact")
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.exists():
+        raise CheckpointError(f"the directory {parent} does not exist: create it first")
+    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=parent))
+    try:
+        yield scratch / target.name
+        for produced in sorted(scratch.iterdir()):
+            os.replace(produced, parent / produced.name)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -1,0 +1,235 @@
+"""Lower: rewrite canonical MoE blocks into ONNX Runtime's fused ``com.microsoft.MoE`` operator.
+
+:class:`LowerToFusedMoE` matches a canonical block whose routing the operator computes (softmax over the
+router's logits, top-k, optionally renormalised, or a softmax over the top-k logits, which is the same
+thing renormalised; no capacity, correction bias, group limit or scaling), whose router has one output per
+expert (no ``combine_by_group``), and whose experts are dense FFNs with an activation the operator has
+(relu, silu, identity, or SwiGLU ``G * sigmoid(alpha * G) * (L + beta)`` with an optional clamp).
+It replaces the selection and the experts with one ``moefx::ort_moe`` call on weights stored in the
+operator's layout (``(E, out, in)``, gate and up rows interleaved), which ``torch.onnx.export`` translates to
+``com.microsoft.MoE``. :func:`fused_moe_blocker` says why a block is left to the portable lowering, which is
+the canonical graph itself (standard ONNX ops, each expert run once on its routed tokens).
+"""
+
+from __future__ import annotations
+
+import onnx
+import onnxscript
+import torch
+import torch.nn.functional as F
+from onnx.defs import OpSchema
+from torch import fx, nn
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from moefx.block import selection_nodes
+from moefx.experts import FusedExperts, ModuleExperts
+from moefx.routing import combine_by_group
+
+# ONNX Runtime's MoE GELU is an approximation (about 1e-4 off exact GELU), so GELU experts stay portable.
+_PLAIN_ACTIVATIONS = {"relu": F.relu, "silu": F.silu, "identity": lambda h: h}
+
+
+def _swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float, beta: float, limit: float | None) -> torch.Tensor:
+    if limit is not None:
+        gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
+    return gate * torch.sigmoid(alpha * gate) * (up + beta)
+
+
+@torch.library.custom_op("moefx::ort_moe", mutates_args=())
+def ort_moe(
+    tokens: torch.Tensor,
+    logits: torch.Tensor,
+    fc1: torch.Tensor,
+    fc1_bias: torch.Tensor | None,
+    fc2: torch.Tensor,
+    fc2_bias: torch.Tensor | None,
+    k: int,
+    normalize: bool,
+    activation: str,
+    alpha: float,
+    beta: float,
+    limit: float | None,
+) -> torch.Tensor:
+    """ONNX Runtime's MoE operator in PyTorch: softmax top-k routing over ``(E, out, in)`` expert weights."""
+    weights, index = torch.softmax(logits.float(), dim=-1).topk(k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    out = torch.zeros_like(tokens)
+    for e in range(fc1.shape[0]):
+        token, slot = torch.where(index == e)
+        h = F.linear(tokens[token], fc1[e], None if fc1_bias is None else fc1_bias[e])
+        if activation == "swiglu":
+            h = _swiglu(h[:, 0::2], h[:, 1::2], alpha, beta, limit)
+        else:
+            h = _PLAIN_ACTIVATIONS[activation](h)
+        y = F.linear(h, fc2[e], None if fc2_bias is None else fc2_bias[e])
+        out.index_add_(0, token, (y * weights[token, slot, None]).to(out.dtype))
+    return out
+
+
+@ort_moe.register_fake
+def _(tokens, logits, fc1, fc1_bias, fc2, fc2_bias, k, normalize, activation, alpha, beta, limit):
+    return torch.empty_like(tokens)
+
+
+def _register_moe_schema() -> None:
+    """Describe ``com.microsoft.MoE`` to ``onnx.defs`` so the exporter can build the node (once)."""
+    if onnx.defs.has("MoE", "com.microsoft"):
+        return
+    p, optional, attr = OpSchema.FormalParameter, OpSchema.FormalParameterOption.Optional, OpSchema.AttrType
+    inputs = [
+        p("input", "T"),
+        p("router_probs", "T"),
+        p("fc1_experts_weights", "T"),
+        p("fc1_experts_bias", "T", param_option=optional),
+        p("fc2_experts_weights", "T"),
+        p("fc2_experts_bias", "T", param_option=optional),
+        p("fc3_experts_weights", "T", param_option=optional),
+        p("fc3_experts_bias", "T", param_option=optional),
+    ]
+    attributes = [OpSchema.Attribute(name, kind, "") for name, kind in (
+        ("activation_type", attr.STRING), ("k", attr.INT), ("normalize_routing_weights", attr.INT),
+        ("swiglu_fusion", attr.INT), ("activation_alpha", attr.FLOAT), ("activation_beta", attr.FLOAT),
+        ("swiglu_limit", attr.FLOAT), ("use_sparse_mixer", attr.INT),
+    )]  # fmt: skip
+    floats = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+    onnx.defs.register_schema(
+        OpSchema(
+            "MoE",
+            "com.microsoft",
+            1,
+            inputs=inputs,
+            outputs=[p("output", "T")],
+            type_constraints=[("T", floats, "")],
+            attributes=attributes,
+        )  # fmt: skip
+    )
+
+
+def ort_moe_to_onnx(tokens, logits, fc1, fc1_bias, fc2, fc2_bias, k, normalize, activation, alpha, beta, limit):
+    """The ONNX translation of :func:`ort_moe`: one ``com.microsoft.MoE`` node."""
+    _register_moe_schema()
+    msft = onnxscript.values.Opset("com.microsoft", 1)
+    attributes = {"k": k, "normalize_routing_weights": int(normalize), "activation_type": activation}
+    if activation == "swiglu":
+        attributes |= {"swiglu_fusion": 1, "activation_alpha": alpha, "activation_beta": beta}
+        if limit is not None:
+            attributes["swiglu_limit"] = limit
+    return msft.MoE(tokens, logits, fc1, fc1_bias, fc2, fc2_bias, **attributes)
+
+
+ONNX_TRANSLATIONS = {torch.ops.moefx.ort_moe.default: ort_moe_to_onnx}
+
+
+def _constants(graph: fx.Graph, targets: set) -> list[float]:
+    return [
+        float(a)
+        for n in graph.nodes
+        if getattr(n.target, "overloadpacket", None) in targets
+        for a in n.args[1:]
+        if isinstance(a, (int, float)) and not isinstance(a, bool)
+    ]
+
+
+def ort_activation(bank: nn.Module) -> dict | None:
+    """The MoE operator's activation settings that reproduce ``bank``'s activation, or None."""
+    gen = torch.Generator().manual_seed(0)
+    size = bank.intermediate_size
+    gated = isinstance(bank, FusedExperts) and bank.layout is not None
+    if isinstance(bank, ModuleExperts):
+        gated = len(bank.in_linears) == 2
+    parts = [torch.randn(64, size, generator=gen) * 3 for _ in range(2 if gated else 1)]
+    with torch.no_grad():
+        if isinstance(bank, FusedExperts):
+            joined = torch.cat(parts, -1) if bank.layout == "concat" else torch.stack(parts, -1).flatten(-2)
+            expected = bank.act(joined if gated else parts[0])
+        else:
+            expected = bank.act(*parts)
+    if not gated:
+        for name, fn in _PLAIN_ACTIVATIONS.items():
+            if torch.allclose(fn(parts[0]), expected, atol=1e-5):
+                return {"activation": name, "alpha": 1.0, "beta": 0.0, "limit": None}
+        return None
+    graph = bank.act.graph
+    clamps = _constants(graph, {torch.ops.aten.clamp})
+    limit = max(abs(c) for c in clamps if c is not None) if clamps else None
+    alphas = [c for c in _constants(graph, {torch.ops.aten.mul}) if c != 1.0] or [1.0]
+    betas = [c for c in _constants(graph, {torch.ops.aten.add}) if c != 0.0] or [0.0]
+    for alpha in [1.0, *alphas]:
+        for beta in [0.0, *betas]:
+            if torch.allclose(_swiglu(parts[0], parts[1], alpha, beta, limit), expected, atol=1e-5):
+                return {"activation": "swiglu", "alpha": alpha, "beta": beta, "limit": limit}
+    return None
+
+
+def fused_moe_blocker(graph_module: fx.GraphModule) -> str | None:
+    """Why the MoE operator cannot compute this canonical block, or None if it can."""
+    selection, _, _ = selection_nodes(graph_module.graph)
+    routing = selection.kwargs
+    if routing["scoring"] not in ("softmax", "softmax_topk"):
+        return f"{routing['scoring']} routing"
+    if routing.get("capacity") is not None:
+        return "capacity-limited routing"
+    if routing.get("n_group") is not None or isinstance(selection.args[1], fx.Node):
+        return "group-limited or bias-corrected routing"
+    if routing.get("scale", 1.0) != 1.0:
+        return "scaled routing weights"
+    if any(n.target is combine_by_group for n in graph_module.graph.nodes):
+        return "merged experts behind the original router (use router='pruned')"
+    bank = graph_module.get_submodule("experts")
+    if not isinstance(bank, (FusedExperts, ModuleExperts)):
+        return f"{type(bank).__name__} experts"
+    if ort_activation(bank) is None:
+        return "an activation the operator does not have"
+    return None
+
+
+class LowerToFusedMoE(PassBase):
+    """Replace a canonical block's selection and experts with one ``moefx::ort_moe`` call.
+
+    Matches: a canonical block that :func:`fused_moe_blocker` accepts. Rewrites: registers ``fc1``/``fc2``
+    (and bias) buffers in the operator's layout, inserts ``ort_moe(tokens, logits, ...)`` where the
+    experts were called, and removes the experts module and the selection if nothing else reads it.
+    """
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        if fused_moe_blocker(graph_module) is not None:
+            return PassResult(graph_module, False)
+        graph = graph_module.graph
+        selection, _, _ = selection_nodes(graph)
+        routing = selection.kwargs
+        bank = graph_module.get_submodule("experts")
+        activation = ort_activation(bank)
+        ffns = [bank.ffn(e) for e in range(bank.num_experts)]
+        gated = len(ffns[0].in_weights) == 2
+
+        def fc1_rows(parts: list[torch.Tensor]) -> torch.Tensor:  # interleave gate and up rows
+            return torch.stack(parts, dim=1).flatten(0, 1) if gated else parts[0]
+
+        buffers = {
+            "fc1": torch.stack([fc1_rows(f.in_weights) for f in ffns]),
+            "fc2": torch.stack([f.out_weight for f in ffns]),
+        }
+        if ffns[0].in_biases[0] is not None:
+            buffers["fc1_bias"] = torch.stack([fc1_rows(f.in_biases) for f in ffns])
+        if ffns[0].out_bias is not None:
+            buffers["fc2_bias"] = torch.stack([f.out_bias for f in ffns])
+        for name, tensor in buffers.items():
+            graph_module.register_buffer(name, tensor.detach().clone())
+        experts = next(n for n in graph.nodes if n.op == "call_module" and n.target == "experts")
+        with graph.inserting_before(experts):
+            attrs = {name: graph.get_attr(name) for name in ("fc1", "fc1_bias", "fc2", "fc2_bias") if name in buffers}
+            fused = graph.call_function(
+                torch.ops.moefx.ort_moe.default,
+                (experts.args[0], selection.args[0], attrs["fc1"], attrs.get("fc1_bias"), attrs["fc2"],
+                 attrs.get("fc2_bias"), routing["top_k"],
+                 routing["normalize"] or routing["scoring"] == "softmax_topk", activation["activation"],
+                 activation["alpha"], activation["beta"], activation["limit"]),
+            )  # fmt: skip
+        experts.replace_all_uses_with(fused)
+        graph.erase_node(experts)
+        graph_module.delete_submodule("experts")
+        graph.eliminate_dead_code()
+        graph.lint()
+        graph_module.recompile()
+        return PassResult(graph_module, True)

@@ -1,0 +1,114 @@
+"""Every family, original and compressed, exports to ONNX, pt2 and TorchScript; each artifact's built-in
+parity check (new input shape, max abs diff <= 1e-4 against eager) must pass.
+
+The whole family x variant x format matrix takes several minutes on 2 cores, so the default run covers every
+family in every format with a rotation of variants, and ``pytest -m slow`` runs the rest of the matrix."""
+
+import functools
+import warnings
+
+import onnx as onnx_pkg
+import onnxruntime
+import pytest
+import torch
+
+import moefx
+import moefx.export
+from moefx.export.serving import new_shape_inputs, serving_model
+from moefx.zoo import FAMILIES, example_inputs, tiny_model
+
+VARIANTS = {
+    "original": None,
+    "m-smoe exact": {"experts": 0.5},
+    "m-smoe pruned": {"experts": 0.5, "router": "pruned"},
+    "mc-smoe": {"experts": 0.5, "method": "mc-smoe", "rank": 4},
+}
+
+
+@functools.cache
+def _model(family: str, variant: str):
+    model = tiny_model(family)
+    if VARIANTS[variant] is None:
+        return model
+    calib = [example_inputs(family, batch=4, seq=16, seed=s) for s in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", moefx.MoefxWarning)
+        return moefx.compile(model, calib, **VARIANTS[variant])
+
+
+FUSABLE = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"]  # routing and activation ORT's MoE computes
+NAMES = list(VARIANTS)
+
+
+def _matrix(default_variants):
+    """(family, variant) pairs: ``default_variants(i, family)`` run by default, the others are marked slow."""
+    cases = []
+    for i, family in enumerate(FAMILIES):
+        for variant in VARIANTS:
+            marks = [] if variant in default_variants(i, family) else [pytest.mark.slow]
+            cases.append(pytest.param(family, variant, marks=marks, id=f"{family}-{variant}"))
+    return cases
+
+
+def _onnx_default(i, family):
+    chosen = {"original", NAMES[1 + i % 3]}
+    return chosen | {"m-smoe pruned"} if family in FUSABLE[:2] else chosen
+
+
+@pytest.mark.parametrize("family, variant", _matrix(_onnx_default))
+def test_onnx_export_matches_eager(family, variant, tmp_path):
+    path = moefx.export.onnx(_model(family, variant), tmp_path / "model.onnx", example_inputs(family))
+    assert path.is_file() and [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+    moe = [n for n in onnx_pkg.load(str(path)).graph.node if n.op_type == "MoE" and n.domain == "com.microsoft"]
+    if family in FUSABLE and variant in ("original", "m-smoe pruned"):
+        assert len(moe) == 2  # one fused node per MoE block of the tiny model
+        attributes = {a.name: onnx_pkg.helper.get_attribute_value(a) for a in moe[0].attribute}
+        assert attributes["activation_type"] == b"swiglu" and attributes["swiglu_fusion"] == 1
+        assert attributes["k"] == 2
+    else:  # exact routers over merged experts, LoSparse experts, or routing the operator lacks: portable
+        assert moe == []
+
+
+@pytest.mark.parametrize("family, variant", _matrix(lambda i, family: {NAMES[(i + 1) % 4]}))
+def test_pt2_export_matches_eager(family, variant, tmp_path):
+    path = moefx.export.pt2(_model(family, variant), tmp_path / "model.pt2", example_inputs(family))
+    program = torch.export.load(str(path)).module()
+    serving, inputs = serving_model(_model(family, variant), example_inputs(family))
+    feed = new_shape_inputs(inputs, serving.input_names)
+    with torch.no_grad():
+        assert torch.allclose(program(*feed), serving(*feed), atol=1e-4)
+
+
+@pytest.mark.parametrize("family, variant", _matrix(lambda i, family: {NAMES[(i + 2) % 4]}))
+def test_torchscript_export_matches_eager(family, variant, tmp_path):
+    path = moefx.export.torchscript(_model(family, variant), tmp_path / "model.ts", example_inputs(family))
+    assert isinstance(torch.jit.load(str(path)), torch.jit.ScriptModule)
+
+
+def test_portable_onnx_is_standard_onnx(tmp_path):
+    model = _model("mixtral", "m-smoe pruned")
+    path = moefx.export.onnx(model, tmp_path / "p.onnx", example_inputs("mixtral"), fused=False)
+    domains = {n.domain for n in onnx_pkg.load(str(path)).graph.node}
+    assert domains <= {"", "ai.onnx"}
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
+    assert [o.name for o in session.get_outputs()] == ["logits"]
+
+
+def test_large_weights_go_to_an_external_data_file(tmp_path):
+    path = moefx.export.onnx(
+        _model("olmoe", "m-smoe pruned"), tmp_path / "m.onnx", example_inputs("olmoe"), external_data=True
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert session.get_outputs()[0].name == "logits"
+
+
+def test_static_export_runs_on_the_example_shape(tmp_path):
+    path = moefx.export.onnx(
+        _model("qwen3_moe", "m-smoe pruned"), tmp_path / "s.onnx", example_inputs("qwen3_moe"), dynamic=False,
+        verify=False,
+    )  # fmt: skip
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {k: v.numpy() for k, v in example_inputs("qwen3_moe").items()}
+    assert session.run(None, feed)[0].shape == (2, 8, 96)
