@@ -38,6 +38,7 @@ from moefx.passes.observe import (
     collect_statistics,
     install_mask_hook,
 )
+from moefx.passes.refit import least_squares_output
 from moefx.passes.router import PruneRouter, fit_pruned_router, router_prune_blocker
 
 _STATE = "_moefx_prepared"
@@ -98,9 +99,9 @@ class _Prepared:
 def calibration_needs(config: CompressionConfig) -> CalibrationNeeds:
     """The optional statistics ``config`` needs."""
     return CalibrationNeeds(
-        all_token_outputs=config.method == "hc-smoe"
-        or (config.similarity == "expert-output" and config.method in ("m-smoe", "average")),
+        all_token_outputs=config.method == "hc-smoe" or (config.similarity == "expert-output" and not config.prunes),
         router_input_moments=config.router == "pruned" and not config.prunes,
+        weighted_input_moments=config.resolved("refit") == "in+out",
     )
 
 
@@ -200,10 +201,10 @@ def convert(
 ) -> nn.Module:
     """Compress a prepared, calibrated model in place and return it (observers removed).
 
-    ``calib_batches`` allows the passes that need a second look at the data once the groups are known:
-    the least-squares fit of a pruned router and MC-SMoE's activation-aware compression. Without them a
-    pruned router averages its groups' rows and MC-SMoE uses plain SVD. The report is in
-    ``model.moefx_report``.
+    ``calib_batches`` allows the passes that need a second look at the data once the groups are known: the
+    least-squares fit of a pruned router, the refit of merged experts, and MC-SMoE's activation-aware
+    compression. Without them a pruned router averages its groups' rows, merged experts are not refit and
+    MC-SMoE uses plain SVD. The report is in ``model.moefx_report``.
     """
     config = CompressionConfig.from_arguments(config, overrides)
     state = _state(observed)
@@ -221,28 +222,55 @@ def convert(
         routers = {name: g.get_submodule("router").weight for name, g in graphs.items()}
         plans = plan_compression(state.blocks, stats, ffns, routers, config)
         _keep_exact_routers_that_cannot_be_pruned(state.blocks, plans, config)
-    fit = [b for b in state.blocks if plans[b.name].router == "pruned" and not config.prunes]
-    if fit and calib_batches is not None:
-        with stage("router fit pass"):
-            for b in fit:
-                graphs[b.name].get_submodule("routing_observer").fit_groups(plans[b.name].expert_to_group)
-            calibrate(observed, calib_batches, progress=config.progress)
-            stats.update({b.name: collect_statistics(graphs[b.name]) for b in fit})
-
+    refit = config.resolved("refit") != "none"
+    second = [b for b in state.blocks if _needs_second_pass(plans[b.name], refit, config)]
+    if second and calib_batches is None:
+        if refit:
+            warnings.warn("merged experts were not refit: refitting needs calib_batches", MoefxWarning, stacklevel=2)
+        second = []
     report = CompressionReport(config)
-    with stage("merging and rewriting"):
-        for b in state.blocks:
-            plan, graph = plans[b.name], graphs[b.name]
+
+    def second_pass(blocks: list[MoEBlock]) -> None:
+        with stage("second calibration pass"):
+            for b in blocks:
+                plan, graph = plans[b.name], graphs[b.name]
+                if plan.router == "pruned" and not config.prunes:
+                    graph.get_submodule("routing_observer").fit_groups(plan.expert_to_group)
+                if refit:
+                    merged = banks[b.name].with_experts(plan.merged, [g[0] for g in plan.groups])
+                    graph.get_submodule("observed_experts").start_refit(plan.expert_to_group, merged)
+            calibrate(observed, calib_batches, progress=config.progress)
+            stats.update({b.name: collect_statistics(graphs[b.name]) for b in blocks})
+
+    def finish(b: MoEBlock) -> None:
+        plan, graph, s = plans[b.name], graphs[b.name], stats[b.name]
+        with stage("merging and rewriting"):
+            if refit and s.refit_grams is not None:
+                plan.merged = [
+                    least_squares_output(ffn, s.refit_grams[g], s.refit_cross[g], config.ridge)
+                    for g, ffn in enumerate(plan.merged)
+                ]
             before = (_experts_params(banks[b.name]), block_flops(graph, banks[b.name], b.top_k))
             passes = [RemoveObservers(), MergeExperts(plan)]
             if plan.router == "pruned" and not plan.is_identity:
-                weight, bias = fit_pruned_router(graph.router.weight, graph.router.bias, plan, stats[b.name])
+                weight, bias = fit_pruned_router(graph.router.weight, graph.router.bias, plan, s)
                 passes.append(PruneRouter(plan, weight, bias))
             compact = PassManager(passes)(graph).graph_module
             observed.set_submodule(b.name, compact)
             graphs[b.name] = compact
             merged = (_experts_params(compact.experts), block_flops(compact, compact.experts, b.top_k))
-            report.blocks.append(_block_report(b, plan, stats[b.name], before, merged, ffns[b.name], compact))
+            report.blocks.append(_block_report(b, plan, s, before, merged, ffns[b.name], compact))
+
+    if config.sequential:  # each block's second pass sees the blocks before it already compressed
+        for b in state.blocks:
+            if b in second:
+                second_pass([b])
+            finish(b)
+    else:
+        if second:
+            second_pass(second)
+        for b in state.blocks:
+            finish(b)
     if config.method == "mc-smoe":
         with stage("low-rank and sparse compression"):
             merged_blocks = [b for b in state.blocks if not plans[b.name].is_identity]
@@ -257,6 +285,13 @@ def convert(
     report.seconds = dict(state.seconds)
     observed.moefx_report = report
     return observed
+
+
+def _needs_second_pass(plan: BlockPlan, refit: bool, config: CompressionConfig) -> bool:
+    """Whether a block needs the data again once its groups are known (pruned-router fit or refit)."""
+    if plan.is_identity:
+        return False
+    return refit or (plan.router == "pruned" and not config.prunes)
 
 
 def _keep_exact_routers_that_cannot_be_pruned(

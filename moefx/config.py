@@ -8,10 +8,22 @@ from typing import Any
 
 from moefx.errors import ConfigError
 
-METHODS = ("m-smoe", "mc-smoe", "prune-frequency", "average", "hc-smoe", "reap")
+METHODS = ("merge-refit", "m-smoe", "mc-smoe", "prune-frequency", "average", "hc-smoe", "reap")
 ROUTER_MODES = ("exact", "pruned")
 SIMILARITIES = ("router-logits", "router-weight", "expert-weight", "expert-output", "random")
 SVD_MODES = ("activation-aware", "plain")
+SELECTIONS = ("frequency", "reap", "contribution")
+REFITS = ("none", "out", "in+out")
+# what each method does where the caller leaves an option unset (None)
+METHOD_DEFAULTS = {
+    "merge-refit": {"selection": "frequency", "refit": "out", "align": True},
+    "m-smoe": {"selection": "frequency", "refit": "none", "align": True},
+    "mc-smoe": {"selection": "frequency", "refit": "none", "align": True},
+    "average": {"selection": "frequency", "refit": "none", "align": True},
+    "hc-smoe": {"selection": "frequency", "refit": "none", "align": False},
+    "prune-frequency": {"selection": "frequency", "refit": "none", "align": False},
+    "reap": {"selection": "reap", "refit": "none", "align": False},
+}
 SPARSE_AXES = ("columns", "rows")
 
 
@@ -21,7 +33,8 @@ class CompressionConfig:
 
     * ``experts``: experts kept, on average over the merged layers: a float in (0, 1] is a fraction of each
       layer's experts, an int an average count. Each layer keeps at least its ``top_k``.
-    * ``method``: ``"m-smoe"`` (the paper: frequency-dominant experts, routing-similarity grouping,
+    * ``method``: ``"merge-refit"`` (M-SMoE's grouping and merging, then a closed-form refit of every merged
+      expert, see ``refit``), ``"m-smoe"`` (the paper: frequency-dominant experts, routing-similarity grouping,
       permutation alignment, frequency-weighted merging), ``"mc-smoe"`` (M-SMoE, then each merged expert's
       linears compressed to low-rank plus structured-sparse parts, see ``rank``) or a baseline:
       ``"prune-frequency"`` (keep the most used experts), ``"average"`` (M-SMoE's groups merged
@@ -38,6 +51,14 @@ class CompressionConfig:
       ``"router-logits"`` (the paper), ``"router-weight"``, ``"expert-weight"``, ``"expert-output"``, ``"random"``.
     * ``skip_layers``: MoE blocks left unchanged, by index among the model's MoE blocks or by name
       (the paper leaves the first one: ``skip_layers=[0]``).
+    * ``selection``: how experts are ranked for keeping: ``"frequency"`` (the paper), ``"reap"`` (mean
+      routing weight times output norm over routed tokens) or ``"contribution"`` (frequency times REAP's
+      saliency: the expert's total routed output). ``None`` is the method's own choice.
+    * ``refit`` (merging methods): after merging, re-solve each merged expert in closed form to reproduce
+      its members' outputs on the calibration tokens: ``"out"`` (the output projection), ``"in+out"`` (also
+      the input projections, by least squares on the members' pre-activations) or ``"none"``; ``ridge`` is
+      the relative ridge of those solves. ``sequential`` calibrates block by block, each seeing the blocks
+      before it already compressed (as GPTQ does).
     * ``rank``, ``sparse_keep``, ``svd``, ``sparse_axis`` (``method="mc-smoe"``): each merged linear becomes
       ``U V + S`` with ``U V`` of rank ``rank`` (an int, the paper's 32, or a fraction of ``min(out, in)``)
       from an ``"activation-aware"`` SVD (whitened by the calibration input second moment) or a
@@ -55,6 +76,10 @@ class CompressionConfig:
     align: bool | None = None
     similarity: str = "router-logits"
     skip_layers: list[int | str] = field(default_factory=list)
+    selection: str | None = None
+    refit: str | None = None
+    ridge: float = 1e-2
+    sequential: bool = False
     rank: int | float = 32
     sparse_keep: float = 0.1
     svd: str = "activation-aware"
@@ -79,6 +104,8 @@ class CompressionConfig:
             ("router", self.router, ROUTER_MODES),
             ("similarity", self.similarity, SIMILARITIES),
             ("svd", self.svd, SVD_MODES),
+            ("selection", self.resolved("selection"), SELECTIONS),
+            ("refit", self.resolved("refit"), REFITS),
             ("sparse_axis", self.sparse_axis, SPARSE_AXES),
         ):
             if value not in allowed:
@@ -86,10 +113,19 @@ class CompressionConfig:
         r = self.rank
         if isinstance(r, bool) or not isinstance(r, (int, float)) or r <= 0 or (isinstance(r, float) and r > 1):
             raise ConfigError(f"rank={r!r} is out of range: give a positive integer or a fraction in (0, 1]")
+        if isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float)) or self.ridge < 0:
+            raise ConfigError(f"ridge={self.ridge!r} is out of range: give a non-negative number")
+        if self.prunes and self.resolved("refit") != "none":
+            raise ConfigError(f"refit applies to merged experts, not to method={self.method!r}: leave refit unset")
         if isinstance(self.sparse_keep, bool) or not 0.0 <= self.sparse_keep <= 1.0:
             raise ConfigError(f"sparse_keep={self.sparse_keep!r} is out of range: give a fraction in [0, 1]")
         if not isinstance(self.skip_layers, (list, tuple)):
             raise ConfigError("skip_layers must be a list of MoE block indices or names")
+
+    def resolved(self, name: str) -> Any:
+        """The option's value, or the method's default for it when it is unset (None)."""
+        value = getattr(self, name)
+        return METHOD_DEFAULTS[self.method][name] if value is None and self.method in METHOD_DEFAULTS else value
 
     @property
     def prunes(self) -> bool:

@@ -18,9 +18,15 @@ from moefx.losparse import LoSparseExperts, LoSparseFFN, LoSparseLinear, sparse_
 
 
 def resolve_rank(rank: int | float, out_features: int, in_features: int) -> int:
-    """An absolute rank from ``rank`` (an int, or a fraction of ``min(out, in)``)."""
+    """An absolute rank from ``rank`` (an int, or a fraction of ``min(out, in)``).
+
+    An integer rank is capped where ``U V`` would hold as many numbers as the dense matrix (beyond that a
+    factorisation saves nothing); a fraction of 1.0 is full rank, exact by construction.
+    """
     full = min(out_features, in_features)
-    return min(full, rank if isinstance(rank, int) else max(1, round(rank * full)))
+    if isinstance(rank, float):
+        return min(full, max(1, round(rank * full)))
+    return min(rank, full, out_features * in_features // (out_features + in_features))
 
 
 class PartsActivation(nn.Module):

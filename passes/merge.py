@@ -53,6 +53,7 @@ class BlockPlan:
     expert_to_group: list[int]
     align: bool
     router: str
+    merged: list[FFN] | None = None  # the merged experts, when planning computed them
 
     @property
     def num_groups(self) -> int:
@@ -177,12 +178,38 @@ def align_ffn(reference: FFN, other: FFN) -> torch.Tensor:
     return torch.as_tensor(columns, dtype=torch.long)
 
 
+def align_group(ffns: list[FFN], align: bool) -> list[FFN]:
+    """A group's experts with every member's hidden units aligned to the first (the dominant) when ``align``."""
+    return [ffns[0]] + [f.permuted(align_ffn(ffns[0], f)) if align else f for f in ffns[1:]]
+
+
 def merge_ffns(ffns: list[FFN], coefficients: list[float], align: bool) -> FFN:
     """Weighted average of a group's experts, each aligned to the first (the dominant) when ``align``."""
     if len(ffns) == 1:
         return ffns[0]
-    aligned = [ffns[0]] + [f.permuted(align_ffn(ffns[0], f)) if align else f for f in ffns[1:]]
-    return FFN.weighted_sum(aligned, coefficients)
+    return FFN.weighted_sum(align_group(ffns, align), coefficients)
+
+
+def merge_plan(plan: BlockPlan, ffns: list[FFN], input_grams: torch.Tensor | None = None) -> list[FFN]:
+    """The plan's merged experts from the block's expert ``ffns``.
+
+    With ``input_grams`` (``[E, H, H]`` routing-weighted input second moments, bias column appended when
+    the experts have input biases), the input projections are merged by least squares on the members'
+    aligned pre-activations instead of averaged (see :func:`moefx.passes.refit.least_squares_inputs`).
+    """
+    from moefx.passes.refit import least_squares_inputs
+
+    merged = []
+    for group, coefficients in zip(plan.groups, plan.coefficients, strict=True):
+        if len(group) == 1:
+            merged.append(ffns[group[0]])
+            continue
+        aligned = align_group([ffns[e] for e in group], plan.align)
+        ffn = FFN.weighted_sum(aligned, coefficients)
+        if input_grams is not None:
+            ffn = least_squares_inputs(ffn, aligned, [input_grams[e] for e in group])
+        merged.append(ffn)
+    return merged
 
 
 def merge_coefficients(groups: list[list[int]], frequency: torch.Tensor, uniform: bool) -> list[list[float]]:
@@ -221,12 +248,12 @@ def plan_compression(
     plans = {b.name: BlockPlan.identity(b.name, b.num_experts) for b in blocks if b.name in skip}
     if not merged:
         return plans
-    score_of = (lambda s: s.reap_saliency) if config.method == "reap" else (lambda s: s.frequency)
-    kept = allocate_experts(
-        [score_of(stats[b.name]) for b in merged], config.experts, config.adaptive, [b.top_k for b in merged]
-    )
+    selection = config.resolved("selection")
+    scores = [getattr(stats[b.name], selection if selection != "reap" else "reap_saliency") for b in merged]
+    kept = allocate_experts(scores, config.experts, config.adaptive, [b.top_k for b in merged])
     rng = np.random.default_rng(config.seed)
-    align = config.method in ("m-smoe", "mc-smoe", "average") if config.align is None else config.align
+    align = config.resolved("align")
+    least_squares_merge = config.resolved("refit") == "in+out"
     for block, dominants in zip(merged, kept, strict=True):
         s = stats[block.name]
         if config.prunes:
@@ -249,6 +276,8 @@ def plan_compression(
             align=align and not config.prunes,
             router="pruned" if config.prunes else config.router,
         )
+        grams = s.weighted_input_grams if least_squares_merge else None
+        plans[block.name].merged = merge_plan(plans[block.name], ffns[block.name], grams)
     return plans
 
 
@@ -272,10 +301,9 @@ class MergeExperts(PassBase):
         if plan.is_identity:
             return PassResult(graph_module, False)
         bank = graph_module.get_submodule("experts")
-        merged = [
-            merge_ffns([bank.ffn(e) for e in group], coefficients, plan.align)
-            for group, coefficients in zip(plan.groups, plan.coefficients, strict=True)
-        ]
+        merged = plan.merged
+        if merged is None:
+            merged = merge_plan(plan, [bank.ffn(e) for e in range(plan.num_experts)])
         representatives = [group[0] for group in plan.groups]
         graph_module.experts = bank.with_experts(merged, representatives)
         graph_module.register_buffer("expert_to_group", torch.tensor(plan.expert_to_group, dtype=torch.long))

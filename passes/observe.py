@@ -63,6 +63,7 @@ class CalibrationNeeds:
     all_token_outputs: bool = False  # every expert on every token: HC-SMoE, expert-output similarity
     expert_input_moments: bool = False  # per-expert sums of x x^T and h h^T over routed tokens (LoSparse)
     router_input_moments: bool = False  # sum of x x^T over all tokens of the router input
+    weighted_input_moments: bool = False  # per-expert sum of w x x^T (w: routing weight): least-squares merging
 
 
 class RoutingObserver(nn.Module):
@@ -156,8 +157,12 @@ class ObservedExperts(nn.Module):
         self.register_buffer("output_sums", torch.zeros(num_experts, hidden, **f64))
         self.register_buffer("output_norm_sums", torch.zeros(num_experts, **f64))
         self.register_buffer("weighted_output_norm_sums", torch.zeros(num_experts, **f64))
-        for name in ("all_tokens", "all_output_sums", "input_grams", "hidden_grams", "input_sums"):
+        names = ("all_tokens", "all_output_sums", "input_grams", "hidden_grams", "input_sums", "weighted_input_grams",
+                 "expert_to_group", "refit_grams", "refit_cross")  # fmt: skip
+        for name in names:
             self.register_buffer(name, None)
+        self.merged: nn.Module | None = None  # the merged bank, during a refit pass
+        self.input_bias = bank.ffn(0).in_biases[0] is not None
         if needs.all_token_outputs:
             self.all_tokens = torch.zeros((), **f64)
             self.all_output_sums = torch.zeros(num_experts, hidden, **f64)
@@ -165,6 +170,21 @@ class ObservedExperts(nn.Module):
             self.input_grams = torch.zeros(num_experts, hidden, hidden)
             self.hidden_grams = torch.zeros(num_experts, bank.intermediate_size, bank.intermediate_size)
             self.input_sums = torch.zeros(num_experts, hidden, **f64)
+        if needs.weighted_input_moments:  # with a constant-1 column when the experts have input biases
+            size = hidden + int(self.input_bias)
+            self.weighted_input_grams = torch.zeros(num_experts, size, size, **f64)
+
+    def start_refit(self, expert_to_group: list[int], merged: nn.Module) -> None:
+        """Switch to a refit pass: for each token routed to expert ``e`` with weight ``w``, accumulate
+        ``refit_grams[g] += w h h^T`` and ``refit_cross[g] += w y h^T``, where ``g`` is ``e``'s group, ``h``
+        the merged expert's hidden activation and ``y`` expert ``e``'s output (``h`` gets a constant-1
+        column when the experts have output biases). Nothing else is recorded in this pass."""
+        self.merged = merged
+        self.expert_to_group = torch.tensor(expert_to_group, dtype=torch.long)
+        bias = int(merged.ffn(0).out_bias is not None)
+        size, groups = merged.intermediate_size + bias, merged.num_experts
+        self.refit_grams = torch.zeros(groups, size, size, dtype=torch.float64)
+        self.refit_cross = torch.zeros(groups, self.output_sums.shape[1], size, dtype=torch.float64)
 
     @property
     def num_experts(self) -> int:
@@ -178,11 +198,19 @@ class ObservedExperts(nn.Module):
             keep = valid[token]
             x, y = x[keep], y[keep].double()
             w = weights[token[keep], slot[keep]].double()
+            if self.merged is not None:
+                self._record_refit(e, x, y, w)
+                return
             norms = y.norm(dim=-1)
             self.routed[e] += keep.sum()
             self.output_sums[e] += y.sum(dim=0)
             self.output_norm_sums[e] += norms.sum()
             self.weighted_output_norm_sums[e] += (w * norms).sum()
+            if self.weighted_input_grams is not None:
+                xa = x.double()
+                if self.input_bias:
+                    xa = torch.cat([xa, torch.ones(len(xa), 1, dtype=xa.dtype)], dim=1)
+                self.weighted_input_grams[e] += (xa * w[:, None]).T @ xa
             if self.needs.expert_input_moments:
                 xf = x.float()
                 hf = self.bank.expert_hidden(e, x).float()
@@ -191,13 +219,23 @@ class ObservedExperts(nn.Module):
                 self.input_sums[e] += x.double().sum(dim=0)
 
         out = dispatch(self.bank.expert_forward, self.num_experts, tokens, index, weights, record)
-        if self.needs.all_token_outputs:
+        if self.needs.all_token_outputs and self.merged is None:
             with torch.no_grad():
                 every = tokens[valid]
                 self.all_tokens += every.shape[0]
                 for e in range(self.num_experts):
                     self.all_output_sums[e] += self.bank.expert_forward(e, every).double().sum(dim=0)
         return out
+
+    def _record_refit(self, e: int, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> None:
+        g = int(self.expert_to_group[e])
+        if g < 0:
+            return
+        h = self.merged.expert_hidden(g, x).double()
+        if self.refit_grams.shape[1] > h.shape[1]:
+            h = torch.cat([h, torch.ones(len(h), 1, dtype=h.dtype)], dim=1)
+        self.refit_grams[g] += (h * w[:, None]).T @ h
+        self.refit_cross[g] += (y * w[:, None]).T @ h
 
 
 class InsertObservers(PassBase):
@@ -290,6 +328,9 @@ class BlockStats:
     router_input_sum: torch.Tensor | None = None
     group_cross: torch.Tensor | None = None
     group_target_sums: torch.Tensor | None = None
+    weighted_input_grams: torch.Tensor | None = None
+    refit_grams: torch.Tensor | None = None
+    refit_cross: torch.Tensor | None = None
 
     @property
     def frequency(self) -> torch.Tensor:
@@ -300,6 +341,11 @@ class BlockStats:
     def reap_saliency(self) -> torch.Tensor:
         """REAP: mean over an expert's routed tokens of routing weight times output norm."""
         return self.weighted_output_norm_sums / self.routed.clamp(min=1.0)
+
+    @property
+    def contribution(self) -> torch.Tensor:
+        """Frequency times REAP saliency: an expert's total routed output norm per token."""
+        return self.weighted_output_norm_sums / max(self.tokens, 1.0)
 
     @property
     def mean_outputs(self) -> torch.Tensor:
@@ -316,7 +362,18 @@ def collect_statistics(graph_module: fx.GraphModule) -> BlockStats:
     optional = {
         name: getattr(module, name, None)
         for module, names in (
-            (experts, ("all_output_sums", "input_grams", "hidden_grams", "input_sums")),
+            (
+                experts,
+                (
+                    "all_output_sums",
+                    "input_grams",
+                    "hidden_grams",
+                    "input_sums",
+                    "weighted_input_grams",
+                    "refit_grams",
+                    "refit_cross",
+                ),
+            ),
             (routing, ("router_input_gram", "router_input_sum", "group_cross", "group_target_sums")),
         )
         for name in names
