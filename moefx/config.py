@@ -15,14 +15,16 @@ SVD_MODES = ("activation-aware", "plain")
 SELECTIONS = ("frequency", "reap", "contribution")
 REFITS = ("none", "out", "in+out")
 # what each method does where the caller leaves an option unset (None)
+# (the paper's adaptive allocation for M-SMoE and its variants; HC-SMoE, REAP and pruning keep a uniform
+# per-layer count, as published; merge-refit's choices are measured in benchmarks/results.md)
 METHOD_DEFAULTS = {
-    "merge-refit": {"selection": "frequency", "refit": "out", "align": True},
-    "m-smoe": {"selection": "frequency", "refit": "none", "align": True},
-    "mc-smoe": {"selection": "frequency", "refit": "none", "align": True},
-    "average": {"selection": "frequency", "refit": "none", "align": True},
-    "hc-smoe": {"selection": "frequency", "refit": "none", "align": False},
-    "prune-frequency": {"selection": "frequency", "refit": "none", "align": False},
-    "reap": {"selection": "reap", "refit": "none", "align": False},
+    "merge-refit": {"selection": "frequency", "refit": "in+out", "align": True, "adaptive": False},
+    "m-smoe": {"selection": "frequency", "refit": "none", "align": True, "adaptive": True},
+    "mc-smoe": {"selection": "frequency", "refit": "none", "align": True, "adaptive": True},
+    "average": {"selection": "frequency", "refit": "none", "align": True, "adaptive": True},
+    "hc-smoe": {"selection": "frequency", "refit": "none", "align": False, "adaptive": False},
+    "prune-frequency": {"selection": "frequency", "refit": "none", "align": False, "adaptive": False},
+    "reap": {"selection": "reap", "refit": "none", "align": False, "adaptive": False},
 }
 SPARSE_AXES = ("columns", "rows")
 
@@ -44,7 +46,7 @@ class CompressionConfig:
       ``"pruned"`` shrinks the router to one output per group, fitted by least squares (falls back to exact,
       with a warning, where the routing cannot be pruned soundly). Pruning methods always prune the router.
     * ``adaptive``: allocate kept experts across layers by globally ranked, per-layer normalised scores
-      (the paper); ``False`` keeps the same count in every layer.
+      (the paper); ``False`` keeps the same count in every layer. ``None`` is the method's own choice.
     * ``align``: permutation-align group members to their dominant expert before merging; ``None`` (the
       default) does what each method's paper does: M-SMoE, MC-SMoE and average align, HC-SMoE does not.
     * ``similarity``: how non-dominant experts choose their group (M-SMoE and average):
@@ -70,9 +72,9 @@ class CompressionConfig:
     """
 
     experts: float | int = 0.5
-    method: str = "m-smoe"
+    method: str = "merge-refit"
     router: str = "exact"
-    adaptive: bool = True
+    adaptive: bool | None = None
     align: bool | None = None
     similarity: str = "router-logits"
     skip_layers: list[int | str] = field(default_factory=list)

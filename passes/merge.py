@@ -190,7 +190,9 @@ def merge_ffns(ffns: list[FFN], coefficients: list[float], align: bool) -> FFN:
     return FFN.weighted_sum(align_group(ffns, align), coefficients)
 
 
-def merge_plan(plan: BlockPlan, ffns: list[FFN], input_grams: torch.Tensor | None = None) -> list[FFN]:
+def merge_plan(
+    plan: BlockPlan, ffns: list[FFN], input_grams: torch.Tensor | None = None, ridge: float = 1e-2
+) -> list[FFN]:
     """The plan's merged experts from the block's expert ``ffns``.
 
     With ``input_grams`` (``[E, H, H]`` routing-weighted input second moments, bias column appended when
@@ -207,7 +209,7 @@ def merge_plan(plan: BlockPlan, ffns: list[FFN], input_grams: torch.Tensor | Non
         aligned = align_group([ffns[e] for e in group], plan.align)
         ffn = FFN.weighted_sum(aligned, coefficients)
         if input_grams is not None:
-            ffn = least_squares_inputs(ffn, aligned, [input_grams[e] for e in group])
+            ffn = least_squares_inputs(ffn, aligned, [input_grams[e] for e in group], ridge)
         merged.append(ffn)
     return merged
 
@@ -250,7 +252,7 @@ def plan_compression(
         return plans
     selection = config.resolved("selection")
     scores = [getattr(stats[b.name], selection if selection != "reap" else "reap_saliency") for b in merged]
-    kept = allocate_experts(scores, config.experts, config.adaptive, [b.top_k for b in merged])
+    kept = allocate_experts(scores, config.experts, config.resolved("adaptive"), [b.top_k for b in merged])
     rng = np.random.default_rng(config.seed)
     align = config.resolved("align")
     least_squares_merge = config.resolved("refit") == "in+out"
@@ -277,7 +279,7 @@ def plan_compression(
             router="pruned" if config.prunes else config.router,
         )
         grams = s.weighted_input_grams if least_squares_merge else None
-        plans[block.name].merged = merge_plan(plans[block.name], ffns[block.name], grams)
+        plans[block.name].merged = merge_plan(plans[block.name], ffns[block.name], grams, config.ridge)
     return plans
 
 

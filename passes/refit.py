@@ -5,12 +5,15 @@ re-fits each merged expert by ridge least squares on calibration statistics:
 
 * output projection (:func:`least_squares_output`): on the tokens the original router sends to a member
   ``m`` of group ``g`` with weight ``w``, the merged expert's hidden activation ``h`` should map to the
-  member's original output ``y``: ``D = (sum w y h^T) (sum w h h^T + lambda I)^-1`` (a bias column is solved
-  along when the experts have output biases). The sums are ``H x I`` and ``I x I`` per group, so memory does
+  member's original output ``y``. The ridge pulls towards the merged projection ``D0`` rather than zero,
+  so that with few tokens the refit stays close to plain merging:
+  ``D = (sum w y h^T + lambda D0) (sum w h h^T + lambda I)^-1`` (a bias column is solved along when the
+  experts have output biases). The sums are ``H x I`` and ``I x I`` per group, so memory does
   not grow with the number of tokens (collected by :class:`~moefx.passes.observe.ObservedExperts`);
 * input projections (:func:`least_squares_inputs`, optional): the merged pre-activations should match each
   aligned member's, weighted by routing weight: ``W = (sum_m W_m C_m) (sum_m C_m)^-1`` with ``C_m`` the
-  member's routing-weighted input second moment (RegMean-style, a least-squares step on the pre-activation).
+  member's routing-weighted input second moment (RegMean-style, a least-squares step on the pre-activation),
+  with the same pull towards the averaged input projections.
 
 ``lambda`` is ``ridge`` times the mean diagonal of the Gram matrix.
 """
@@ -24,12 +27,12 @@ from moefx.experts import FFN
 REFIT_MODES = ("none", "out", "in+out")
 
 
-def _ridge_solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float) -> torch.Tensor:
-    """``cross @ (gram + lambda I)^-1`` for symmetric ``gram``."""
+def _ridge_solve(gram: torch.Tensor, cross: torch.Tensor, prior: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``argmin_X sum w ||X h - y||^2 + lambda ||X - prior||^2 = (cross + lambda prior)(gram + lambda I)^-1``."""
     gram = gram.double()
     damping = ridge * gram.diagonal().mean().clamp(min=1e-12)
     eye = torch.eye(gram.shape[0], dtype=gram.dtype)
-    return torch.linalg.solve(gram + damping * eye, cross.double().T).T
+    return torch.linalg.solve(gram + damping * eye, (cross.double() + damping * prior.double()).T).T
 
 
 def least_squares_output(ffn: FFN, gram: torch.Tensor, cross: torch.Tensor, ridge: float) -> FFN:
@@ -37,14 +40,15 @@ def least_squares_output(ffn: FFN, gram: torch.Tensor, cross: torch.Tensor, ridg
     ``cross = sum w y h^T`` (both with a trailing constant-1 column when ``ffn`` has an output bias)."""
     if float(gram.diagonal().sum()) <= 0.0:  # no calibration token reached this group: keep the average
         return ffn
-    solution = _ridge_solve(gram, cross, ridge)
+    prior = ffn.out_weight if ffn.out_bias is None else torch.cat([ffn.out_weight, ffn.out_bias[:, None]], dim=1)
+    solution = _ridge_solve(gram, cross, prior, ridge)
     dtype = ffn.out_weight.dtype
     if ffn.out_bias is not None:
         return FFN(ffn.in_weights, ffn.in_biases, solution[:, :-1].to(dtype), solution[:, -1].to(dtype))
     return FFN(ffn.in_weights, ffn.in_biases, solution.to(dtype), None)
 
 
-def least_squares_inputs(merged: FFN, aligned: list[FFN], grams: list[torch.Tensor], ridge: float = 1e-4) -> FFN:
+def least_squares_inputs(merged: FFN, aligned: list[FFN], grams: list[torch.Tensor], ridge: float = 1e-2) -> FFN:
     """``merged`` with each input projection set to the least-squares fit of the aligned members'
     pre-activations: ``W = (sum_m W_m C_m)(sum_m C_m)^-1``. ``grams[m]`` is member m's routing-weighted
     input second moment, ``[H, H]``, or ``[H+1, H+1]`` with the constant-1 column when there are biases."""
@@ -60,7 +64,10 @@ def least_squares_inputs(merged: FFN, aligned: list[FFN], grams: list[torch.Tens
             if with_bias:
                 w = torch.cat([w, member.in_biases[k].double()[:, None]], dim=1)
             cross = cross + w @ gram.double()
-        solution = _ridge_solve(total, cross, ridge)
+        prior = merged.in_weights[k].double()
+        if with_bias:
+            prior = torch.cat([prior, merged.in_biases[k].double()[:, None]], dim=1)
+        solution = _ridge_solve(total, cross, prior, ridge)
         dtype = merged.in_weights[k].dtype
         in_weights.append((solution[:, :-1] if with_bias else solution).to(dtype))
         in_biases.append(solution[:, -1].to(dtype) if with_bias else None)

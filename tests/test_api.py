@@ -1,4 +1,5 @@
 import copy
+import functools
 import io
 import warnings
 
@@ -15,10 +16,18 @@ def _calibration(family, batches=3, seed=0):
     return [example_inputs(family, batch=4, seq=16, seed=seed + s) for s in range(batches)]
 
 
-def _compile(family, **options):
+@functools.cache
+def _cached_compile(family, options):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", moefx.MoefxWarning)
-        return moefx.compile(tiny_model(family), _calibration(family), **options)
+        return moefx.compile(tiny_model(family), _calibration(family), **dict(options))
+
+
+def _compile(family, **options):
+    """A compiled tiny model, shared between tests (do not mutate it)."""
+    return _cached_compile(
+        family, tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in options.items()))
+    )
 
 
 def _outputs(model, family):
@@ -33,8 +42,7 @@ def test_keeping_every_expert_reproduces_the_model(family):
     assert all(b.kept == b.num_experts for b in compressed.moefx_report.blocks)
 
 
-@pytest.mark.parametrize("experts", [0.5, 0.25])
-@pytest.mark.parametrize("router", ["exact", "pruned"])
+@pytest.mark.parametrize("experts, router", [(0.5, "exact"), (0.25, "pruned")])
 def test_compression_keeps_the_requested_share_of_expert_parameters(family, experts, router):
     compressed = _compile(family, experts=experts, router=router)
     report = compressed.moefx_report
@@ -50,7 +58,7 @@ def test_compression_keeps_the_requested_share_of_expert_parameters(family, expe
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("family", ["mixtral", "switch", "gpt_oss"])
+@pytest.mark.parametrize("family", ["mixtral", "switch"])
 def test_every_method_compresses(family, method):
     compressed = _compile(family, experts=0.5, method=method, **({"rank": 4} if method == "mc-smoe" else {}))
     report = compressed.moefx_report
@@ -107,13 +115,17 @@ def test_prepare_calibrate_convert_equals_compile():
     model = tiny_model("olmoe")
     probe = moefx.prepare(model, calib[0])
     assert max_output_diff(_outputs(probe, "olmoe"), _outputs(model, "olmoe")) == 0.0  # observing changes nothing
-    observed = moefx.prepare(model, calib[0])
+    observed = moefx.prepare(model, calib[0], moefx.api.calibration_needs(moefx.CompressionConfig()))
     for batch in calib:
         with torch.no_grad():
             observed(**batch)
-    manual = moefx.convert(observed, experts=0.5)
+    manual = moefx.convert(observed, experts=0.5, calib_batches=calib)
     automatic = moefx.compile(model, calib, experts=0.5)
     assert max_output_diff(_outputs(manual, "olmoe"), _outputs(automatic, "olmoe")) == 0.0
+    observed = moefx.prepare(model, calib[0], moefx.api.calibration_needs(moefx.CompressionConfig()))
+    moefx.calibrate(observed, calib)
+    with pytest.warns(moefx.MoefxWarning, match="not refit"):
+        moefx.convert(observed, experts=0.5)  # without the batches again the refit cannot run
 
 
 def test_bfloat16_models_compile_in_their_dtype():
@@ -146,8 +158,8 @@ def test_skip_layers_leaves_a_block_unchanged():
         ({"experts": 1.5}, moefx.ConfigError, "out of range"),
         ({"experts": -2}, moefx.ConfigError, "out of range"),
         ({"experts": True}, moefx.ConfigError, "fraction"),
-        ({"experts": 0.1}, moefx.ConfigError, "fewer than their top_k"),
-        ({"experts": 0.1, "adaptive": False}, moefx.ConfigError, "fewer than its top_k"),
+        ({"experts": 0.1, "method": "m-smoe"}, moefx.ConfigError, "fewer than their top_k"),
+        ({"experts": 0.1}, moefx.ConfigError, "fewer than its top_k"),
         ({"method": "magic"}, moefx.ConfigError, "unknown method 'magic'"),
         ({"router": "fast"}, moefx.ConfigError, "unknown router"),
         ({"expert": 0.5}, moefx.ConfigError, "unknown option 'expert'"),
@@ -191,7 +203,7 @@ def test_convert_needs_a_prepared_model():
         moefx.convert(tiny_model("mixtral"))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ["mixtral", "switch"])
 def test_pruned_and_exact_routers_agree_on_the_kept_experts(family):
     exact = _compile(family, experts=0.5, router="exact")
     pruned = _compile(family, experts=0.5, router="pruned")
@@ -199,7 +211,7 @@ def test_pruned_and_exact_routers_agree_on_the_kept_experts(family):
 
 
 def test_mc_smoe_at_full_rank_keeping_everything_equals_m_smoe(family):
-    m_smoe = _compile(family, experts=0.5)
+    m_smoe = _compile(family, experts=0.5, method="m-smoe")
     mc_smoe = _compile(family, experts=0.5, method="mc-smoe", rank=1.0, sparse_keep=1.0)
     assert max_output_diff(_outputs(m_smoe, family), _outputs(mc_smoe, family)) <= 1e-4
 
