@@ -14,13 +14,19 @@ import torch
 
 import moefx
 import moefx.export
-from moefx.export.serving import new_shape_inputs, serving_model
+from moefx.export.serving import (
+    check_parity,
+    is_canonical_block,
+    new_shape_inputs,
+    rows_with_routing_ties,
+    serving_model,
+)
 from moefx.zoo import FAMILIES, example_inputs, tiny_model
 
 VARIANTS = {
     "original": None,
-    "m-smoe exact": {"experts": 0.5},
-    "m-smoe pruned": {"experts": 0.5, "router": "pruned"},
+    "merge-refit exact": {"experts": 0.5},  # the default method
+    "m-smoe pruned": {"experts": 0.5, "method": "m-smoe", "router": "pruned"},
     "mc-smoe": {"experts": 0.5, "method": "mc-smoe", "rank": 4},
 }
 
@@ -55,10 +61,10 @@ ONNX_DEFAULT = {  # one variant per family by default: the fused lowering on the
     "qwen2_moe": "m-smoe pruned",
     "qwen3_moe": "mc-smoe",
     "olmoe": "original",
-    "deepseek_v3": "m-smoe exact",
+    "deepseek_v3": "merge-refit exact",
     "switch": "mc-smoe",
     "gpt_oss": "m-smoe pruned",
-    "hand_written": "m-smoe exact",
+    "hand_written": "merge-refit exact",
 }
 
 
@@ -123,3 +129,28 @@ def test_static_export_runs_on_the_example_shape(tmp_path):
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feed = {k: v.numpy() for k, v in example_inputs("qwen3_moe").items()}
     assert session.run(None, feed)[0].shape == (2, 8, 96)
+
+
+def test_parity_check_skips_only_rows_whose_routing_is_tied():
+    serving, inputs = serving_model(_model("mixtral", "merge-refit exact"), example_inputs("mixtral"))
+    check = new_shape_inputs(inputs, serving.input_names)
+    assert not rows_with_routing_ties(serving, check).any()  # random routers: no near-ties
+    expected = serving(*check).detach()
+
+    def differs_in_row(row):
+        def run(_):
+            out = expected.clone()
+            out[row] += 1.0
+            return out
+
+        return run
+
+    with pytest.raises(moefx.MoefxError, match="differs from eager"):
+        check_parity("test", serving, differs_in_row(0), inputs)
+    for m in serving.modules():  # duplicate each router's top logit: every token is tied at the k boundary
+        if is_canonical_block(m):
+            with torch.no_grad():
+                m.router.weight[:] = m.router.weight[0]
+    assert rows_with_routing_ties(serving, check).all()
+    with pytest.raises(moefx.MoefxError, match="every row of the check inputs has a routing tie"):
+        check_parity("test", serving, differs_in_row(0), inputs)
