@@ -3,9 +3,19 @@
 ``moefx.export.pt2`` is the recommended PyTorch artifact; TorchScript is deprecated upstream.
 """
 
-from moefx.export.checkpoint import load, save, save_pretrained, to_transformers
+from moefx.export.checkpoint import checkpoint_inputs, load, load_report, save, save_pretrained, to_transformers
 from moefx.export.onnx import onnx
 from moefx.export.pt2 import pt2
 from moefx.export.torchscript import torchscript
 
-__all__ = ["load", "onnx", "pt2", "save", "save_pretrained", "to_transformers", "torchscript"]
+__all__ = [
+    "checkpoint_inputs",
+    "load",
+    "load_report",
+    "onnx",
+    "pt2",
+    "save",
+    "save_pretrained",
+    "to_transformers",
+    "torchscript",
+]

@@ -2,9 +2,10 @@
 
 ``moefx.save(model, dir)`` writes ``model.safetensors`` (every weight, nothing pickled) and ``moefx.json``
 (the base architecture, example-input shapes, and per MoE block the structure compression gave it: number
-of experts, router outputs, LoSparse ranks and kept slices). ``moefx.load(dir)`` rebuilds the base model
-(a transformers model from its config, or the ``model`` you pass), re-runs moefx's detection on it to
-rebuild each canonical block, reshapes the blocks as described, and loads the weights.
+of experts, router outputs, LoSparse ranks and kept slices), plus ``report.json`` (the compression report)
+when the model has one. ``moefx.load(dir)`` rebuilds the base model (a transformers model from its config,
+or the ``model`` you pass), re-runs moefx's detection on it to rebuild each canonical block, reshapes the
+blocks as described, loads the weights and the report.
 
 :func:`save_pretrained` writes an ordinary transformers checkpoint (loadable without moefx) for models whose
 every compressed block has a pruned router, dense experts and the same expert count.
@@ -24,6 +25,7 @@ from safetensors.torch import load_model, save_model
 from torch import fx, nn
 from torch.fx.passes.infra.pass_manager import PassManager
 
+from moefx.api import CompressionReport
 from moefx.block import FusedExpertsSource, ModuleExpertsSource, MoEBlock, build_block, selection_nodes
 from moefx.capture import max_output_diff, normalize_inputs
 from moefx.errors import CheckpointError, MoefxError, first_line
@@ -35,7 +37,7 @@ from moefx.passes.router import PruneRouter
 from moefx.routing import combine_by_group
 
 FORMAT, VERSION = "moefx-checkpoint", 1
-WEIGHTS, DESCRIPTION = "model.safetensors", "moefx.json"
+WEIGHTS, DESCRIPTION, REPORT = "model.safetensors", "moefx.json", "report.json"
 
 
 def _canonical_blocks(model: nn.Module) -> dict[str, fx.GraphModule]:
@@ -110,10 +112,13 @@ def save(model: nn.Module, directory: str | os.PathLike, example_inputs: Any) ->
         "example_inputs": _input_spec(example_inputs),
         "blocks": {name: _describe_block(g) for name, g in blocks.items()},
     }
+    report = getattr(model, "moefx_report", None)
     with atomic_output(target) as scratch:
         scratch.mkdir()
         save_model(model, str(scratch / WEIGHTS))
         (scratch / DESCRIPTION).write_text(json.dumps(description, indent=1, default=str) + "\n")
+        if report is not None:
+            (scratch / REPORT).write_text(json.dumps(report.to_dict(), indent=1) + "\n")
     return target
 
 
@@ -130,6 +135,22 @@ def _read_description(directory: Path) -> dict:
     if description.get("format") != FORMAT or description.get("version") != VERSION:
         raise CheckpointError(f"{directory / DESCRIPTION} is not a moefx checkpoint of version {VERSION}")
     return description
+
+
+def load_report(directory: str | os.PathLike) -> CompressionReport:
+    """The compression report :func:`save` wrote beside a checkpoint (``report.json``)."""
+    path = Path(directory) / REPORT
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist: is {directory} a directory written by moefx.save?")
+    try:
+        return CompressionReport.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, MoefxError) as exc:
+        raise CheckpointError(f"{path} is corrupt or not a moefx report ({first_line(exc)})") from None
+
+
+def checkpoint_inputs(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Inputs of the shapes and dtypes of the example inputs a checkpoint was saved with (random token ids)."""
+    return _synthesize(_read_description(Path(directory))["example_inputs"])
 
 
 def _base_model(description: dict, model: nn.Module | None) -> nn.Module:
@@ -195,7 +216,7 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Mod
     """Load a checkpoint written by :func:`save`.
 
     Transformers models are rebuilt from the saved config; for other models pass ``model``, an instance of
-    the uncompressed architecture (its weights are replaced).
+    the uncompressed architecture (its weights are replaced). The saved report, if any, is ``moefx_report``.
     """
     from moefx.passes.detect import find_moe_blocks
 
@@ -216,6 +237,8 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Mod
     if missing_keys or unexpected:
         detail = sorted(missing_keys or unexpected)[0]
         raise CheckpointError(f"{directory / WEIGHTS} does not match its description (e.g. {detail})")
+    if (directory / REPORT).is_file():
+        target.moefx_report = load_report(directory)
     return target.eval()
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import time
 import warnings
 from collections.abc import Iterable, Iterator
@@ -26,7 +27,7 @@ from moefx.capture import call_model
 from moefx.config import CompressionConfig
 from moefx.errors import CalibrationError, MoefxError, MoefxWarning
 from moefx.experts import FFN
-from moefx.losparse import stable_rank
+from moefx.losparse import LoSparseExperts, LoSparseLinear, stable_rank
 from moefx.passes.detect import find_moe_blocks
 from moefx.passes.losparse import CompressExperts, plan_losparse
 from moefx.passes.merge import BlockPlan, MergeExperts, plan_compression
@@ -62,15 +63,48 @@ class BlockReport:
     flops_after: int
     stable_rank_before: list[float] = field(default_factory=list)  # per original expert, mean over its matrices
     stable_rank_after: list[float] = field(default_factory=list)  # per merged expert, before any LoSparse
+    dtype: str = "float32"  # of the expert weights: parameters times its size are the bytes
+    # method="mc-smoe": per kept expert, per matrix (input projections, then output), the fraction of the
+    # dense matrix's parameters its low-rank plus sparse form stores (empty where LoSparse did not run)
+    remaining: list[list[float]] = field(default_factory=list)
+
+
+@dataclass
+class QualityCheck:
+    """A metric measured on the model before and after compression (e.g. held-out next-token loss)."""
+
+    metric: str
+    before: float
+    after: float
 
 
 @dataclass
 class CompressionReport:
-    """What ``compile``/``convert`` did: per-block results, the configuration and time per stage (s)."""
+    """What ``compile``/``convert`` did: per-block results, the configuration and time per stage (s).
+
+    ``quality`` is left for the caller that evaluates the result (``moefx compress --eval`` sets it).
+    :func:`moefx.report.write_report` renders a report as markdown and plots.
+    """
 
     config: CompressionConfig
     blocks: list[BlockReport] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    quality: QualityCheck | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as plain JSON-serialisable data (:meth:`from_dict` reads it back)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CompressionReport:
+        """The report :meth:`to_dict` gave (raises ``ConfigError``/``TypeError``/``KeyError`` on other data)."""
+        quality = data.get("quality")
+        return cls(
+            config=CompressionConfig.from_arguments(None, data["config"]),
+            blocks=[BlockReport(**b) for b in data["blocks"]],
+            seconds=dict(data["seconds"]),
+            quality=None if quality is None else QualityCheck(**quality),
+        )
 
     @property
     def expert_params_before(self) -> int:
@@ -133,14 +167,9 @@ def calibrate(observed: nn.Module, batches: Iterable[Any], progress: bool = Fals
     was_training = observed.training
     observed.eval()
     count = 0
-    iterator = batches
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(batches, desc="calibration", unit="batch")
     try:
         with torch.no_grad():
-            for batch in iterator:
+            for batch in _progress(batches, "calibration", "batch", progress):
                 call_model(observed, batch)
                 count += 1
     finally:
@@ -148,6 +177,15 @@ def calibrate(observed: nn.Module, batches: Iterable[Any], progress: bool = Fals
     if count == 0:
         raise CalibrationError("the calibration data yielded no batches: pass a non-empty iterable of batches")
     return count
+
+
+def _progress(items: Iterable[Any], desc: str, unit: str, enabled: bool) -> Iterable[Any]:
+    """``items``, with a tqdm progress bar when ``enabled``."""
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit=unit)
 
 
 def _state(model: nn.Module) -> _Prepared:
@@ -262,14 +300,14 @@ def convert(
             report.blocks.append(_block_report(b, plan, s, before, merged, ffns[b.name], compact))
 
     if config.sequential:  # each block's second pass sees the blocks before it already compressed
-        for b in state.blocks:
+        for b in _progress(state.blocks, "merging", "block", config.progress):
             if b in second:
                 second_pass([b])
             finish(b)
     else:
         if second:
             second_pass(second)
-        for b in state.blocks:
+        for b in _progress(state.blocks, "merging", "block", config.progress):
             finish(b)
     if config.method == "mc-smoe":
         with stage("low-rank and sparse compression"):
@@ -279,12 +317,20 @@ def convert(
             graph = observed.get_submodule(b.name)
             r.expert_params_after = _experts_params(graph.experts)
             r.flops_after = block_flops(graph, graph.experts, b.top_k)
+            if isinstance(graph.experts, LoSparseExperts):
+                r.remaining = [[_remaining(m) for m in (*e.in_linears, e.out_linear)] for e in graph.experts.experts]
     for hook in state.hooks:
         hook.remove()
     delattr(observed, _STATE)
     report.seconds = dict(state.seconds)
     observed.moefx_report = report
     return observed
+
+
+def _remaining(linear: LoSparseLinear) -> float:
+    """The fraction of its dense matrix's parameters (with bias) a LoSparse linear stores."""
+    bias = linear.out_features if linear.bias is not None else 0
+    return linear.num_parameters() / (linear.out_features * linear.in_features + bias)
 
 
 def _needs_second_pass(plan: BlockPlan, refit: bool, config: CompressionConfig) -> bool:
@@ -365,6 +411,7 @@ def _block_report(
         flops_after=merged[1],
         stable_rank_before=[_mean_stable_rank(f) for f in original],
         stable_rank_after=[_mean_stable_rank(bank.ffn(g)) for g in range(bank.num_experts)],
+        dtype=str(next(bank.parameters()).dtype).removeprefix("torch."),
     )
 
 

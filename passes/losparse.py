@@ -63,7 +63,8 @@ def plan_losparse(
 
     ``input_moments[name][e]`` is ``(E[x x^T] of the token, E[h h^T] of the hidden activation)`` for expert
     ``e`` (either may be None). The residual columns (rows) kept are the top ``sparse_keep`` share of all
-    residual columns (rows) of all banks together, by :func:`~moefx.losparse.sparse_scores`.
+    residual columns (rows) of all banks together, by :func:`~moefx.losparse.sparse_scores`, except that no
+    matrix keeps more than would make it larger than its dense form.
     """
     decomposed = []  # (bank name, expert, slot, u, v, residual, bias, scores)
     for name, bank in banks.items():
@@ -86,6 +87,13 @@ def plan_losparse(
     for name, e, _, u, v, residual, bias, scores in decomposed:
         kept = torch.nonzero(keep[offset : offset + scores.numel()]).flatten()
         offset += scores.numel()
+        # never store more than the dense matrix: keep at most what the low-rank part leaves of its size
+        out_features, in_features = residual.shape
+        limit = (
+            max(0, out_features * in_features - u.numel() - v.numel()) // residual.shape[0 if axis == "columns" else 1]
+        )
+        if len(kept) > limit:
+            kept = kept[torch.argsort(scores[kept], descending=True, stable=True)[:limit]].sort().values
         dtype = banks[name].ffn(e).out_weight.dtype
         result[name][e].append(LoSparseLinear.from_parts(u, v, residual, kept, bias, axis, dtype))
     return {

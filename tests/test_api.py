@@ -9,7 +9,7 @@ import torch
 import moefx
 from moefx.capture import max_output_diff
 from moefx.config import METHODS
-from moefx.zoo import FAMILIES, example_inputs, tiny_model
+from moefx.zoo import example_inputs, tiny_model
 
 
 def _calibration(family, batches=3, seed=0):

@@ -38,7 +38,7 @@ def _same_outputs(a, b, family):
 def test_save_load_round_trip(family, options, tmp_path):
     compressed = _compiled(family, **options)
     directory = moefx.save(compressed, tmp_path / "ckpt", example_inputs(family))
-    assert sorted(p.name for p in directory.iterdir()) == ["model.safetensors", "moefx.json"]
+    assert sorted(p.name for p in directory.iterdir()) == ["model.safetensors", "moefx.json", "report.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no scratch left behind
     loaded = moefx.load(directory)
     assert type(loaded) is type(compressed)
