@@ -42,6 +42,7 @@ if __package__ in (None, ""):
 
 import moefx  # noqa: E402
 from benchmarks import data, models  # noqa: E402
+from moefx.demo import onnx_latency_ms  # noqa: E402
 
 DEFAULT = "merge-refit"
 BASELINES = ("m-smoe", "prune-frequency", "average", "hc-smoe", "reap")
@@ -210,26 +211,11 @@ def quality_rows(task: Task, settings: Settings, keep: dict[tuple[str, float], n
 
 def probe_onnx(path: str, vocab_size: int, batch: int, seq: int, repeats: int, threads: int) -> dict[str, float]:
     """Run in a fresh process: median ONNX Runtime latency (ms) and the process's peak resident memory (MiB)."""
-    import numpy as np
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(0)
-    feeds = {"input_ids": rng.integers(4, vocab_size, (batch, seq), dtype=np.int64),
-             "attention_mask": np.ones((batch, seq), dtype=np.int64)}  # fmt: skip
-    feeds = {i.name: feeds[i.name] for i in session.get_inputs()}
-    for _ in range(3):
-        session.run(None, feeds)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        session.run(None, feeds)
-        times.append(time.perf_counter() - start)
+    ids = torch.randint(4, vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    feed = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    latency = onnx_latency_ms(path, feed, repeats, threads, warmup=3)
     return {
-        "latency_ms": 1e3 * statistics.median(times),
+        "latency_ms": latency,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 

@@ -64,16 +64,20 @@ def _weight_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def _latency_ms(path: Path, feed: dict[str, torch.Tensor], runs: int) -> float:
-    """Median wall time of an ONNX Runtime run on ``feed`` (after two warm-up runs)."""
+def onnx_latency_ms(
+    path: Path | str, feed: dict[str, torch.Tensor], runs: int, threads: int | None = None, warmup: int = 2
+) -> float:
+    """Median wall time (ms) of an ONNX Runtime run on ``feed`` after ``warmup`` runs, on ``threads`` intra-op
+    threads (default: as many as torch uses)."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()  # the same share of the machine as torch's
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     names = {i.name for i in session.get_inputs()}
     arrays = {k: v.numpy() for k, v in feed.items() if k in names}
-    for _ in range(2):
+    for _ in range(warmup):
         session.run(None, arrays)
     times = []
     for _ in range(runs):
@@ -148,7 +152,7 @@ def run_demo(
                     total_bytes=_weight_bytes(candidate),
                     onnx_bytes=path.stat().st_size,
                     val_loss=data.lm_validation_loss(candidate, val_batches),
-                    latency_ms=_latency_ms(path, feed, runs),
+                    latency_ms=onnx_latency_ms(path, feed, runs),
                 )
             )
     return rows
