@@ -43,6 +43,7 @@ if __package__ in (None, ""):
 import moefx  # noqa: E402
 from benchmarks import data, models  # noqa: E402
 from moefx.demo import onnx_latency_ms  # noqa: E402
+from moefx.export.serving import atomic_output  # noqa: E402
 
 DEFAULT = "merge-refit"
 BASELINES = ("m-smoe", "prune-frequency", "average", "hc-smoe", "reap")
@@ -337,16 +338,12 @@ def run(settings: Settings, out_dir: Path) -> dict[str, Any]:
     results["compile_cost"] = compile_cost(settings, results["quality"])
     results["wall_s"] = time.perf_counter() - started
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write(out_dir / "results.json", json.dumps(results, indent=1) + "\n")
+    with atomic_output(out_dir / "results.json") as target:
+        target.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     plot_quality_vs_memory(results, out_dir / "quality_vs_memory.png")
-    _write(out_dir / "results.md", render_markdown(results))
+    with atomic_output(out_dir / "results.md") as target:
+        target.write_text(render_markdown(results), encoding="utf-8")
     return results
-
-
-def _write(path: Path, text: str) -> None:
-    scratch = path.with_name(path.name + ".tmp")
-    scratch.write_text(text, encoding="utf-8")
-    scratch.replace(path)
 
 
 def plot_quality_vs_memory(results: dict[str, Any], path: Path) -> None:
@@ -370,10 +367,9 @@ def plot_quality_vs_memory(results: dict[str, Any], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     figure.tight_layout()
-    scratch = path.with_name("tmp-" + path.name)
-    figure.savefig(scratch, dpi=110)
+    with atomic_output(path) as target:
+        figure.savefig(target, dpi=110)
     plt.close(figure)
-    scratch.replace(path)
 
 
 def _mib(n: float) -> str:

@@ -119,10 +119,12 @@ def new_shape_inputs(inputs: tuple[torch.Tensor, ...], names: list[str]) -> tupl
     return tuple(result)
 
 
-def rows_with_routing_ties(serving: ServingModule, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Run eager on ``inputs``; a boolean per batch row: whether some token of it has a near-tie between its
-    k-th and (k+1)-th router logit in some block. Rounding legitimately flips the choice of expert there, so
-    an artifact may differ from eager at that token and, through attention, after it."""
+def eager_with_routing_ties(
+    serving: ServingModule, inputs: tuple[torch.Tensor, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run eager on ``inputs``: its output, and a boolean per batch row saying whether some token of it has a
+    near-tie between its k-th and (k+1)-th router logit in some block. Rounding legitimately flips the choice
+    of expert there, so an artifact may differ from eager at that token and, through attention, after it."""
     rows = inputs[0].shape[0]
     tied = torch.zeros(rows, dtype=torch.bool)
 
@@ -143,11 +145,11 @@ def rows_with_routing_ties(serving: ServingModule, inputs: tuple[torch.Tensor, .
     ]
     try:
         with torch.no_grad():
-            serving(*inputs)
+            output = serving(*inputs)
     finally:
         for h in hooks:
             h.remove()
-    return tied
+    return output, tied
 
 
 def check_parity(
@@ -155,18 +157,17 @@ def check_parity(
 ) -> float:
     """Run the artifact on new-shape inputs and compare with eager; raise naming the worst output.
 
-    Batch rows in which eager routing has a near-tie (see :func:`rows_with_routing_ties`) are not compared.
+    Batch rows in which eager routing has a near-tie (see :func:`eager_with_routing_ties`) are not compared.
     """
     inputs = new_shape_inputs(example, serving.input_names)
+    expected, tied = eager_with_routing_ties(serving, inputs)
     with torch.no_grad():
-        expected = serving(*inputs)
         got = run_artifact(inputs)
     got = torch.as_tensor(got[0] if isinstance(got, (tuple, list)) else got)
     if got.shape != expected.shape:
         raise MoefxError(f"the {kind} artifact returned shape {tuple(got.shape)}, eager {tuple(expected.shape)}")
     diff = (got.float() - expected.float()).abs()
-    if diff.ndim >= 1 and diff.shape[0] == inputs[0].shape[0]:
-        tied = rows_with_routing_ties(serving, inputs)
+    if diff.ndim >= 1 and diff.shape[0] == len(tied):
         if bool(tied.all()):
             raise MoefxError(f"cannot check the {kind} artifact: every row of the check inputs has a routing tie")
         diff[tied] = 0.0

@@ -288,6 +288,7 @@ def convert(
                     least_squares_output(ffn, s.refit_grams[g], s.refit_cross[g], config.ridge)
                     for g, ffn in enumerate(plan.merged)
                 ]
+                s.refit_grams = s.refit_cross = None  # used up: with sequential, one block's are held at a time
             before = (_experts_params(banks[b.name]), block_flops(graph, banks[b.name], b.top_k))
             passes = [RemoveObservers(), MergeExperts(plan)]
             if plan.router == "pruned" and not plan.is_identity:

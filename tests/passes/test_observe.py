@@ -8,7 +8,6 @@ from torch.fx.passes.infra.pass_manager import PassManager
 from moefx.block import build_block
 from moefx.passes.observe import (
     CalibrationNeeds,
-    InsertObservers,
     RemoveObservers,
     collect_statistics,
     install_mask_hook,
@@ -16,16 +15,10 @@ from moefx.passes.observe import (
 from moefx.routing import select_experts
 
 
-def _observed(block, needs=None):
-    needs = needs or CalibrationNeeds()
-    graph = build_block(block.module, block)
-    return PassManager([InsertObservers(block.hidden_size, block.mask_key, needs)])(graph).graph_module
-
-
-def test_insert_observers_graph_structure_and_numerics(zoo):
+def test_insert_observers_graph_structure_and_numerics(zoo, observed_block):
     block = zoo("qwen2_moe")[3][0]
     canonical = build_block(block.module, block)
-    observed = _observed(block)
+    observed = observed_block(block)
     nodes = {n.target: n for n in observed.graph.nodes if n.op == "call_module"}
     assert "routing_observer" in nodes and "observed_experts" in nodes and "experts" not in nodes
     observer = nodes["routing_observer"]
@@ -38,10 +31,10 @@ def test_insert_observers_graph_structure_and_numerics(zoo):
         assert torch.equal(observed(x), canonical(x))
 
 
-def test_remove_observers_restores_the_canonical_graph(zoo):
+def test_remove_observers_restores_the_canonical_graph(zoo, observed_block):
     block = zoo("mixtral")[3][0]
     canonical = build_block(block.module, block)
-    observed = _observed(block, CalibrationNeeds(all_token_outputs=True, expert_input_moments=True))
+    observed = observed_block(block, CalibrationNeeds(all_token_outputs=True, expert_input_moments=True))
     restored = PassManager([RemoveObservers()])(observed).graph_module
     signature = lambda g: [(n.op, str(n.target)) for n in g.graph.nodes]  # noqa: E731
     assert signature(restored) == signature(canonical)
@@ -51,9 +44,9 @@ def test_remove_observers_restores_the_canonical_graph(zoo):
         assert torch.equal(restored(x), canonical(x))
 
 
-def test_routing_statistics_match_direct_computation(zoo):
+def test_routing_statistics_match_direct_computation(zoo, observed_block):
     block = zoo("mixtral")[3][0]
-    observed = _observed(block)
+    observed = observed_block(block)
     x = torch.randn(3, 7, block.hidden_size)
     with torch.no_grad():
         observed(x)
@@ -66,11 +59,11 @@ def test_routing_statistics_match_direct_computation(zoo):
     assert torch.equal(stats.routed, stats.counts)
 
 
-def test_padding_tokens_are_excluded(zoo):
+def test_padding_tokens_are_excluded(zoo, observed_block):
     model, inputs, _, blocks = zoo("mixtral")
     model = copy.deepcopy(model)
     for b in blocks:
-        model.set_submodule(b.name, _observed(b))
+        model.set_submodule(b.name, observed_block(b))
     hooks = install_mask_hook(model)
     mask = torch.ones(2, 8, dtype=torch.long)
     mask[0, :5] = 0
@@ -83,9 +76,9 @@ def test_padding_tokens_are_excluded(zoo):
     assert stats.counts.sum() == 22 and stats.routed.sum() == 22
 
 
-def test_dropped_tokens_count_as_routed_nowhere(zoo):
+def test_dropped_tokens_count_as_routed_nowhere(zoo, observed_block):
     block = zoo("switch")[3][0]
-    observed = _observed(block)
+    observed = observed_block(block)
     graph_selection = next(n for n in observed.graph.nodes if n.target is select_experts)
     graph_selection.kwargs = {**graph_selection.kwargs, "capacity": 1}
     observed.recompile()
@@ -101,9 +94,9 @@ def test_dropped_tokens_count_as_routed_nowhere(zoo):
 
 
 @pytest.mark.parametrize("needs", [CalibrationNeeds(), CalibrationNeeds(True, True, True)])
-def test_statistics_do_not_grow_with_tokens(zoo, needs):
+def test_statistics_do_not_grow_with_tokens(zoo, needs, observed_block):
     block = zoo("gpt_oss")[3][0]
-    observed = _observed(block, needs)
+    observed = observed_block(block, needs)
     size = lambda: sum(b.numel() for b in observed.buffers())  # noqa: E731
     with torch.no_grad():
         observed(torch.randn(1, 2, block.hidden_size))

@@ -2,20 +2,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.fx.passes.infra.pass_manager import PassManager
 
 import moefx
-from moefx.block import build_block
 from moefx.experts import FFN
-from moefx.passes.observe import CalibrationNeeds, InsertObservers, collect_statistics
+from moefx.passes.observe import CalibrationNeeds, collect_statistics
 from moefx.passes.refit import least_squares_inputs, least_squares_output
 from moefx.zoo import HandWrittenMoELM
 
-
-def _observed(block):
-    graph = build_block(block.module, block)
-    needs = CalibrationNeeds(weighted_input_moments=True)
-    return PassManager([InsertObservers(block.hidden_size, block.mask_key, needs)])(graph).graph_module
+NEEDS = CalibrationNeeds(weighted_input_moments=True)
 
 
 def _perturbed(ffn: FFN, gen: torch.Generator) -> FFN:
@@ -34,9 +28,9 @@ def _refit_statistics(observed, merged_bank, batches):
 
 
 @pytest.mark.parametrize("family", ["mixtral", "switch", "hand_written"])  # gated; plain; plain with biases
-def test_refit_of_single_member_groups_without_ridge_reproduces_each_expert(zoo, family):
+def test_refit_of_single_member_groups_without_ridge_reproduces_each_expert(zoo, family, observed_block):
     block = zoo(family)[3][0]
-    observed = _observed(block)
+    observed = observed_block(block, NEEDS)
     bank = observed.get_submodule("observed_experts").bank
     gen = torch.Generator().manual_seed(0)
     originals = [bank.ffn(e) for e in range(bank.num_experts)]
@@ -54,11 +48,11 @@ def test_refit_of_single_member_groups_without_ridge_reproduces_each_expert(zoo,
             torch.testing.assert_close(refit.expert_forward(e, x), bank.expert_forward(e, x), atol=1e-4, rtol=1e-4)
 
 
-def test_refit_statistics_do_not_grow_with_calibration_tokens(zoo):
+def test_refit_statistics_do_not_grow_with_calibration_tokens(zoo, observed_block):
     block = zoo("mixtral")[3][0]
     sizes = []
     for tokens in (16, 1024):
-        observed = _observed(block)
+        observed = observed_block(block, NEEDS)
         bank = observed.get_submodule("observed_experts").bank
         _refit_statistics(observed, bank, [torch.randn(2, tokens // 2, block.hidden_size)])
         state = [t for m in observed.modules() for t in (*m.buffers(recurse=False), *vars(m).values())]
