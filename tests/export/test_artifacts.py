@@ -28,6 +28,7 @@ VARIANTS = {
     "merge-refit exact": {"experts": 0.5},  # the default method
     "m-smoe pruned": {"experts": 0.5, "method": "m-smoe", "router": "pruned"},
     "mc-smoe": {"experts": 0.5, "method": "mc-smoe", "rank": 4},
+    "m-smoe exact": {"experts": 0.5, "method": "m-smoe"},  # the paper's merging behind the original router
 }
 
 
@@ -86,7 +87,7 @@ def test_onnx_export_matches_eager(family, variant, tmp_path):
         assert moe == []
 
 
-@pytest.mark.parametrize("family, variant", _matrix(lambda i, family: {NAMES[(i + 1) % 4]}))
+@pytest.mark.parametrize("family, variant", _matrix(lambda i, family: {NAMES[(i + 1) % len(NAMES)]}))
 def test_pt2_export_matches_eager(family, variant, tmp_path):
     path = moefx.export.pt2(_model(family, variant), tmp_path / "model.pt2", example_inputs(family))
     program = torch.export.load(str(path)).module()
@@ -96,7 +97,7 @@ def test_pt2_export_matches_eager(family, variant, tmp_path):
         assert torch.allclose(program(*feed), serving(*feed), atol=1e-4)
 
 
-@pytest.mark.parametrize("family, variant", _matrix(lambda i, family: {NAMES[(i + 2) % 4]}))
+@pytest.mark.parametrize("family, variant", _matrix(lambda i, family: {NAMES[(i + 2) % len(NAMES)]}))
 def test_torchscript_export_matches_eager(family, variant, tmp_path):
     path = moefx.export.torchscript(_model(family, variant), tmp_path / "model.ts", example_inputs(family))
     assert isinstance(torch.jit.load(str(path)), torch.jit.ScriptModule)
