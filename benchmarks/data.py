@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moefx.objective import next_token_loss
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 VAL_FRACTION = 0.1
 SST2_SPLITS = ("train", "dev", "test")
@@ -121,9 +123,7 @@ def lm_eval_batches(ids: torch.Tensor, seq_len: int = 128, batch_size: int = 32)
 
 def lm_token_losses(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Cross-entropy (nats) of predicting each next token of ``batch``, for the positions whose target is unmasked."""
-    targets = batch["input_ids"][:, 1:]
-    keep = batch["attention_mask"][:, 1:].bool()
-    return F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="none")
+    return next_token_loss(logits, batch["input_ids"], batch["attention_mask"], reduction="none")
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ from torch import nn
 from moefx.block import build_block
 from moefx.capture import normalize_inputs
 from moefx.errors import CheckpointError, MoefxError
+from moefx.objective import logits_of
 
 PARITY_TOLERANCE = 1e-4
 ROUTING_TIE = 1e-5  # relative gap between the k-th and (k+1)-th router logit
@@ -54,18 +55,6 @@ class ServingModule(nn.Module):
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         return logits_of(self.model(**dict(zip(self.input_names, inputs, strict=True))))
-
-
-def logits_of(output: Any) -> torch.Tensor:
-    """The logits of a model output (a tensor, an output with ``.logits``, or a tuple's first tensor)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise MoefxError(f"cannot serve a model whose output is a {type(output).__name__}: return logits")
 
 
 def serving_model(model: nn.Module, example_inputs: Any) -> tuple[ServingModule, tuple[torch.Tensor, ...]]:

@@ -25,11 +25,18 @@ from torch.fx.passes.infra.pass_manager import PassManager
 from moefx.block import MoEBlock, build_block
 from moefx.capture import call_model
 from moefx.config import CompressionConfig
-from moefx.errors import CalibrationError, MoefxError, MoefxWarning
+from moefx.errors import CalibrationError, ConfigError, MoefxError, MoefxWarning
 from moefx.experts import FFN
 from moefx.losparse import LoSparseExperts, LoSparseLinear, stable_rank
+from moefx.objective import NO_LOSS, LossFn, loss_available, task_loss
 from moefx.passes.detect import find_moe_blocks
-from moefx.passes.losparse import CompressExperts, plan_losparse
+from moefx.passes.losparse import (
+    CompressExperts,
+    decompose_experts,
+    losparse_linears,
+    residual_keep,
+    sensitivity_scores,
+)
 from moefx.passes.merge import BlockPlan, MergeExperts, plan_compression
 from moefx.passes.observe import (
     BlockStats,
@@ -235,14 +242,17 @@ def convert(
     observed: nn.Module,
     config: CompressionConfig | None = None,
     calib_batches: list[Any] | None = None,
+    loss: LossFn | None = None,
     **overrides: Any,
 ) -> nn.Module:
     """Compress a prepared, calibrated model in place and return it (observers removed).
 
     ``calib_batches`` allows the passes that need a second look at the data once the groups are known: the
     least-squares fit of a pruned router, the refit of merged experts, and MC-SMoE's activation-aware
-    compression. Without them a pruned router averages its groups' rows, merged experts are not refit and
-    MC-SMoE uses plain SVD. The report is in ``model.moefx_report``.
+    compression and gradient scores. Without them a pruned router averages its groups' rows, merged experts
+    are not refit and MC-SMoE uses plain SVD and activation scores. ``loss(output, batch)`` is the loss of
+    ``sparse_score="gradient"`` where the model has no loss of its own (see :mod:`moefx.objective`). The
+    report is in ``model.moefx_report``.
     """
     config = CompressionConfig.from_arguments(config, overrides)
     state = _state(observed)
@@ -313,7 +323,7 @@ def convert(
     if config.method == "mc-smoe":
         with stage("low-rank and sparse compression"):
             merged_blocks = [b for b in state.blocks if not plans[b.name].is_identity]
-            _compress_experts(observed, merged_blocks, config, calib_batches)
+            _compress_experts(observed, merged_blocks, config, calib_batches, loss)
         for r, b in zip(report.blocks, state.blocks, strict=True):
             graph = observed.get_submodule(b.name)
             r.expert_params_after = _experts_params(graph.experts)
@@ -356,7 +366,11 @@ def _keep_exact_routers_that_cannot_be_pruned(
 
 
 def _compress_experts(
-    model: nn.Module, blocks: list[MoEBlock], config: CompressionConfig, calib_batches: list[Any] | None
+    model: nn.Module,
+    blocks: list[MoEBlock],
+    config: CompressionConfig,
+    calib_batches: list[Any] | None,
+    loss: LossFn | None,
 ) -> None:
     """MC-SMoE's second stage: LoSparse every merged block's experts (one global sparse threshold)."""
     graphs = {b.name: model.get_submodule(b.name) for b in blocks}
@@ -375,16 +389,33 @@ def _compress_experts(
                 else (None, None)
                 for e in range(len(s.routed))
             ]
-    experts = plan_losparse(
+    experts, scores = decompose_experts(
         {b.name: graphs[b.name].experts for b in blocks},
         moments,
         config.rank,
-        config.sparse_keep,
         activation_aware=config.svd == "activation-aware",
         axis=config.sparse_axis,
     )
     for b in blocks:
         PassManager([CompressExperts(experts[b.name])])(graphs[b.name])
+    linears = losparse_linears(experts)
+    if config.sparse_score == "gradient" and linears:
+        if calib_batches is None:
+            message = "sparse_score='gradient' needs calib_batches: scored by activation"
+            warnings.warn(message, MoefxWarning, stacklevel=3)
+        else:
+            scores = sensitivity_scores(model, linears, _losses(model, calib_batches, loss))
+    for linear, kept in zip(linears, residual_keep(linears, scores, config.sparse_keep), strict=True):
+        linear.keep_slices(kept)
+
+
+def _losses(model: nn.Module, batches: list[Any], loss: LossFn | None) -> Iterator[torch.Tensor]:
+    """The task loss of ``model`` on each batch (see :mod:`moefx.objective`)."""
+    for batch in batches:
+        value = task_loss(model, call_model(model, batch), batch, loss)
+        if value is None:
+            raise ConfigError(NO_LOSS)
+        yield value
 
 
 def _block_report(
@@ -429,19 +460,27 @@ def _materialize(calib_loader: Any) -> list[Any]:
 
 
 def compile(  # noqa: A001 - the public name is fixed
-    model: nn.Module, calib_loader: Iterable[Any], config: CompressionConfig | None = None, **overrides: Any
+    model: nn.Module,
+    calib_loader: Iterable[Any],
+    config: CompressionConfig | None = None,
+    loss: LossFn | None = None,
+    **overrides: Any,
 ) -> nn.Module:
     """Compress ``model``'s MoE blocks using ``calib_loader`` and return the smaller model.
 
     ``calib_loader`` is any iterable of batches; a batch is a dict of keyword arguments (a tokenizer's
     output), a tuple of positional arguments or a tensor. Options are :class:`CompressionConfig` fields,
     given as ``config`` or as keyword arguments (``experts=0.25, router="pruned"``). The input model is not
-    modified unless ``inplace=True``. What was done is in ``compressed.moefx_report``.
+    modified unless ``inplace=True``. ``loss(output, batch)`` is only for ``sparse_score="gradient"`` on a
+    model without a loss of its own (one that is not a causal LM and gets no ``labels``). What was done is
+    in ``compressed.moefx_report``.
     """
     config = CompressionConfig.from_arguments(config, overrides)
     batches = _materialize(calib_loader)
+    if config.method == "mc-smoe" and config.sparse_score == "gradient" and not loss_available(model, batches[0], loss):
+        raise ConfigError(NO_LOSS)
     observed = prepare(model, batches[0], calibration_needs(config), inplace=config.inplace)
     start = time.perf_counter()
     calibrate(observed, batches, progress=config.progress)
     _state(observed).seconds["calibration"] = time.perf_counter() - start
-    return convert(observed, config, calib_batches=batches)
+    return convert(observed, config, calib_batches=batches, loss=loss)

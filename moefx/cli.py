@@ -21,7 +21,16 @@ from typing import Any, NoReturn
 
 import torch
 
-from moefx.config import METHODS, ROUTER_MODES, SELECTIONS, SIMILARITIES, SPARSE_AXES, SVD_MODES, CompressionConfig
+from moefx.config import (
+    METHODS,
+    ROUTER_MODES,
+    SELECTIONS,
+    SIMILARITIES,
+    SPARSE_AXES,
+    SPARSE_SCORES,
+    SVD_MODES,
+    CompressionConfig,
+)
 from moefx.config import REFITS as REFIT_MODES
 from moefx.errors import CalibrationError, CheckpointError, MoefxError, MoefxWarning, first_line
 
@@ -164,14 +173,14 @@ def _load_model(model_dir: Path) -> torch.nn.Module:
 @torch.no_grad()
 def _next_token_loss(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
     """Mean next-token cross-entropy (nats) over every predicted position of ``batches``."""
-    from moefx.export.serving import logits_of
+    from moefx.objective import logits_of, next_token_loss
 
     total, count = 0.0, 0
     for batch in batches:
-        logits = logits_of(model(**batch))[:, :-1]
-        targets = batch["input_ids"][:, 1:]
-        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
-        count += targets.numel()
+        logits = logits_of(model(**batch))
+        mask = batch.get("attention_mask")
+        total += float(next_token_loss(logits, batch["input_ids"], mask, reduction="sum"))
+        count += batch["input_ids"][:, 1:].numel() if mask is None else int(mask[:, 1:].sum())
     return float(total) / count
 
 
@@ -378,6 +387,13 @@ def _add_compression_options(parser: argparse.ArgumentParser) -> None:
         choices=SPARSE_AXES,
         default=d.sparse_axis,
         help="mc-smoe: prune the residual's columns (input features, the paper) or rows (default: %(default)s)",
+    )
+    add(
+        "--sparse-score",
+        choices=SPARSE_SCORES,
+        default=d.sparse_score,
+        help="mc-smoe: rank residual slices by activation energy or by the paper's |s * dL/ds| on the "
+        "calibration text's next-token loss (default: %(default)s)",
     )
     add("--seed", type=int, default=d.seed, help="seed for anything random (default: %(default)s)")
 

@@ -27,6 +27,7 @@ METHOD_DEFAULTS = {
     "reap": {"selection": "reap", "refit": "none", "align": False, "adaptive": False},
 }
 SPARSE_AXES = ("columns", "rows")
+SPARSE_SCORES = ("activation", "gradient")
 
 
 @dataclass
@@ -65,7 +66,10 @@ class CompressionConfig:
       ``U V + S`` with ``U V`` of rank ``rank`` (an int, the paper's 32, or a fraction of ``min(out, in)``)
       from an ``"activation-aware"`` SVD (whitened by the calibration input second moment) or a
       ``"plain"`` one, and ``S`` the residual with ``sparse_keep`` of its ``"columns"`` (input features,
-      the paper) or ``"rows"`` (output units, the authors' code) kept, by one threshold over the model.
+      the paper) or ``"rows"`` (output units, the authors' code) kept, by one threshold over the model on
+      a score per column (row): ``sparse_score="activation"`` (its norm times its input's calibration RMS)
+      or ``"gradient"`` (the paper's ``sum |s * dL/ds|`` of the model's loss on the calibration batches: a
+      causal LM's next-token loss, a loss the model computes from batch ``labels``, or ``compile(loss=)``).
     * ``seed``: for the random similarity and anything else random.
     * ``inplace``: compress the given model itself instead of a copy (saves memory; the input is consumed).
     * ``progress``: show progress bars.
@@ -86,6 +90,7 @@ class CompressionConfig:
     sparse_keep: float = 0.1
     svd: str = "activation-aware"
     sparse_axis: str = "columns"
+    sparse_score: str = "activation"
     seed: int = 0
     inplace: bool = False
     progress: bool = False
@@ -109,6 +114,7 @@ class CompressionConfig:
             ("selection", self.resolved("selection"), SELECTIONS),
             ("refit", self.resolved("refit"), REFITS),
             ("sparse_axis", self.sparse_axis, SPARSE_AXES),
+            ("sparse_score", self.sparse_score, SPARSE_SCORES),
         ):
             if value not in allowed:
                 raise ConfigError(f"unknown {name} {value!r}: choose one of {', '.join(allowed)}")

@@ -111,6 +111,13 @@ class LoSparseLinear(nn.Module):
         return tensor.sum(dim=0) if self.axis == "columns" else tensor.sum(dim=1)
 
     @torch.no_grad()
+    def keep_slices(self, positions: torch.Tensor) -> None:
+        """Keep only the kept slices at ``positions`` (indices into ``index``), dropping the rest for good."""
+        self.mask = torch.zeros(self.index.numel(), device=self.sparse.device)
+        self.mask[positions] = 1.0
+        self.compact()
+
+    @torch.no_grad()
     def compact(self) -> None:
         """Drop the slices that ``mask`` switched off, for good."""
         if self.mask is None:

@@ -11,27 +11,19 @@ largest moving average of ``|s * dL/ds|`` over the whole model. Masked slices ar
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils import _pytree as pytree
 
-from moefx.capture import normalize_inputs
+from moefx.capture import call_model
 from moefx.errors import CalibrationError, ConfigError
 from moefx.losparse import LoSparseLinear
-
-
-def _logits(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if logits is None and isinstance(output, (tuple, list)):
-        logits = output[0]
-    if not isinstance(logits, torch.Tensor):
-        raise ConfigError("recover needs models that return logits (a tensor, or an output with .logits)")
-    return logits
+from moefx.objective import LossFn, logits_of
+from moefx.objective import task_loss as loss_of
 
 
 def distillation_loss(
@@ -65,7 +57,7 @@ def recover(
     lr: float = 1e-4,
     alpha: float = 0.2,
     temperature: float = 2.0,
-    task_loss: Callable[[Any, Any], torch.Tensor] | None = None,
+    task_loss: LossFn | None = None,
     sparse_keep: float | None = None,
     prune_start: float = 0.1,
     prune_end: float = 0.7,
@@ -76,7 +68,8 @@ def recover(
     """Fine-tune ``student`` in place against ``teacher`` for ``steps`` batches of ``loader`` (cycled).
 
     The task loss is ``task_loss(student_output, batch)`` if given, else the output's own ``.loss`` (a
-    transformers model computes it when the batch has ``labels``), else zero (pure distillation). Runs on
+    transformers model computes it when the batch has ``labels``), else a causal LM's next-token loss, else
+    zero (pure distillation); see :mod:`moefx.objective`. Runs on
     ``device`` (default: CUDA when available). Returns the loss of every step.
     """
     if steps < 1 or not 0.0 <= alpha or temperature <= 0:
@@ -107,14 +100,13 @@ def recover(
 
         iterator = tqdm(iterator, total=steps, desc="recovery", unit="step")
     for step, batch in enumerate(iterator, start=1):
-        args, kwargs = normalize_inputs(batch)
-        args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
-        kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        batch = pytree.tree_map_only(torch.Tensor, lambda t: t.to(device), batch)
         with torch.no_grad():
-            teacher_logits = _logits(teacher(*args, **kwargs))
-        output = student(*args, **kwargs)
-        loss = alpha * distillation_loss(_logits(output), teacher_logits, temperature, kwargs.get("attention_mask"))
-        task = task_loss(output, batch) if task_loss is not None else getattr(output, "loss", None)
+            teacher_logits = logits_of(call_model(teacher, batch))
+        output = call_model(student, batch)
+        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+        loss = alpha * distillation_loss(logits_of(output), teacher_logits, temperature, mask)
+        task = loss_of(student, output, batch, task_loss)
         if task is not None:
             loss = loss + task
         optimizer.zero_grad(set_to_none=True)

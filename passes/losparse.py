@@ -1,13 +1,16 @@
 """LoSparse: compress merged experts into low-rank plus structured-sparse linears (MC-SMoE, Section 3.2).
 
-:func:`plan_losparse` decomposes every linear of every expert of the given banks as ``W ~= U V + S``
-(truncated SVD, or activation-aware SVD with the calibration input second moments) and scores each column
-(or row) of the residual ``S`` by its contribution to the output. One threshold over all residuals of the
-model keeps ``sparse_keep`` of their columns, so each matrix's keep ratio adapts. :class:`CompressExperts`
-swaps a block's bank for the resulting :class:`~moefx.losparse.LoSparseExperts`.
+:func:`decompose_experts` decomposes every linear of every expert of the given banks as ``W ~= U V + S``
+(truncated SVD, or activation-aware SVD with the calibration input second moments). :class:`CompressExperts`
+swaps a block's bank for the resulting :class:`~moefx.losparse.LoSparseExperts`. Each column (or row) of
+every residual ``S`` is then scored, by its contribution to the output (as decomposed) or by the
+paper's first-order sensitivity to a loss (:func:`sensitivity_scores`), and one threshold over all residuals
+of the model keeps ``sparse_keep`` of them (:func:`residual_keep`), so each matrix's keep ratio adapts.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 from torch import fx, nn
@@ -51,55 +54,97 @@ def parts_activation(bank: FusedExperts | ModuleExperts) -> nn.Module:
     return PartsActivation(bank.act, bank.layout) if isinstance(bank, FusedExperts) else bank.act
 
 
-def plan_losparse(
+def decompose_experts(
     banks: dict[str, FusedExperts | ModuleExperts],
     input_moments: dict[str, list[tuple[torch.Tensor | None, torch.Tensor | None]]],
     rank: int | float,
-    sparse_keep: float,
     activation_aware: bool,
     axis: str,
-) -> dict[str, list[LoSparseFFN]]:
-    """LoSparse experts for every bank.
+) -> tuple[dict[str, list[LoSparseFFN]], list[torch.Tensor]]:
+    """LoSparse experts for every bank, each linear ``U V + S`` with every column (row) of ``S`` still kept,
+    and the activation-based score of every slice (:func:`~moefx.losparse.sparse_scores`), one tensor per
+    linear in :func:`losparse_linears` order.
 
     ``input_moments[name][e]`` is ``(E[x x^T] of the token, E[h h^T] of the hidden activation)`` for expert
-    ``e`` (either may be None). The residual columns (rows) kept are the top ``sparse_keep`` share of all
-    residual columns (rows) of all banks together, by :func:`~moefx.losparse.sparse_scores`, except that no
-    matrix keeps more than would make it larger than its dense form.
+    ``e`` (either may be None). :func:`residual_keep` then chooses which slices of ``S`` stay.
     """
-    decomposed = []  # (bank name, expert, slot, u, v, residual, bias, scores)
+    result: dict[str, list[LoSparseFFN]] = {}
+    scores = []
     for name, bank in banks.items():
+        moments = input_moments.get(name, [(None, None)] * bank.num_experts)
+        result[name] = []
         for e in range(bank.num_experts):
             ffn = bank.ffn(e)
-            token_moment, hidden_moment = input_moments.get(name, [(None, None)] * bank.num_experts)[e]
+            token_moment, hidden_moment = moments[e]
             linears = [(w, b, token_moment) for w, b in zip(ffn.in_weights, ffn.in_biases, strict=True)]
             linears.append((ffn.out_weight, ffn.out_bias, hidden_moment))
-            for slot, (weight, bias, moment) in enumerate(linears):
-                r = resolve_rank(rank, *weight.shape)
-                u, v, residual = LoSparseLinear.decompose(weight, r, moment if activation_aware else None)
-                scores = sparse_scores(residual, axis, moment)
-                decomposed.append((name, e, slot, u, v, residual, bias, scores))
-    all_scores = torch.cat([d[-1] for d in decomposed])
-    budget = round(sparse_keep * all_scores.numel())
-    keep = torch.zeros(all_scores.numel(), dtype=torch.bool)
-    keep[torch.argsort(all_scores, descending=True, stable=True)[:budget]] = True
-    result: dict[str, list[list[LoSparseLinear]]] = {n: [[] for _ in range(b.num_experts)] for n, b in banks.items()}
+            built = []
+            for weight, bias, moment in linears:
+                u, v, residual = LoSparseLinear.decompose(
+                    weight, resolve_rank(rank, *weight.shape), moment if activation_aware else None
+                )
+                every = torch.arange(residual.shape[1] if axis == "columns" else residual.shape[0])
+                built.append(LoSparseLinear.from_parts(u, v, residual, every, bias, axis, weight.dtype))
+                scores.append(sparse_scores(residual, axis, moment))
+            result[name].append(LoSparseFFN(built[:-1], built[-1], parts_activation(bank)))
+    return result, scores
+
+
+def losparse_linears(experts: dict[str, list[LoSparseFFN]]) -> list[LoSparseLinear]:
+    """Every LoSparse linear of ``experts``, in a fixed order (bank, expert, input projections, output)."""
+    return [m for per_bank in experts.values() for ffn in per_bank for m in (*ffn.in_linears, ffn.out_linear)]
+
+
+def sensitivity_scores(
+    model: nn.Module, linears: list[LoSparseLinear], losses: Iterable[torch.Tensor]
+) -> list[torch.Tensor]:
+    """The paper's first-order importance of each kept slice: ``sum |s * dL/ds|`` over its entries and over
+    the losses (MC-SMoE Sec. 3.2, after LoSparse).
+
+    ``losses`` is evaluated lazily, one batch's loss at a time, while only the residuals take gradients
+    (the model's other parameters are frozen meanwhile and restored after), in eval mode.
+    """
+    params = list(model.parameters())
+    trainable = [p.requires_grad for p in params]
+    was_training = model.training
+    scores = [torch.zeros(m.index.numel(), dtype=torch.float64) for m in linears]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        for m in linears:
+            m.sparse.requires_grad_(True)
+        model.eval()
+        with torch.enable_grad():
+            for loss in losses:
+                grads = torch.autograd.grad(loss, [m.sparse for m in linears], allow_unused=True)
+                for score, m, grad in zip(scores, linears, grads, strict=True):
+                    if grad is not None:
+                        score += m.slice_scores((m.sparse.detach() * grad).abs()).double().cpu()
+    finally:
+        for p, flag in zip(params, trainable, strict=True):
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return scores
+
+
+def residual_keep(linears: list[LoSparseLinear], scores: list[torch.Tensor], sparse_keep: float) -> list[torch.Tensor]:
+    """For each linear, the positions among its kept slices that stay: the top ``sparse_keep`` share of all
+    slices of all linears together by ``scores``, except that no matrix keeps more than would make it
+    larger than its dense form (at most what the low-rank part leaves of its size)."""
+    all_scores = torch.cat(scores)
+    chosen = torch.zeros(all_scores.numel(), dtype=torch.bool)
+    chosen[torch.argsort(all_scores, descending=True, stable=True)[: round(sparse_keep * all_scores.numel())]] = True
+    result = []
     offset = 0
-    for name, e, _, u, v, residual, bias, scores in decomposed:
-        kept = torch.nonzero(keep[offset : offset + scores.numel()]).flatten()
-        offset += scores.numel()
-        # never store more than the dense matrix: keep at most what the low-rank part leaves of its size
-        out_features, in_features = residual.shape
-        limit = (
-            max(0, out_features * in_features - u.numel() - v.numel()) // residual.shape[0 if axis == "columns" else 1]
-        )
+    for m, score in zip(linears, scores, strict=True):
+        kept = torch.nonzero(chosen[offset : offset + score.numel()]).flatten()
+        offset += score.numel()
+        slice_size = m.out_features if m.axis == "columns" else m.in_features
+        limit = max(0, m.out_features * m.in_features - m.u.numel() - m.v.numel()) // slice_size
         if len(kept) > limit:
-            kept = kept[torch.argsort(scores[kept], descending=True, stable=True)[:limit]].sort().values
-        dtype = banks[name].ffn(e).out_weight.dtype
-        result[name][e].append(LoSparseLinear.from_parts(u, v, residual, kept, bias, axis, dtype))
-    return {
-        name: [LoSparseFFN(linears[:-1], linears[-1], parts_activation(banks[name])) for linears in per_expert]
-        for name, per_expert in result.items()
-    }
+            kept = kept[torch.argsort(score[kept], descending=True, stable=True)[:limit]].sort().values
+        result.append(kept)
+    return result
 
 
 class CompressExperts(PassBase):

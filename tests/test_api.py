@@ -237,6 +237,49 @@ def test_mc_smoe_shrinks_parameters_and_flops_as_configured(family):
     assert (logits.logits if hasattr(logits, "logits") else logits).isfinite().all()
 
 
+def _kept_columns(model):
+    return [
+        m.index.tolist()
+        for b in model.moefx_report.blocks
+        for e in model.get_submodule(b.name).experts.experts
+        for m in (*e.in_linears, e.out_linear)
+    ]
+
+
+def test_gradient_scores_keep_the_same_budget_by_another_ranking():
+    options = {"experts": 0.5, "method": "mc-smoe", "rank": 4, "sparse_keep": 0.1}
+    by_activation = _compile("mixtral", **options)
+    by_gradient = _compile("mixtral", **options, sparse_score="gradient")  # the causal LM's own loss
+    activation_kept, gradient_kept = _kept_columns(by_activation), _kept_columns(by_gradient)
+    assert sum(map(len, gradient_kept)) == sum(map(len, activation_kept)) > 0
+    assert gradient_kept != activation_kept
+    report = by_gradient.moefx_report
+    assert report.expert_params_after < sum(b.expert_params_merged for b in report.blocks)
+    assert _outputs(by_gradient, "mixtral").logits.isfinite().all()
+
+
+def test_gradient_scores_need_a_loss():
+    model = tiny_model("switch")
+    calibration = _calibration("switch")
+    options = {"experts": 0.5, "method": "mc-smoe", "rank": 4, "sparse_score": "gradient"}
+    with pytest.raises(moefx.ConfigError, match="needs a loss: .* labels") as failure:
+        moefx.compile(model, calibration, **options)
+    assert "\n" not in str(failure.value)
+    with_labels = [{**b, "labels": b["decoder_input_ids"]} for b in calibration]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", moefx.MoefxWarning)
+        assert _kept_columns(moefx.compile(model, with_labels, **options))
+        hand_written = tiny_model("hand_written")
+        calls = []
+
+        def loss(output, batch):
+            calls.append(batch)
+            return output.square().mean()
+
+        moefx.compile(hand_written, _calibration("hand_written"), loss=loss, **options)
+    assert len(calls) == 3
+
+
 @pytest.mark.parametrize(
     "bad, message",
     [
@@ -245,6 +288,7 @@ def test_mc_smoe_shrinks_parameters_and_flops_as_configured(family):
         ({"sparse_keep": 2.0}, "sparse_keep"),
         ({"svd": "exact"}, "unknown svd"),
         ({"sparse_axis": "diag"}, "unknown sparse_axis"),
+        ({"sparse_score": "hessian"}, "unknown sparse_score"),
     ],
 )
 def test_losparse_options_are_validated(bad, message):

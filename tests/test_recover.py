@@ -46,7 +46,10 @@ def test_distillation_brings_the_student_closer_to_the_teacher():
     student = _student(teacher, sparse_keep=0.2)
     held_out = _batches(2, seed=50)
     before = _kl(student, teacher, held_out)
-    history = moefx.recover(student, teacher, _batches(8), steps=40, lr=1e-4, alpha=1.0, temperature=1.0)
+    pure_distillation = lambda output, batch: 0.0  # noqa: E731 - the random tokens' own loss is noise
+    history = moefx.recover(
+        student, teacher, _batches(8), steps=40, lr=1e-4, alpha=1.0, temperature=1.0, task_loss=pure_distillation
+    )
     assert len(history) == 40 and not student.training
     assert _kl(student, teacher, held_out) < 0.7 * before
 

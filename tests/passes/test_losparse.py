@@ -6,7 +6,22 @@ from torch.fx.passes.infra.pass_manager import PassManager
 
 from moefx.block import build_block
 from moefx.losparse import LoSparseExperts, LoSparseLinear
-from moefx.passes.losparse import CompressExperts, plan_losparse
+from moefx.passes.losparse import (
+    CompressExperts,
+    decompose_experts,
+    losparse_linears,
+    residual_keep,
+    sensitivity_scores,
+)
+
+
+def plan_losparse(banks, moments, rank, sparse_keep, activation_aware, axis):
+    """Decompose, then keep the residual slices the activation scores choose."""
+    experts, scores = decompose_experts(banks, moments, rank, activation_aware=activation_aware, axis=axis)
+    linears = losparse_linears(experts)
+    for linear, kept in zip(linears, residual_keep(linears, scores, sparse_keep), strict=True):
+        linear.keep_slices(kept)
+    return experts
 
 
 def _signature(graph_module):
@@ -79,3 +94,31 @@ def test_no_matrix_stores_more_than_its_dense_form(zoo, axis):
     linears = [m for per_block in experts.values() for e in per_block for m in (*e.in_linears, e.out_linear)]
     assert all(m.num_parameters() <= m.out_features * m.in_features for m in linears)
     assert any(m.index.numel() > 0 for m in linears)  # the cap limits the sparse part, it does not drop it
+
+
+def test_sensitivity_scores_sum_s_times_grad_per_column_over_batches():
+    # y = S x with no low-rank part and loss sum(y): dL/dS_ij = sum_tokens x_j, so the score of column j
+    # is sum_batches sum_i |S_ij * sum_tokens x_j|
+    s = torch.tensor([[1.0, -2.0, 0.5], [3.0, 0.0, -1.0]])
+    linear = LoSparseLinear(torch.zeros(2, 0), torch.zeros(0, 3), s, torch.arange(3))
+    model = torch.nn.Sequential(linear)
+    batches = [torch.tensor([[1.0, 2.0, -1.0]]), torch.tensor([[-3.0, 1.0, 1.0], [1.0, 0.0, 1.0]])]
+    scores = sensitivity_scores(model, [linear], (model(x).sum() for x in batches))
+    expected = sum(s.abs().sum(dim=0) * x.sum(dim=0).abs() for x in batches)
+    assert torch.allclose(scores[0].float(), expected)
+    assert linear.sparse.grad is None and model.training
+
+
+def test_sensitivity_scores_leave_the_model_as_it_was(zoo):
+    block = zoo("mixtral")[3][0]
+    graph = build_block(copy.deepcopy(block.module), block)
+    experts, _ = decompose_experts({"b": graph.experts}, {}, 4, activation_aware=False, axis="columns")
+    compressed = CompressExperts(experts["b"])(graph).graph_module
+    compressed.router.weight.requires_grad_(False)
+    linears = losparse_linears(experts)
+    x = torch.randn(2, 5, block.hidden_size)
+    scores = sensitivity_scores(compressed, linears, (compressed(x)[0].square().sum() for _ in range(2)))
+    assert [s.shape for s in scores] == [(m.in_features,) for m in linears]
+    assert any(s.sum() > 0 for s in scores)
+    assert not compressed.router.weight.requires_grad and all(m.sparse.requires_grad for m in linears)
+    assert all(p.grad is None for p in compressed.parameters())
