@@ -238,6 +238,7 @@ class _Stages:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
+@torch.no_grad()  # weights derived from parameters must not carry autograd graphs (they hold solver buffers)
 def convert(
     observed: nn.Module,
     config: CompressionConfig | None = None,
@@ -291,15 +292,16 @@ def convert(
             stats.update({b.name: collect_statistics(graphs[b.name]) for b in blocks})
 
     def finish(b: MoEBlock) -> None:
-        plan, graph, s = plans[b.name], graphs[b.name], stats[b.name]
+        # the block's statistics, original bank and merged weights are let go once used: with sequential,
+        # one block's are held at a time
+        plan, graph, s, bank = plans[b.name], graphs[b.name], stats.pop(b.name), banks.pop(b.name)
         with stage("merging and rewriting"):
             if refit and s.refit_grams is not None:
                 plan.merged = [
                     least_squares_output(ffn, s.refit_grams[g], s.refit_cross[g], config.ridge)
                     for g, ffn in enumerate(plan.merged)
                 ]
-                s.refit_grams = s.refit_cross = None  # used up: with sequential, one block's are held at a time
-            before = (_experts_params(banks[b.name]), block_flops(graph, banks[b.name], b.top_k))
+            before = (_experts_params(bank), block_flops(graph, bank, b.top_k))
             passes = [RemoveObservers(), MergeExperts(plan)]
             if plan.router == "pruned" and not plan.is_identity:
                 weight, bias = fit_pruned_router(graph.router.weight, graph.router.bias, plan, s)
@@ -308,7 +310,8 @@ def convert(
             observed.set_submodule(b.name, compact)
             graphs[b.name] = compact
             merged = (_experts_params(compact.experts), block_flops(compact, compact.experts, b.top_k))
-            report.blocks.append(_block_report(b, plan, s, before, merged, ffns[b.name], compact))
+            report.blocks.append(_block_report(b, plan, s, before, merged, ffns.pop(b.name), compact))
+            plan.merged = None
 
     if config.sequential:  # each block's second pass sees the blocks before it already compressed
         for b in _progress(state.blocks, "merging", "block", config.progress):

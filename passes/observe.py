@@ -178,13 +178,15 @@ class ObservedExperts(nn.Module):
         """Switch to a refit pass: for each token routed to expert ``e`` with weight ``w``, accumulate
         ``refit_grams[g] += w h h^T`` and ``refit_cross[g] += w y h^T``, where ``g`` is ``e``'s group, ``h``
         the merged expert's hidden activation and ``y`` expert ``e``'s output (``h`` gets a constant-1
-        column when the experts have output biases). Nothing else is recorded in this pass."""
+        column when the experts have output biases). Nothing else is recorded in this pass. Both are float32,
+        like the other Gram matrices: a full-size layer's are gigabytes, and the solve that uses them is
+        ridge-damped (and runs in float64)."""
         self.merged = merged
         self.expert_to_group = torch.tensor(expert_to_group, dtype=torch.long)
         bias = int(merged.ffn(0).out_bias is not None)
         size, groups = merged.intermediate_size + bias, merged.num_experts
-        self.refit_grams = torch.zeros(groups, size, size, dtype=torch.float64)
-        self.refit_cross = torch.zeros(groups, self.output_sums.shape[1], size, dtype=torch.float64)
+        self.refit_grams = torch.zeros(groups, size, size)
+        self.refit_cross = torch.zeros(groups, self.output_sums.shape[1], size)
 
     @property
     def num_experts(self) -> int:
@@ -231,11 +233,12 @@ class ObservedExperts(nn.Module):
         g = int(self.expert_to_group[e])
         if g < 0:
             return
-        h = self.merged.expert_hidden(g, x).double()
+        h = self.merged.expert_hidden(g, x).float()
         if self.refit_grams.shape[1] > h.shape[1]:
             h = torch.cat([h, torch.ones(len(h), 1, dtype=h.dtype)], dim=1)
-        self.refit_grams[g] += (h * w[:, None]).T @ h
-        self.refit_cross[g] += (y * w[:, None]).T @ h
+        weighted = h * w.float()[:, None]
+        self.refit_grams[g] += weighted.T @ h
+        self.refit_cross[g] += y.float().T @ weighted
 
 
 class InsertObservers(PassBase):
@@ -356,7 +359,11 @@ class BlockStats:
 
 
 def collect_statistics(graph_module: fx.GraphModule) -> BlockStats:
-    """The statistics gathered by the observers of an observed canonical block."""
+    """The statistics gathered by the observers of an observed canonical block.
+
+    The optional moments are the observers' own tensors, not copies (refit Gram matrices of a full-size
+    layer take gigabytes): further calibration through the same observers keeps adding to them.
+    """
     routing = graph_module.get_submodule("routing_observer")
     experts = graph_module.get_submodule("observed_experts")
     optional = {
@@ -391,5 +398,5 @@ def collect_statistics(graph_module: fx.GraphModule) -> BlockStats:
         output_norm_sums=experts.output_norm_sums.clone(),
         weighted_output_norm_sums=experts.weighted_output_norm_sums.clone(),
         all_tokens=0.0 if all_tokens is None else all_tokens.item(),
-        **{k: None if v is None else v.clone() for k, v in optional.items()},
+        **optional,
     )

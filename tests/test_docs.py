@@ -1,11 +1,13 @@
-"""The README's claims that code can check: its family table and its two set-up commands."""
+"""The README's claims that code can check: its family table, its option list and its two set-up commands."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
 from moefx.block import build_block
+from moefx.config import CompressionConfig
 from moefx.passes.lower import fused_moe_blocker
 from moefx.zoo import FAMILIES
 
@@ -39,3 +41,9 @@ def test_readme_has_the_two_setup_commands_and_ci_runs_the_test_one():
     assert len(commands) == 2 and commands[0].endswith("moefx demo") and commands[1].endswith("python -m pytest")
     ci = (README.parent / ".ci" / "run").read_text(encoding="utf-8")
     assert ci.strip().splitlines()[-1] == commands[1]
+
+
+def test_the_option_list_names_every_compression_option():
+    section = README.read_text(encoding="utf-8").split("Options (`CompressionConfig` fields", 1)[1].split("\n\n", 1)[0]
+    listed = set(re.findall(r"`([a-z_]+)`", section))
+    assert {f.name for f in dataclasses.fields(CompressionConfig)} <= listed
