@@ -11,7 +11,7 @@ import json
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -228,6 +228,15 @@ def classification_batches(
         inputs = pad_batch([vocab.encode(sentence) for sentence, _ in chunk], max_len)
         batches.append((inputs, torch.tensor([label for _, label in chunk])))
     return batches
+
+
+def labelled_calibration(
+    batches: Sequence[LabeledBatch],
+) -> tuple[list[Batch], Callable[[torch.Tensor, Batch], torch.Tensor]]:
+    """The inputs of ``batches`` as calibration batches, and the cross-entropy of a model's logits on one of
+    them (its labels are found by the batch object itself, which ``moefx.compile`` hands back to the loss)."""
+    labels = {id(inputs): y for inputs, y in batches}
+    return [inputs for inputs, _ in batches], lambda logits, batch: F.cross_entropy(logits, labels[id(batch)])
 
 
 @torch.no_grad()

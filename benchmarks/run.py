@@ -34,7 +34,6 @@ from typing import Any
 
 import onnx
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 if __package__ in (None, ""):
@@ -63,7 +62,7 @@ METHOD_ROWS = [
 ABLATION_ROWS = [
     ("merge-refit ablation", "refit none (merge only)", {"refit": "none"}),
     ("merge-refit ablation", "refit out only", {"refit": "out"}),
-    ("merge-refit ablation", "selection reap", {"selection": "reap"}),
+    ("merge-refit ablation", "selection frequency (the paper)", {"selection": "frequency"}),
     ("merge-refit ablation", "selection contribution", {"selection": "contribution"}),
     ("merge-refit ablation", "sequential calibration", {"sequential": True}),
     ("merge-refit ablation", "no alignment", {"align": False}),
@@ -151,9 +150,9 @@ def cls_task(settings: Settings) -> Task:
     model = models.load_classifier(fixture)
     vocab = data.WordVocab.load(fixture / "vocab.json")
     train = data.read_sst2("train")
-    labelled = data.classification_batches(train[: settings.calib_sequences], vocab, 32, seed=7)
-    calib = [x for x, _ in labelled]
-    labels = {id(x): y for x, y in labelled}  # compile hands the loss the very batch objects of calib
+    calib, loss = data.labelled_calibration(
+        data.classification_batches(train[: settings.calib_sequences], vocab, 32, seed=7)
+    )
     test = data.classification_batches(data.read_sst2("test"), vocab)
 
     def evaluate(m: nn.Module) -> dict[str, float]:
@@ -163,7 +162,7 @@ def cls_task(settings: Settings) -> Task:
         "cls", model, calib, evaluate, "test_acc",
         retained=lambda got, full: got["test_acc"] / full["test_acc"],
         vocab_size=len(vocab), example=calib[0],
-        loss=lambda logits, batch: F.cross_entropy(logits, labels[id(batch)]),
+        loss=loss,
     )  # fmt: skip
 
 

@@ -16,9 +16,10 @@ SELECTIONS = ("frequency", "reap", "contribution")
 REFITS = ("none", "out", "in+out")
 # what each method does where the caller leaves an option unset (None)
 # (the paper's adaptive allocation for M-SMoE and its variants; HC-SMoE, REAP and pruning keep a uniform
-# per-layer count, as published; merge-refit's choices are measured in benchmarks/results.md)
+# per-layer count, as published; merge-refit's choices are made on the tuning splits of benchmarks/tuning.md
+# and measured in benchmarks/results.md)
 METHOD_DEFAULTS = {
-    "merge-refit": {"selection": "frequency", "refit": "in+out", "align": True, "adaptive": False},
+    "merge-refit": {"selection": "reap", "refit": "in+out", "align": True, "adaptive": False},
     "m-smoe": {"selection": "frequency", "refit": "none", "align": True, "adaptive": True},
     "mc-smoe": {"selection": "frequency", "refit": "none", "align": True, "adaptive": True},
     "average": {"selection": "frequency", "refit": "none", "align": True, "adaptive": True},
