@@ -68,6 +68,14 @@ def sparse_scores(residual: torch.Tensor, axis: str, input_gram: torch.Tensor | 
     return ((s**2) * second[None, :]).sum(dim=1).sqrt()
 
 
+def top_slices(scores: list[torch.Tensor], count: int) -> list[torch.Tensor]:
+    """One boolean mask per score tensor marking the ``count`` highest scores of all of them together."""
+    flat = torch.cat(scores)
+    chosen = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    chosen[torch.argsort(flat, descending=True, stable=True)[:count]] = True
+    return list(chosen.split([s.numel() for s in scores]))
+
+
 class LoSparseLinear(nn.Module):
     """``y = U (V x) + S_kept x[kept] + b`` (columns) or ``y = U (V x) + b`` with ``y[kept] += S_kept x`` (rows)."""
 
@@ -113,6 +121,10 @@ class LoSparseLinear(nn.Module):
     def slice_scores(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum of ``tensor`` (shaped like ``sparse``) over each kept column (or row)."""
         return tensor.sum(dim=0) if self.axis == "columns" else tensor.sum(dim=1)
+
+    def sensitivity(self, grad: torch.Tensor) -> torch.Tensor:
+        """The first-order importance of each kept slice for ``grad = dL/dS``: ``sum |s * dL/ds|`` over it."""
+        return self.slice_scores((self.sparse.detach() * grad).abs())
 
     @torch.no_grad()
     def keep_slices(self, positions: torch.Tensor) -> None:

@@ -21,7 +21,7 @@ from torch.utils import _pytree as pytree
 
 from moefx.capture import call_model
 from moefx.errors import CalibrationError, ConfigError
-from moefx.losparse import LoSparseLinear
+from moefx.losparse import LoSparseLinear, top_slices
 from moefx.objective import LossFn, logits_of
 from moefx.objective import task_loss as loss_of
 
@@ -130,12 +130,6 @@ def _update_masks(
     """Refresh each slice's moving importance ``|s * grad s|`` and keep the globally best ``keep`` share."""
     for m, score in zip(layers, importance, strict=True):
         if m.sparse.grad is not None:
-            score.mul_(decay).add_((1 - decay) * m.slice_scores((m.sparse * m.sparse.grad).abs()))
-    scores = torch.cat(importance)
-    budget = min(round(keep * total), scores.numel())
-    chosen = torch.zeros_like(scores)
-    chosen[torch.argsort(scores, descending=True, stable=True)[:budget]] = 1.0
-    offset = 0
-    for m, score in zip(layers, importance, strict=True):
-        m.mask.copy_(chosen[offset : offset + score.numel()])
-        offset += score.numel()
+            score.mul_(decay).add_((1 - decay) * m.sensitivity(m.sparse.grad))
+    for m, chosen in zip(layers, top_slices(importance, round(keep * total)), strict=True):
+        m.mask.copy_(chosen)

@@ -17,7 +17,7 @@ from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from moefx.experts import FusedExperts, ModuleExperts
-from moefx.losparse import LoSparseExperts, LoSparseFFN, LoSparseLinear, sparse_scores
+from moefx.losparse import LoSparseExperts, LoSparseFFN, LoSparseLinear, sparse_scores, top_slices
 
 
 def resolve_rank(rank: int | float, out_features: int, in_features: int) -> int:
@@ -119,7 +119,7 @@ def sensitivity_scores(
                 grads = torch.autograd.grad(loss, [m.sparse for m in linears], allow_unused=True)
                 for score, m, grad in zip(scores, linears, grads, strict=True):
                     if grad is not None:
-                        score += m.slice_scores((m.sparse.detach() * grad).abs()).double().cpu()
+                        score += m.sensitivity(grad).double().cpu()
     finally:
         for p, flag in zip(params, trainable, strict=True):
             p.requires_grad_(flag)
@@ -131,14 +131,10 @@ def residual_keep(linears: list[LoSparseLinear], scores: list[torch.Tensor], spa
     """For each linear, the positions among its kept slices that stay: the top ``sparse_keep`` share of all
     slices of all linears together by ``scores``, except that no matrix keeps more than would make it
     larger than its dense form (at most what the low-rank part leaves of its size)."""
-    all_scores = torch.cat(scores)
-    chosen = torch.zeros(all_scores.numel(), dtype=torch.bool)
-    chosen[torch.argsort(all_scores, descending=True, stable=True)[: round(sparse_keep * all_scores.numel())]] = True
+    chosen = top_slices(scores, round(sparse_keep * sum(score.numel() for score in scores)))
     result = []
-    offset = 0
-    for m, score in zip(linears, scores, strict=True):
-        kept = torch.nonzero(chosen[offset : offset + score.numel()]).flatten()
-        offset += score.numel()
+    for m, score, mask in zip(linears, scores, chosen, strict=True):
+        kept = torch.nonzero(mask).flatten()
         slice_size = m.out_features if m.axis == "columns" else m.in_features
         limit = max(0, m.out_features * m.in_features - m.u.numel() - m.v.numel()) // slice_size
         if len(kept) > limit:
