@@ -48,7 +48,6 @@ from benchmarks.data import (  # noqa: E402
     classification_batches,
     classification_loss,
     lm_eval_batches,
-    lm_token_losses,
     lm_train_batches,
     lm_validation_loss,
     read_sst2,
@@ -64,6 +63,7 @@ from benchmarks.models import (  # noqa: E402
     save_classifier,
     save_lm,
 )
+from moefx.objective import next_token_loss  # noqa: E402
 
 THREADS = 2
 LM_SEQ_LEN = 128
@@ -292,7 +292,7 @@ def train_lm(seed: int, cfg: TrainConfig, out_dir: Path) -> dict:
     def train_step() -> dict[str, torch.Tensor]:
         batch = next(stream)
         out = model(**batch, output_router_logits=True)
-        ce = lm_token_losses(out.logits, batch).mean()
+        ce = next_token_loss(out.logits, batch["input_ids"], batch["attention_mask"])
         aux = load_balancing_loss(out.router_logits, batch["attention_mask"].reshape(-1).bool(), top_k)
         return {"loss": ce + aux_coef * aux, "train_ce": ce.detach(), "aux": aux.detach()}
 

@@ -170,20 +170,6 @@ def _load_model(model_dir: Path) -> torch.nn.Module:
     return model.eval()
 
 
-@torch.no_grad()
-def _next_token_loss(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
-    """Mean next-token cross-entropy (nats) over every predicted position of ``batches``."""
-    from moefx.objective import logits_of, next_token_loss
-
-    total, count = 0.0, 0
-    for batch in batches:
-        logits = logits_of(model(**batch))
-        mask = batch.get("attention_mask")
-        total += float(next_token_loss(logits, batch["input_ids"], mask, reduction="sum"))
-        count += batch["input_ids"][:, 1:].numel() if mask is None else int(mask[:, 1:].sum())
-    return float(total) / count
-
-
 def _config(args: argparse.Namespace) -> CompressionConfig:
     """The compression options given on the command line (validated)."""
     names = [f for f in CompressionConfig.__dataclass_fields__ if hasattr(args, f)]
@@ -194,6 +180,7 @@ def _compress(args: argparse.Namespace) -> None:
     """Compress a transformers checkpoint; write the checkpoint, report.json, report.md and plots to --out."""
     import moefx
     from moefx.api import QualityCheck
+    from moefx.objective import mean_next_token_loss
     from moefx.report import overview, write_report
 
     config = _config(args)
@@ -218,13 +205,13 @@ def _compress(args: argparse.Namespace) -> None:
         top = max(int(b["input_ids"].max()) for b in batches)
         if top >= vocab_size:
             raise CalibrationError(f"the tokenizer gave token id {top} but the model has {vocab_size} embeddings")
-    before = None if evaluation is None else _next_token_loss(model, evaluation)
+    before = None if evaluation is None else mean_next_token_loss(model, evaluation)
     config.inplace = True  # the original is not needed afterwards
     compressed = moefx.compile(model, calib, config)
     report = compressed.moefx_report
     if evaluation is not None:
         metric = f"next-token loss (nats/token) on {eval_file.name}"
-        report.quality = QualityCheck(metric, before, _next_token_loss(compressed, evaluation))
+        report.quality = QualityCheck(metric, before, mean_next_token_loss(compressed, evaluation))
     # build the whole directory beside its destination, then rename: no partial OUT_DIR on failure
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.absolute().parent))
     try:

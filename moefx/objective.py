@@ -7,7 +7,7 @@ next-token cross-entropy of its logits over the batch's unmasked ``input_ids``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -49,6 +49,25 @@ def next_token_loss(
         keep = attention_mask[:, 1:].bool()
         predicted, targets = predicted[keep], targets[keep]
     return F.cross_entropy(predicted.reshape(-1, predicted.shape[-1]).float(), targets.reshape(-1), reduction=reduction)
+
+
+@torch.no_grad()
+def mean_next_token_loss(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> float:
+    """Mean next-token cross-entropy (nats) over every real predicted token of ``batches`` (keyword batches
+    with ``input_ids`` and optionally ``attention_mask``), in eval mode (restored after)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for batch in batches:
+            losses = next_token_loss(
+                logits_of(model(**batch)), batch["input_ids"], batch.get("attention_mask"), reduction="none"
+            )
+            total += float(losses.sum())
+            count += losses.numel()
+    finally:
+        model.train(was_training)
+    return total / count
 
 
 def task_loss(model: nn.Module, output: Any, batch: Any, loss: LossFn | None = None) -> torch.Tensor | None:
