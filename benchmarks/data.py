@@ -7,6 +7,7 @@ compiler calls ``model(**batch)``; classification batches pair such a dict with 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -112,6 +113,11 @@ def lm_train_batches(ids: torch.Tensor, seq_len: int, batch_size: int, seed: int
     while True:
         starts = torch.randint(0, len(ids) - seq_len + 1, (batch_size, 1), generator=generator)
         yield lm_batch(ids[starts + offsets])
+
+
+def lm_calibration(ids: torch.Tensor, sequences: int) -> list[Batch]:
+    """The benchmark's LM calibration data: ``sequences`` random 128-token windows of ``ids``, 32 a batch."""
+    return list(itertools.islice(lm_train_batches(ids, 128, 32, seed=1234), sequences // 32))
 
 
 def lm_eval_batches(ids: torch.Tensor, seq_len: int = 128, batch_size: int = 32) -> list[Batch]:

@@ -129,7 +129,7 @@ def lm_task(settings: Settings) -> Task:
     model = models.load_lm(fixture)
     vocab = data.CharVocab.load(fixture / "vocab.json")
     train, val = data.shakespeare_splits(vocab)
-    calib = list(itertools.islice(data.lm_train_batches(train, 128, 32, seed=1234), settings.calib_sequences // 32))
+    calib = data.lm_calibration(train, settings.calib_sequences)
     batches = data.lm_eval_batches(val)
     if settings.lm_eval_windows is not None:
         batches = batches[: settings.lm_eval_windows // 32]

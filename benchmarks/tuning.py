@@ -41,7 +41,7 @@ def lm_rows() -> list[dict]:
     fixture = models.FIXTURES_DIR / "lm"
     model = models.load_lm(fixture)
     train, _ = data.shakespeare_splits(data.CharVocab.load(fixture / "vocab.json"))
-    calib = list(itertools.islice(data.lm_train_batches(train[:-TUNING_CHARS], 128, 32, seed=1234), 8))
+    calib = data.lm_calibration(train[:-TUNING_CHARS], 256)
     tuning = data.lm_eval_batches(train[-TUNING_CHARS:])
     rows = [{"fixture": "lm", "choice": "original", "experts": 1.0, "loss": data.lm_validation_loss(model, tuning)}]
     for ratio, (label, options) in itertools.product(RATIOS, CHOICES):
