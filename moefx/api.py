@@ -68,8 +68,9 @@ class BlockReport:
     flops_before: int
     flops_merged: int
     flops_after: int
-    stable_rank_before: list[float] = field(default_factory=list)  # per original expert, mean over its matrices
-    stable_rank_after: list[float] = field(default_factory=list)  # per merged expert, before any LoSparse
+    # with config.stable_ranks: per original expert, mean over its matrices; per merged expert, before LoSparse
+    stable_rank_before: list[float] = field(default_factory=list)
+    stable_rank_after: list[float] = field(default_factory=list)
     dtype: str = "float32"  # of the expert weights: parameters times its size are the bytes
     # method="mc-smoe": per kept expert, per matrix (input projections, then output), the fraction of the
     # dense matrix's parameters its low-rank plus sparse form stores (empty where LoSparse did not run)
@@ -132,9 +133,13 @@ class CompressionReport:
 
 @dataclass
 class _Prepared:
+    """What :func:`prepare` set up, read back by :func:`convert` (as torch.ao's prepare records for convert)."""
+
     blocks: list[MoEBlock]
     hooks: tuple
     seconds: dict[str, float]
+    config: CompressionConfig  # the configuration the observers were set up for
+    needs: CalibrationNeeds
 
 
 def calibration_needs(config: CompressionConfig) -> CalibrationNeeds:
@@ -147,24 +152,28 @@ def calibration_needs(config: CompressionConfig) -> CalibrationNeeds:
 
 
 def prepare(
-    model: nn.Module, example_inputs: Any, needs: CalibrationNeeds | None = None, inplace: bool = False
+    model: nn.Module, example_inputs: Any, config: CompressionConfig | None = None, **overrides: Any
 ) -> nn.Module:
-    """A copy of ``model`` (the model itself with ``inplace``) whose MoE blocks record calibration statistics.
+    """A copy of ``model`` (the model itself with ``inplace=True``) whose MoE blocks record calibration
+    statistics: those the configuration (``config`` and/or :class:`CompressionConfig` keywords) needs.
 
-    Run calibration batches through the result (:func:`calibrate`, or your own loop), then :func:`convert`.
+    Run calibration batches through the result (:func:`calibrate`, or your own loop), then :func:`convert`,
+    which compresses as configured here.
     """
+    config = CompressionConfig.from_arguments(config, overrides)
+    needs = calibration_needs(config)
     start = time.perf_counter()
-    target = model if inplace else copy.deepcopy(model)
+    target = model if config.inplace else copy.deepcopy(model)
     blocks = find_moe_blocks(target, example_inputs)
     detected = time.perf_counter()
     if any(b.name == "" for b in blocks):
         raise MoefxError("the model itself is an MoE block: wrap it in a parent module so moefx can replace it")
     for b in blocks:
         graph = build_block(b.module, b)
-        observe = InsertObservers(b.hidden_size, b.mask_key, needs or CalibrationNeeds())
+        observe = InsertObservers(b.hidden_size, b.mask_key, needs)
         target.set_submodule(b.name, PassManager([observe])(graph).graph_module)
     seconds = {"capture and detection": detected - start, "observer insertion": time.perf_counter() - detected}
-    setattr(target, _STATE, _Prepared(blocks, install_mask_hook(target), seconds))
+    setattr(target, _STATE, _Prepared(blocks, install_mask_hook(target), seconds, config, needs))
     return target
 
 
@@ -255,8 +264,9 @@ def convert(
     ``sparse_score="gradient"`` where the model has no loss of its own (see :mod:`moefx.objective`). The
     report is in ``model.moefx_report``.
     """
-    config = CompressionConfig.from_arguments(config, overrides)
     state = _state(observed)
+    config = CompressionConfig.from_arguments(config or state.config, overrides)
+    _check_prepared_for(state, config)
     stage = _Stages(state.seconds)
     graphs = {b.name: observed.get_submodule(b.name) for b in state.blocks}
     with stage("planning"):
@@ -310,7 +320,9 @@ def convert(
             observed.set_submodule(b.name, compact)
             graphs[b.name] = compact
             merged = (_experts_params(compact.experts), block_flops(compact, compact.experts, b.top_k))
-            report.blocks.append(_block_report(b, plan, s, before, merged, ffns.pop(b.name), compact))
+            original = ffns.pop(b.name)
+            ranked = original if config.stable_ranks else None
+            report.blocks.append(_block_report(b, plan, s, before, merged, ranked, compact))
             plan.merged = None
 
     if config.sequential:  # each block's second pass sees the blocks before it already compressed
@@ -339,6 +351,17 @@ def convert(
     report.seconds = dict(state.seconds)
     observed.moefx_report = report
     return observed
+
+
+def _check_prepared_for(state: _Prepared, config: CompressionConfig) -> None:
+    """Refuse a configuration that needs statistics :func:`prepare` did not set up to collect."""
+    missing = [f.name for f in dataclasses.fields(CalibrationNeeds)
+               if getattr(calibration_needs(config), f.name) and not getattr(state.needs, f.name)]  # fmt: skip
+    if missing:
+        raise ConfigError(
+            f"the model was prepared without the {missing[0].replace('_', ' ')} that method={config.method!r} "
+            "with these options needs: pass the same options to moefx.prepare as to moefx.convert"
+        )
 
 
 def _remaining(linear: LoSparseLinear) -> float:
@@ -427,9 +450,10 @@ def _block_report(
     stats: BlockStats,
     before: tuple[int, int],
     merged: tuple[int, int],
-    original: list[FFN],
+    original: list[FFN] | None,
     compact: torch.fx.GraphModule,
 ) -> BlockReport:
+    """``original`` are the block's experts before merging, for their stable ranks (None: not recorded)."""
     bank = compact.experts
     return BlockReport(
         name=block.name,
@@ -444,8 +468,8 @@ def _block_report(
         flops_before=before[1],
         flops_merged=merged[1],
         flops_after=merged[1],
-        stable_rank_before=[_mean_stable_rank(f) for f in original],
-        stable_rank_after=[_mean_stable_rank(bank.ffn(g)) for g in range(bank.num_experts)],
+        stable_rank_before=[] if original is None else [_mean_stable_rank(f) for f in original],
+        stable_rank_after=[] if original is None else [_mean_stable_rank(bank.ffn(g)) for g in range(bank.num_experts)],
         dtype=str(next(bank.parameters()).dtype).removeprefix("torch."),
     )
 
@@ -482,7 +506,7 @@ def compile(  # noqa: A001 - the public name is fixed
     batches = _materialize(calib_loader)
     if config.method == "mc-smoe" and config.sparse_score == "gradient" and not loss_available(model, batches[0], loss):
         raise ConfigError(NO_LOSS)
-    observed = prepare(model, batches[0], calibration_needs(config), inplace=config.inplace)
+    observed = prepare(model, batches[0], config)
     start = time.perf_counter()
     calibrate(observed, batches, progress=config.progress)
     _state(observed).seconds["calibration"] = time.perf_counter() - start

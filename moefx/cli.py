@@ -382,6 +382,12 @@ def _add_compression_options(parser: argparse.ArgumentParser) -> None:
         help="mc-smoe: rank residual slices by activation energy or by the paper's |s * dL/ds| on the "
         "calibration text's next-token loss (default: %(default)s)",
     )
+    add(
+        "--stable-ranks",
+        action="store_true",
+        help="record each expert's stable rank before and after merging in the report, an eigensolve per "
+        "matrix (default: off)",
+    )
     add("--seed", type=int, default=d.seed, help="seed for anything random (default: %(default)s)")
 
 

@@ -71,6 +71,8 @@ class CompressionConfig:
       a score per column (row): ``sparse_score="activation"`` (its norm times its input's calibration RMS)
       or ``"gradient"`` (the paper's ``sum |s * dL/ds|`` of the model's loss on the calibration batches: a
       causal LM's next-token loss, a loss the model computes from batch ``labels``, or ``compile(loss=)``).
+    * ``stable_ranks``: record every expert's stable rank before and after merging in the report (an
+      eigensolve per matrix: minutes on a full-size layer, so off unless asked for).
     * ``seed``: for the random similarity and anything else random.
     * ``inplace``: compress the given model itself instead of a copy (saves memory; the input is consumed).
     * ``progress``: show progress bars.
@@ -92,6 +94,7 @@ class CompressionConfig:
     svd: str = "activation-aware"
     sparse_axis: str = "columns"
     sparse_score: str = "activation"
+    stable_ranks: bool = False
     seed: int = 0
     inplace: bool = False
     progress: bool = False

@@ -100,7 +100,7 @@ def _layers(report: CompressionReport) -> str:
             f"`{b.name}`",
             f"{b.kept} / {b.num_experts}",
             b.router,
-            f"{_mean(b.stable_rank_before):.1f} → {_mean(b.stable_rank_after):.1f}",
+            f"{_mean(b.stable_rank_before):.1f} → {_mean(b.stable_rank_after):.1f}" if b.stable_rank_before else "-",
             f"{_si(before, 'B')} → {_si(after, 'B')}",
             f"{_si(b.flops_before, 'FLOP')} → {_si(b.flops_after, 'FLOP')}",
         ]

@@ -87,7 +87,7 @@ def _group_mass_error(router_weight, router_bias, original, x, table, groups):
 def test_least_squares_fit_tracks_group_mass_better_than_averaged_rows():
     model = tiny_model("mixtral")
     calib = [example_inputs("mixtral", batch=4, seq=16, seed=s) for s in range(6)]
-    observed = moefx.prepare(model, calib[0], moefx.api.calibration_needs(moefx.CompressionConfig(router="pruned")))
+    observed = moefx.prepare(model, calib[0], router="pruned")
     moefx.calibrate(observed, calib)
     name = "model.layers.0.mlp"
     graph = observed.get_submodule(name)
