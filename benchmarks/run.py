@@ -64,7 +64,7 @@ ABLATION_ROWS = [
     ("merge-refit ablation", "refit out only", {"refit": "out"}),
     ("merge-refit ablation", "selection frequency (the paper)", {"selection": "frequency"}),
     ("merge-refit ablation", "selection contribution", {"selection": "contribution"}),
-    ("merge-refit ablation", "sequential calibration", {"sequential": True}),
+    ("merge-refit ablation", "layer-wise (sequential) calibration", {"sequential": True}),
     ("merge-refit ablation", "no alignment", {"align": False}),
     ("merge-refit ablation", "adaptive per-layer count", {"adaptive": True}),
     ("merge-refit ablation", "expert-output similarity", {"similarity": "expert-output"}),
@@ -187,6 +187,8 @@ def quality_rows(task: Task, settings: Settings, keep: dict[tuple[str, float], n
              "retained": 1.0, "params": _params(task.model)}]  # fmt: skip
     plan = [row for row in METHOD_ROWS + (ABLATION_ROWS if settings.ablations else [])
             if settings.labels is None or row[1] in settings.labels]  # fmt: skip
+    if task.name != "lm":  # layer-wise (sequential) compression is for decoder-only LMs
+        plan = [row for row in plan if not row[2].get("sequential")]
     for ratio, (section, label, options) in itertools.product(settings.ratios, plan):
         start = time.perf_counter()
         with warnings.catch_warnings():

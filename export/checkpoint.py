@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_model
 from torch import fx, nn
 from torch.fx.passes.infra.pass_manager import PassManager
 
@@ -38,13 +38,14 @@ from moefx.routing import combine_by_group
 
 FORMAT, VERSION = "moefx-checkpoint", 1
 WEIGHTS, DESCRIPTION, REPORT = "model.safetensors", "moefx.json", "report.json"
+INDEX = "model.safetensors.index.json"  # sharded weights (moefx compress streams a checkpoint into shards)
 
 
 def _canonical_blocks(model: nn.Module) -> dict[str, fx.GraphModule]:
     return {name: m for name, m in model.named_modules() if is_canonical_block(m)}
 
 
-def _describe_block(graph: fx.GraphModule) -> dict:
+def describe_block(graph: fx.GraphModule) -> dict:
     bank = graph.get_submodule("experts")
     selection = selection_nodes(graph.graph)[0]
     description = {
@@ -65,7 +66,7 @@ def _describe_block(graph: fx.GraphModule) -> dict:
     return description
 
 
-def _input_spec(example_inputs: Any) -> dict:
+def input_spec(example_inputs: Any) -> dict:
     args, kwargs = normalize_inputs(example_inputs)
     if args:
         raise CheckpointError("save needs example inputs given as a dict of keyword tensors (e.g. input_ids)")
@@ -109,8 +110,8 @@ def save(model: nn.Module, directory: str | os.PathLike, example_inputs: Any) ->
         "format": FORMAT,
         "version": VERSION,
         "base": base,
-        "example_inputs": _input_spec(example_inputs),
-        "blocks": {name: _describe_block(g) for name, g in blocks.items()},
+        "example_inputs": input_spec(example_inputs),
+        "blocks": {name: describe_block(g) for name, g in blocks.items()},
     }
     report = getattr(model, "moefx_report", None)
     with atomic_output(target) as scratch:
@@ -125,9 +126,10 @@ def save(model: nn.Module, directory: str | os.PathLike, example_inputs: Any) ->
 def _read_description(directory: Path) -> dict:
     if not directory.is_dir():
         raise CheckpointError(f"no checkpoint at {directory}: the directory does not exist")
-    for name in (DESCRIPTION, WEIGHTS):
-        if not (directory / name).is_file():
-            raise CheckpointError(f"{directory} is not a moefx checkpoint: {name} is missing")
+    if not (directory / DESCRIPTION).is_file():
+        raise CheckpointError(f"{directory} is not a moefx checkpoint: {DESCRIPTION} is missing")
+    if not (directory / WEIGHTS).is_file() and not (directory / INDEX).is_file():
+        raise CheckpointError(f"{directory} is not a moefx checkpoint: {WEIGHTS} is missing")
     try:
         description = json.loads((directory / DESCRIPTION).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -219,6 +221,7 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Mod
     the uncompressed architecture (its weights are replaced). The saved report, if any, is ``moefx_report``.
     """
     from moefx.passes.detect import find_moe_blocks
+    from moefx.stream import read_weight_map
 
     directory = Path(directory)
     description = _read_description(directory)
@@ -230,13 +233,22 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Mod
     for name, saved in description["blocks"].items():
         block = found[name]
         target.set_submodule(name, _reshape_block(build_block(block.module, block), block, saved))
-    try:
-        missing_keys, unexpected = load_model(target, str(directory / WEIGHTS), strict=False)
-    except (SafetensorError, OSError, RuntimeError) as exc:
-        raise CheckpointError(f"{directory / WEIGHTS} is corrupt or truncated ({first_line(exc)})") from None
-    if missing_keys or unexpected:
-        detail = sorted(missing_keys or unexpected)[0]
-        raise CheckpointError(f"{directory / WEIGHTS} does not match its description (e.g. {detail})")
+    shards = sorted(set(read_weight_map(directory).values())) if (directory / INDEX).is_file() else [WEIGHTS]
+    found_keys: set[str] = set()
+    for shard in shards:
+        try:
+            state = load_file(str(directory / shard))
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{directory / shard} is corrupt or truncated ({first_line(exc)})") from None
+        try:
+            target.load_state_dict(state, strict=False, assign=True)  # the saved dtypes, bf16 included
+        except RuntimeError as exc:
+            raise CheckpointError(f"{directory / shard} does not match its description ({first_line(exc)})") from None
+        found_keys.update(state)
+    expected = set(target.state_dict())
+    if found_keys != expected:
+        detail = sorted((expected - found_keys) or (found_keys - expected))[0]
+        raise CheckpointError(f"{directory} does not match its description (e.g. {detail})")
     if (directory / REPORT).is_file():
         target.moefx_report = load_report(directory)
     return target.eval()

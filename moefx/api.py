@@ -161,6 +161,8 @@ def prepare(
     which compresses as configured here.
     """
     config = CompressionConfig.from_arguments(config, overrides)
+    if config.sequential:
+        raise ConfigError("sequential=True is moefx.compile's layer-wise mode: prepare and convert see the whole model")
     needs = calibration_needs(config)
     start = time.perf_counter()
     target = model if config.inplace else copy.deepcopy(model)
@@ -202,6 +204,11 @@ def _progress(items: Iterable[Any], desc: str, unit: str, enabled: bool) -> Iter
     from tqdm.auto import tqdm
 
     return tqdm(items, desc=desc, unit=unit)
+
+
+def prepared_blocks(observed: nn.Module) -> list[MoEBlock]:
+    """The MoE blocks :func:`prepare` found and observes in ``observed``."""
+    return _state(observed).blocks
 
 
 def _state(model: nn.Module) -> _Prepared:
@@ -289,9 +296,9 @@ def convert(
         second = []
     report = CompressionReport(config)
 
-    def second_pass(blocks: list[MoEBlock]) -> None:
+    if second:
         with stage("second calibration pass"):
-            for b in blocks:
+            for b in second:
                 plan, graph = plans[b.name], graphs[b.name]
                 if plan.router == "pruned" and not config.prunes:
                     graph.get_submodule("routing_observer").fit_groups(plan.expert_to_group)
@@ -299,11 +306,9 @@ def convert(
                     merged = banks[b.name].with_experts(plan.merged, [g[0] for g in plan.groups])
                     graph.get_submodule("observed_experts").start_refit(plan.expert_to_group, merged)
             calibrate(observed, calib_batches, progress=config.progress)
-            stats.update({b.name: collect_statistics(graphs[b.name]) for b in blocks})
-
-    def finish(b: MoEBlock) -> None:
-        # the block's statistics, original bank and merged weights are let go once used: with sequential,
-        # one block's are held at a time
+            stats.update({b.name: collect_statistics(graphs[b.name]) for b in second})
+    for b in _progress(state.blocks, "merging", "block", config.progress):
+        # the block's statistics, original bank and merged weights are let go once used
         plan, graph, s, bank = plans[b.name], graphs[b.name], stats.pop(b.name), banks.pop(b.name)
         with stage("merging and rewriting"):
             if refit and s.refit_grams is not None:
@@ -324,17 +329,6 @@ def convert(
             ranked = original if config.stable_ranks else None
             report.blocks.append(_block_report(b, plan, s, before, merged, ranked, compact))
             plan.merged = None
-
-    if config.sequential:  # each block's second pass sees the blocks before it already compressed
-        for b in _progress(state.blocks, "merging", "block", config.progress):
-            if b in second:
-                second_pass([b])
-            finish(b)
-    else:
-        if second:
-            second_pass(second)
-        for b in _progress(state.blocks, "merging", "block", config.progress):
-            finish(b)
     if config.method == "mc-smoe":
         with stage("low-rank and sparse compression"):
             merged_blocks = [b for b in state.blocks if not plans[b.name].is_identity]
@@ -506,6 +500,10 @@ def compile(  # noqa: A001 - the public name is fixed
     batches = _materialize(calib_loader)
     if config.method == "mc-smoe" and config.sparse_score == "gradient" and not loss_available(model, batches[0], loss):
         raise ConfigError(NO_LOSS)
+    if config.sequential:
+        from moefx.layerwise import compile_layerwise
+
+        return compile_layerwise(model, batches, config)
     observed = prepare(model, batches[0], config)
     start = time.perf_counter()
     calibrate(observed, batches, progress=config.progress)

@@ -32,7 +32,7 @@ from moefx.config import (
     CompressionConfig,
 )
 from moefx.config import REFITS as REFIT_MODES
-from moefx.errors import CalibrationError, CheckpointError, MoefxError, MoefxWarning, first_line
+from moefx.errors import CalibrationError, CheckpointError, ConfigError, MoefxError, MoefxWarning, first_line
 
 EXPORT_FILES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "pt2": "model.pt2"}
 
@@ -197,8 +197,11 @@ def _compress(args: argparse.Namespace) -> None:
     calib_texts = _read_texts(calib_file)  # before the slow steps, as are all checks of the input
     eval_texts = None if eval_file is None else _read_texts(eval_file)
     encode = _tokenizer(model_dir)
-    model = _load_model(model_dir)
     calib = _text_batches(calib_texts, calib_file, encode, args.num_calib_seqs, args)
+    if config.sequential:
+        _compress_streaming(model_dir, calib, out, config, eval_file)
+        return
+    model = _load_model(model_dir)
     evaluation = None if eval_file is None else _text_batches(eval_texts, eval_file, encode, args.num_eval_seqs, args)
     vocab_size = model.get_input_embeddings().num_embeddings
     for batches in filter(None, (calib, evaluation)):
@@ -222,6 +225,25 @@ def _compress(args: argparse.Namespace) -> None:
         shutil.rmtree(staging, ignore_errors=True)
     print(overview(report))
     print(f"wrote {out}: the compressed checkpoint (moefx.load), report.json, report.md and plots")
+
+
+def _compress_streaming(
+    model_dir: Path, calib: list[dict[str, torch.Tensor]], out: Path, config: CompressionConfig, eval_file: Path | None
+) -> None:
+    """``compress --sequential``: stream the checkpoint layer by layer (one layer in memory at a time)."""
+    from moefx.report import overview, write_report
+    from moefx.stream import compress_checkpoint
+
+    if eval_file is not None:
+        raise ConfigError("--eval needs the whole model in memory, which --sequential avoids: evaluate the output")
+
+    def told(i: int, count: int, result: Any) -> None:
+        print(f"layer {i + 1}/{count} done in {result.seconds:.1f} s", flush=True)
+
+    report = compress_checkpoint(model_dir, calib, out, config, progress=told)
+    write_report(report, out)
+    print(overview(report))
+    print(f"wrote {out}: the compressed checkpoint in shards (moefx.load), report.json, report.md and plots")
 
 
 # ---------------------------------------------------------------- moefx export, report, demo
@@ -340,7 +362,8 @@ def _add_compression_options(parser: argparse.ArgumentParser) -> None:
         "--sequential",
         action=argparse.BooleanOptionalAction,
         default=d.sequential,
-        help="calibrate block by block, each seeing the blocks before it compressed (default: off)",
+        help="compress one decoder layer at a time, streamed from the checkpoint's shards, each calibrated on the "
+        "compressed layers before it: memory stays at about one layer (default: off)",
     )
     add(
         "--skip-layers",

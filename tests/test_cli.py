@@ -331,3 +331,13 @@ def test_demo_compresses_the_lm_fixture_end_to_end(capsys):
     compressed = next(line.split() for line in lines if line.startswith(f"{method} "))
     assert (original[1], compressed[1]) == ("64", "32")  # experts=0.5 of 4 layers x 16
     assert float(compressed[2]) == pytest.approx(float(original[2]) / 2, rel=1e-3)  # expert MB halved
+
+
+def test_sequential_compress_streams_the_checkpoint_layer_by_layer(files, capsys):
+    out = files["root"] / "streamed"
+    assert cli.main([*_compress_args(files, out), "--sequential"]) == 0
+    printed = capsys.readouterr().out
+    assert "layer 1/2 done in" in printed and "layer 2/2 done in" in printed
+    assert (out / "model.safetensors.index.json").is_file() and (out / "report.md").is_file()
+    model = moefx.load(out)
+    assert [b.kept for b in model.moefx_report.blocks] == [4, 4]

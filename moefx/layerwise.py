@@ -1,0 +1,224 @@
+"""Layer-wise compression: one decoder layer at a time, each calibrated on the compressed layers before it.
+
+A decoder-only transformers model is a stack of decoder layers between its embeddings and its head. The
+driver here caches the calibration batches' hidden states at the input of the first layer (with the
+attention masks and position embeddings the model itself computes for them), then for each layer:
+
+1. materialises it (from memory, or from the shards of a checkpoint: :mod:`moefx.stream`), in float32;
+2. runs moefx's own pipeline on it, the layer standing for the model: :func:`moefx.prepare` (observers for
+   what the configuration needs), the calibration batches, :func:`moefx.convert` (plan, second statistics,
+   rewrite);
+3. runs the compressed layer on the cached hidden states to give the next layer's inputs;
+4. hands the layer back to its source (cast to the model's dtype), which may write and free it.
+
+Memory is one layer, the cached hidden states and one layer's statistics, whatever the depth. Planning is
+per layer, so every layer keeps the same share of its experts (no adaptive allocation across layers) and
+MC-SMoE's sparse threshold is per layer. ``compile(..., sequential=True)`` runs this driver on an
+in-memory model; ``moefx compress`` runs it on a checkpoint streamed from disk.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import gc
+import inspect
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from moefx.api import CompressionReport, convert, prepare, prepared_blocks
+from moefx.capture import call_model, capture_mode
+from moefx.config import CompressionConfig
+from moefx.errors import CalibrationError, ConfigError, DetectionError
+
+# the decoder-layer arguments that carry per-batch tensors (transformers 5 names); caches are never passed
+_LAYER_ARGUMENTS = ("attention_mask", "position_embeddings", "position_ids", "cache_position")
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The path and the module list of ``model``'s decoder layers: its one ``nn.ModuleList`` of
+    ``config.num_hidden_layers`` modules of one class."""
+    count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    stacks = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.ModuleList) and len(m) == count and len({type(layer) for layer in m}) == 1
+    ]
+    if len(stacks) != 1:
+        raise ConfigError(
+            f"layer-wise compression needs a decoder-only transformers model with one stack of decoder layers; "
+            f"{type(model).__name__} has {len(stacks)}: compile it with sequential=False"
+        )
+    return stacks[0]
+
+
+class LayerCall(nn.Module):
+    """A decoder layer called as moefx calls a model: keyword tensors in, hidden states out.
+
+    ``attention_mask`` is the batch's 2-D padding mask, which the observers read to leave padding out of
+    every statistic; the layer gets the mask the model made for it as ``layer_attention_mask``.
+    """
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        layer_attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache_position: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        given = {"attention_mask": layer_attention_mask, "position_embeddings": position_embeddings,
+                 "position_ids": position_ids, "cache_position": cache_position}  # fmt: skip
+        out = self.layer(hidden_states, **{k: v for k, v in given.items() if v is not None})
+        return out[0] if isinstance(out, tuple) else out
+
+
+class _Caught(Exception):
+    """Raised by the hook on the first layer once it has seen its inputs."""
+
+
+def first_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: Iterable[Any]) -> list[dict[str, Any]]:
+    """Each batch's keyword arguments for :class:`LayerCall` on the first decoder layer, hidden states in
+    float32. Only the layers' parameters may be on the meta device: the model runs up to the first layer."""
+    accepted = set(inspect.signature(layers[0].forward).parameters)
+    calls: list[dict[str, Any]] = []
+
+    def catch(_: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        call = {"hidden_states": hidden.float()}
+        for name in _LAYER_ARGUMENTS:
+            value = kwargs.get(name)
+            if name in accepted and value is not None:
+                call["layer_" + name if name == "attention_mask" else name] = value
+        calls.append(call)
+        raise _Caught
+
+    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        with torch.no_grad(), capture_mode(model):
+            for batch in batches:
+                try:
+                    call_model(model, batch)
+                except _Caught:
+                    pass
+                mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+                if mask is not None and len(calls):
+                    calls[-1]["attention_mask"] = mask
+    finally:
+        handle.remove()
+    if not calls:
+        raise CalibrationError("the calibration data yielded no batches: pass a non-empty iterable of batches")
+    return calls
+
+
+def run_layer(call: LayerCall, inputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The next layer's inputs: ``inputs`` with their hidden states passed through ``call``."""
+    with torch.no_grad():
+        return [{**kwargs, "hidden_states": call(**kwargs).float()} for kwargs in inputs]
+
+
+@dataclass
+class LayerResult:
+    """What compressing one layer gave: its report (block names relative to the model) and timings."""
+
+    report: CompressionReport | None  # None for a layer without MoE blocks
+    seconds: float
+
+
+def compress_layer(
+    layer: nn.Module, prefix: str, inputs: list[dict[str, Any]], config: CompressionConfig, moe_seen: int
+) -> LayerResult:
+    """Compress ``layer``'s MoE blocks in place (float32), calibrated on ``inputs``.
+
+    ``prefix`` is the layer's path in the model and ``moe_seen`` the number of MoE blocks before it, so that
+    ``config.skip_layers`` (indices among the model's MoE blocks, or names) applies as it does to the model.
+    """
+    start = time.perf_counter()
+    try:
+        observed = prepare(LayerCall(layer), inputs[0], dataclasses.replace(config, inplace=True, sequential=False))
+    except DetectionError as exc:
+        if not str(exc).startswith("no MoE block"):
+            raise
+        return LayerResult(None, time.perf_counter() - start)  # a dense layer passes straight through
+    names = {b.name: f"{prefix}.{b.name.removeprefix('layer.')}" for b in prepared_blocks(observed)}
+    skip = [local for i, (local, name) in enumerate(names.items())
+            if moe_seen + i in config.skip_layers or name in config.skip_layers]  # fmt: skip
+    for kwargs in inputs:
+        with torch.no_grad():
+            observed(**kwargs)
+    convert(observed, calib_batches=inputs, skip_layers=skip)
+    report = observed.moefx_report
+    for b in report.blocks:
+        b.name = names[b.name]
+    return LayerResult(report, time.perf_counter() - start)
+
+
+LayerSource = Callable[[int], nn.Module]
+
+
+def compress_layers(
+    layers: nn.ModuleList,
+    prefix: str,
+    inputs: list[dict[str, Any]],
+    config: CompressionConfig,
+    load: LayerSource,
+    done: Callable[[int, nn.Module], None],
+    progress: Callable[[int, LayerResult], None] | None = None,
+) -> CompressionReport:
+    """Compress every layer of ``layers`` in turn (see the module docstring).
+
+    ``load(i)`` gives layer ``i`` with real weights and ``done(i, layer)`` takes it back compressed, in the
+    model's dtype; ``progress(i, result)`` is told after each layer.
+    """
+    report = CompressionReport(config)
+    for i in range(len(layers)):
+        layer = load(i)
+        dtype = next(layer.parameters()).dtype
+        layer.float()
+        result = compress_layer(layer, f"{prefix}.{i}", inputs, config, len(report.blocks))
+        inputs = run_layer(LayerCall(layer), inputs)
+        layer.to(dtype)
+        done(i, layer)
+        del layer
+        gc.collect()  # capture leaves reference cycles that hold the float32 layer until the collector runs
+        if result.report is not None:
+            report.blocks.extend(result.report.blocks)
+            for stage, seconds in result.report.seconds.items():
+                report.seconds[stage] = report.seconds.get(stage, 0.0) + seconds
+        if progress is not None:
+            progress(i, result)
+    return report
+
+
+def check_layerwise(config: CompressionConfig) -> None:
+    """Refuse options that need every layer's statistics before planning."""
+    if config.adaptive:  # unset (None) means the same share per layer here
+        raise ConfigError("adaptive allocation needs every layer's statistics at once: leave adaptive unset "
+                          "with sequential (each layer keeps the same share of its experts)")  # fmt: skip
+    if config.method == "mc-smoe" and config.sparse_score == "gradient":
+        raise ConfigError("sparse_score='gradient' needs the whole model's loss: use the activation score "
+                          "with sequential")  # fmt: skip
+
+
+def compile_layerwise(model: nn.Module, batches: list[Any], config: CompressionConfig) -> nn.Module:
+    """``moefx.compile(model, batches, sequential=True)``: the layers of an in-memory model, one at a time."""
+    check_layerwise(config)
+    target = model if config.inplace else copy.deepcopy(model)
+    prefix, layers = decoder_layers(target)
+    start = time.perf_counter()
+    inputs = first_layer_inputs(target, layers, batches)
+    seconds = time.perf_counter() - start
+    report = compress_layers(layers, prefix, inputs, config, layers.__getitem__, lambda i, layer: None)
+    report.seconds["first layer inputs"] = seconds
+    target.moefx_report = report
+    return target

@@ -1,0 +1,269 @@
+"""Compress a transformers checkpoint streamed from its shards, one decoder layer in memory at a time.
+
+:func:`compress_checkpoint` builds the model's skeleton on the meta device (no weights), loads everything
+but the decoder layers (embeddings, final norm, head: transformers' own weight conversion maps the
+checkpoint's names and layouts onto the model's), and runs :mod:`moefx.layerwise`'s driver with layers
+materialised from the shards one at a time. Each compressed layer is written to the output's shards in
+the checkpoint's dtype and freed before the next is read. The output is a moefx checkpoint
+(:func:`moefx.load` reads it): sharded safetensors, ``moefx.json`` and ``report.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from moefx.api import CompressionReport
+from moefx.config import CompressionConfig
+from moefx.errors import CheckpointError, first_line
+from moefx.export.checkpoint import DESCRIPTION, FORMAT, INDEX, REPORT, VERSION, WEIGHTS, describe_block, input_spec
+from moefx.export.serving import atomic_output, is_canonical_block
+from moefx.layerwise import LayerResult, check_layerwise, compress_layers, decoder_layers, first_layer_inputs
+
+
+def read_weight_map(directory: Path) -> dict[str, str]:
+    """Checkpoint tensor name -> shard file, from the index (or the single ``model.safetensors``), with
+    every shard checked to exist and to hold the tensors the index places in it."""
+    index = directory / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index} is corrupt ({first_line(exc)}): re-download the checkpoint") from None
+    elif (directory / WEIGHTS).is_file():
+        weight_map = {name: WEIGHTS for name in _shard_names(directory / WEIGHTS)}
+    else:
+        raise CheckpointError(f"{directory} has neither {INDEX} nor {WEIGHTS}: it holds no safetensors weights")
+    by_shard: dict[str, set[str]] = {}
+    for name, shard in weight_map.items():
+        by_shard.setdefault(shard, set()).add(name)
+    for shard, names in sorted(by_shard.items()):
+        path = directory / shard
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing: the index names it; re-download the checkpoint")
+        absent = names - _shard_names(path)
+        if absent:
+            raise CheckpointError(f"{path} lacks {sorted(absent)[0]}, which {INDEX} places there: the index and "
+                                  "shards do not match; re-download the checkpoint")  # fmt: skip
+    return weight_map
+
+
+def _shard_names(path: Path) -> set[str]:
+    try:
+        with safe_open(str(path), framework="pt") as shard:
+            return set(shard.keys())
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path} is corrupt or truncated ({first_line(exc)})") from None
+
+
+class CheckpointModel:
+    """A transformers causal LM whose weights stay in its checkpoint until asked for.
+
+    ``model`` is the skeleton: its decoder layers are on the meta device until :meth:`load_layer`, and go
+    back there with :meth:`release_layer`; everything else is loaded at construction.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers.conversion_mapping import get_model_conversion_mapping
+
+        self.directory = directory
+        self.weight_map = read_weight_map(directory)
+        try:
+            self.config = AutoConfig.from_pretrained(directory, local_files_only=True)
+        except Exception as exc:  # OSError, ValueError or KeyError, depending on what is wrong with config.json
+            raise CheckpointError(f"cannot read the transformers config in {directory}: {first_line(exc)}") from None
+        self.dtype = self.config.dtype if isinstance(self.config.dtype, torch.dtype) else torch.float32
+        try:
+            with torch.device("meta"):
+                self.model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype).eval()
+        except ValueError as exc:
+            raise CheckpointError(f"{directory} holds a {self.config.model_type} model, which is not a causal "
+                                  f"language model ({first_line(exc)})") from None  # fmt: skip
+        self.layers_path, self.layers = decoder_layers(self.model)
+        self.conversions = get_model_conversion_mapping(self.model)
+        self.layer_keys: list[list[str]] = [[] for _ in self.layers]
+        rest = []
+        pattern = re.compile(rf"^{re.escape(self.layers_path)}\.(\d+)\.")
+        for name in self.weight_map:
+            found = pattern.match(name)
+            (self.layer_keys[int(found.group(1))] if found else rest).append(name)
+        self._load(rest)
+        self._materialise_buffers()
+
+    def _load(self, names: list[str]) -> None:
+        """Load checkpoint tensors ``names`` into the skeleton through transformers' weight conversions."""
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.modeling_utils import LoadStateDictConfig
+        from transformers.utils import logging as hf_logging
+
+        by_shard: dict[str, list[str]] = {}
+        for name in names:
+            by_shard.setdefault(self.weight_map[name], []).append(name)
+        with contextlib.ExitStack() as stack:
+            state = {}
+            for shard, shard_names in by_shard.items():
+                handle = stack.enter_context(safe_open(str(self.directory / shard), framework="pt"))
+                state.update({name: handle.get_slice(name) for name in shard_names})
+            load_config = LoadStateDictConfig(dtype=self.dtype, weight_mapping=self.conversions)
+            hf_logging.disable_progress_bar()
+            try:
+                info, _ = convert_and_load_state_dict_in_model(self.model, state, load_config)
+            finally:
+                hf_logging.enable_progress_bar()
+        if info.unexpected_keys:
+            name = sorted(info.unexpected_keys)[0]
+            model = type(self.model).__name__
+            raise CheckpointError(f"{self.directory / self.weight_map.get(name, INDEX)} holds {name}, which {model} "
+                                  "has no place for: is config.json this checkpoint's?")  # fmt: skip
+
+    def _materialise_buffers(self) -> None:
+        """Compute the buffers no checkpoint holds (rotary frequencies) as transformers does after loading."""
+        owners = {}
+        for name, buffer in self.model.named_buffers():
+            if buffer.is_meta and not name.startswith(f"{self.layers_path}."):
+                owner_name, _, leaf = name.rpartition(".")
+                owner = self.model.get_submodule(owner_name)
+                owner.register_buffer(leaf, torch.empty_like(buffer, device="cpu"),
+                                      persistent=leaf not in owner._non_persistent_buffers_set)  # fmt: skip
+                owners[owner_name] = owner
+        for owner in owners.values():
+            self.model._init_weights(owner)
+        missing = [
+            n for n, p in self.model.named_parameters() if p.is_meta and not n.startswith(f"{self.layers_path}.")
+        ]
+        if missing:
+            raise CheckpointError(f"{self.directory} has no weight for {missing[0]}: the checkpoint is incomplete")
+
+    def load_layer(self, i: int) -> nn.Module:
+        """Decoder layer ``i`` with its weights read from the shards."""
+        self._load(self.layer_keys[i])
+        layer = self.layers[i]
+        missing = [n for n, p in layer.named_parameters() if p.is_meta]
+        if missing:
+            name = f"{self.layers_path}.{i}.{missing[0]}"
+            raise CheckpointError(f"{self.directory} has no weight for {name}: the checkpoint is incomplete")
+        return layer
+
+    def release_layer(self, i: int) -> None:
+        """Give back layer ``i``'s memory (its tensors go back to the meta device)."""
+        self.layers[i].to("meta")
+
+
+class ShardWriter:
+    """Writes tensors into safetensors shards of at most ``max_shard_bytes`` and, at :meth:`close`, the
+    index transformers reads (``model-00001-of-00003.safetensors`` ..., ``model.safetensors.index.json``)."""
+
+    def __init__(self, directory: Path, max_shard_bytes: int) -> None:
+        self.directory, self.max_shard_bytes = directory, max_shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.files: list[tuple[str, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, state: dict[str, torch.Tensor]) -> None:
+        for name, tensor in state.items():
+            size = tensor.numel() * tensor.element_size()
+            if self.pending and self.pending_bytes + size > self.max_shard_bytes:
+                self._flush()
+            self.pending[name] = tensor.detach().to("cpu").contiguous().clone()  # owns its memory: no aliasing
+            self.pending_bytes += size
+            self.total_bytes += size
+
+    def _flush(self) -> None:
+        name = f"shard-{len(self.files):05d}.safetensors"
+        save_file(self.pending, str(self.directory / name), metadata={"format": "pt"})
+        self.files.append((name, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        if self.pending or not self.files:
+            self._flush()
+        count, weight_map = len(self.files), {}
+        for i, (name, tensors) in enumerate(self.files):
+            final = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+            os.replace(self.directory / name, self.directory / final)
+            weight_map.update(dict.fromkeys(tensors, final))
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.directory / INDEX).write_text(json.dumps(index, indent=1) + "\n")
+
+
+def _layer_state(layer: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{name}": tensor for name, tensor in layer.state_dict().items()}
+
+
+@contextlib.contextmanager
+def _output_directory(out: Path) -> Iterator[Path]:
+    """A scratch directory that becomes ``out`` on success (nothing is left on failure)."""
+    if out.exists():
+        raise CheckpointError(f"{out} already exists: choose a new output directory")
+    with atomic_output(out) as scratch:
+        scratch.mkdir()
+        yield scratch
+
+
+def compress_checkpoint(
+    model_dir: str | os.PathLike,
+    calib_batches: Iterable[Any],
+    out_dir: str | os.PathLike,
+    config: CompressionConfig | None = None,
+    max_shard_bytes: int = 2**30,
+    progress: Callable[[int, int, LayerResult], None] | None = None,
+    **overrides: Any,
+) -> CompressionReport:
+    """Compress the causal LM in ``model_dir`` (transformers, safetensors, sharded or not) layer by layer and
+    write a moefx checkpoint to ``out_dir``; returns the report (also in ``out_dir/report.json``).
+
+    Peak memory is about one decoder layer in float32, the calibration hidden states and one layer's
+    statistics. ``progress(i, num_layers, result)`` is told after each layer.
+    """
+    config = CompressionConfig.from_arguments(config, overrides)
+    check_layerwise(config)
+    source = CheckpointModel(Path(model_dir))
+    batches = list(calib_batches)
+    start = time.perf_counter()
+    inputs = first_layer_inputs(source.model, source.layers, batches)
+    seconds = time.perf_counter() - start
+    blocks: dict[str, dict] = {}
+    with _output_directory(Path(out_dir)) as scratch:
+        writer = ShardWriter(scratch, max_shard_bytes)
+        skeleton_rest = {n: t for n, t in source.model.state_dict().items()
+                         if not n.startswith(f"{source.layers_path}.") and not t.is_meta}  # fmt: skip
+        writer.add(skeleton_rest)
+
+        def done(i: int, layer: nn.Module) -> None:
+            prefix = f"{source.layers_path}.{i}"
+            for name, module in layer.named_modules():
+                if is_canonical_block(module):
+                    blocks[f"{prefix}.{name}"] = describe_block(module)
+            writer.add(_layer_state(layer, prefix))
+            source.release_layer(i)
+
+        def told(i: int, result: LayerResult) -> None:
+            if progress is not None:
+                progress(i, len(source.layers), result)
+
+        report = compress_layers(source.layers, source.layers_path, inputs, config, source.load_layer, done, told)
+        report.seconds["first layer inputs"] = seconds
+        writer.close()
+        description = {
+            "format": FORMAT,
+            "version": VERSION,
+            "base": {"transformers_class": type(source.model).__name__, "config": source.config.to_dict()},
+            "example_inputs": input_spec({k: v[:2] for k, v in batches[0].items()}),
+            "blocks": blocks,
+        }
+        (scratch / DESCRIPTION).write_text(json.dumps(description, indent=1, default=str) + "\n")
+        (scratch / REPORT).write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+    return report

@@ -1,0 +1,132 @@
+"""Streaming compression of sharded checkpoints, and the layer-wise driver it shares with compile(sequential=True)."""
+
+import json
+
+import pytest
+import torch
+
+import moefx
+from moefx.capture import max_output_diff
+from moefx.stream import compress_checkpoint
+from moefx.zoo import example_inputs, tiny_model
+
+DECODERS = ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss"]
+
+
+def _calibration(family):
+    batches = [example_inputs(family, batch=2, seq=8, seed=s) for s in range(3)]
+    batches[0]["attention_mask"][0, :3] = 0  # left padding: left out of every statistic on both paths
+    return batches
+
+
+def _checkpoint(model, directory):
+    model.save_pretrained(directory, max_shard_size="20KB")  # several shards, hub names and layouts
+    assert len(set(json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"].values())) > 2
+    return directory
+
+
+def _logits(model, family):
+    with torch.no_grad():
+        return model(**example_inputs(family, batch=2, seq=8, seed=9)).logits
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_streaming_a_sharded_checkpoint_equals_sequential_compile_in_memory(family, tmp_path):
+    model = tiny_model(family)
+    calib = _calibration(family)
+    in_memory = moefx.compile(model, calib, experts=0.5, sequential=True)
+    out = tmp_path / "out"
+    report = compress_checkpoint(_checkpoint(model, tmp_path / "ckpt"), calib, out, experts=0.5, max_shard_bytes=2**14)
+    streamed = moefx.load(out)
+    assert max_output_diff(_logits(streamed, family), _logits(in_memory, family)) <= 1e-5
+    assert [b.groups for b in report.blocks] == [b.groups for b in in_memory.moefx_report.blocks]
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "out"]  # no scratch left beside the output
+
+
+def test_layerwise_compression_calibrates_each_layer_on_the_compressed_layers_before_it():
+    model, calib = tiny_model("mixtral"), _calibration("mixtral")
+    sequential = moefx.compile(model, calib, experts=0.5, sequential=True)
+    joint = moefx.compile(model, calib, experts=0.5)
+    first, second = "model.layers.0.mlp", "model.layers.1.mlp"
+    state = {k: v for k, v in sequential.state_dict().items()}
+    joint_state = joint.state_dict()
+    # the first layer sees the same inputs either way; the second sees the compressed first layer's outputs
+    assert all(torch.allclose(v, joint_state[k], atol=1e-6) for k, v in state.items() if k.startswith(first))
+    assert not all(torch.allclose(v, joint_state[k], atol=1e-6) for k, v in state.items() if k.startswith(second))
+    assert [b.kept for b in sequential.moefx_report.blocks] == [4, 4]
+
+
+def test_bfloat16_checkpoints_stream_to_bfloat16(tmp_path):
+    model = tiny_model("qwen3_moe").to(torch.bfloat16)
+    out = tmp_path / "out"
+    compress_checkpoint(_checkpoint(model, tmp_path / "ckpt"), _calibration("qwen3_moe"), out, experts=0.5)
+    loaded = moefx.load(out)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert _logits(loaded, "qwen3_moe").isfinite().all()
+
+
+def test_dense_first_layers_pass_through_unchanged(tmp_path):
+    model = tiny_model("deepseek_v3")
+    out = tmp_path / "out"
+    compress_checkpoint(_checkpoint(model, tmp_path / "ckpt"), _calibration("deepseek_v3"), out, experts=0.5)
+    loaded = moefx.load(out)
+    dense = "model.layers.0."
+    original = {k: v for k, v in model.state_dict().items() if k.startswith(dense)}
+    assert original and all(torch.equal(loaded.state_dict()[k], v) for k, v in original.items())
+
+
+def _broken(tmp_path, damage):
+    directory = _checkpoint(tiny_model("mixtral"), tmp_path / "ckpt")
+    index = directory / "model.safetensors.index.json"
+    weight_map = json.loads(index.read_text())["weight_map"]
+    damage(directory, index, weight_map)
+    return directory
+
+
+def _drop_shard(directory, index, weight_map):
+    (directory / weight_map["model.layers.1.post_attention_layernorm.weight"]).unlink()
+
+
+def _misplace_tensor(directory, index, weight_map):
+    name = "model.layers.1.post_attention_layernorm.weight"
+    others = sorted(set(weight_map.values()) - {weight_map[name]})
+    weight_map[name] = others[0]
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def _truncate_shard(directory, index, weight_map):
+    path = directory / weight_map["model.layers.1.post_attention_layernorm.weight"]
+    path.write_bytes(path.read_bytes()[:50])
+
+
+def _drop_from_index(directory, index, weight_map):
+    del weight_map["model.layers.1.post_attention_layernorm.weight"]
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (_drop_shard, r"model-000\d\d-of-000\d\d\.safetensors is missing: the index names it"),
+        (_misplace_tensor, r"lacks model\.layers\.1\.post_attention_layernorm\.weight, which .* places there"),
+        (_truncate_shard, r"is corrupt or truncated"),
+        (_drop_from_index, r"has no weight for model\.layers\.1\.post_attention_layernorm\.weight: .*incomplete"),
+    ],
+)
+def test_a_broken_checkpoint_gets_one_line_naming_the_file(tmp_path, damage, message):
+    directory = _broken(tmp_path, damage)
+    with pytest.raises(moefx.CheckpointError, match=message) as error:
+        compress_checkpoint(directory, _calibration("mixtral"), tmp_path / "out", experts=0.5)
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_sequential_needs_a_decoder_stack_and_per_layer_options():
+    from moefx.zoo import HandWrittenMoELM
+
+    batches = [torch.randint(0, 64, (2, 8))]
+    with pytest.raises(moefx.ConfigError, match="one stack of decoder layers"):
+        moefx.compile(HandWrittenMoELM(layers=2), batches, sequential=True)
+    with pytest.raises(moefx.ConfigError, match="adaptive allocation needs every layer"):
+        moefx.compile(tiny_model("mixtral"), _calibration("mixtral"), sequential=True, adaptive=True)
