@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_model
+from safetensors.torch import load_file, load_model, save_model
 from torch import fx, nn
 from torch.fx.passes.infra.pass_manager import PassManager
 
@@ -233,25 +233,38 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Mod
     for name, saved in description["blocks"].items():
         block = found[name]
         target.set_submodule(name, _reshape_block(build_block(block.module, block), block, saved))
-    shards = sorted(set(read_weight_map(directory).values())) if (directory / INDEX).is_file() else [WEIGHTS]
-    found_keys: set[str] = set()
+    if (directory / INDEX).is_file():
+        _load_shards(target, directory, sorted(set(read_weight_map(directory).values())))
+    else:
+        try:
+            missing_keys, unexpected = load_model(target, str(directory / WEIGHTS), strict=False)
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise CheckpointError(f"{directory / WEIGHTS} is corrupt or truncated ({first_line(exc)})") from None
+        if missing_keys or unexpected:
+            detail = sorted(missing_keys or unexpected)[0]
+            raise CheckpointError(f"{directory / WEIGHTS} does not match its description (e.g. {detail})")
+    if (directory / REPORT).is_file():
+        target.moefx_report = load_report(directory)
+    return target.eval()
+
+
+def _load_shards(target: nn.Module, directory: Path, shards: list[str]) -> None:
+    """Load the shards ``moefx compress --sequential`` wrote (every name stored, in its saved dtype)."""
+    found: set[str] = set()
     for shard in shards:
         try:
             state = load_file(str(directory / shard))
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"{directory / shard} is corrupt or truncated ({first_line(exc)})") from None
         try:
-            target.load_state_dict(state, strict=False, assign=True)  # the saved dtypes, bf16 included
+            target.load_state_dict(state, strict=False, assign=True)
         except RuntimeError as exc:
             raise CheckpointError(f"{directory / shard} does not match its description ({first_line(exc)})") from None
-        found_keys.update(state)
+        found.update(state)
     expected = set(target.state_dict())
-    if found_keys != expected:
-        detail = sorted((expected - found_keys) or (found_keys - expected))[0]
+    if found != expected:
+        detail = sorted((expected - found) or (found - expected))[0]
         raise CheckpointError(f"{directory} does not match its description (e.g. {detail})")
-    if (directory / REPORT).is_file():
-        target.moefx_report = load_report(directory)
-    return target.eval()
 
 
 def _config_field(config: Any, value: int, accept: Any) -> str:
