@@ -13,9 +13,11 @@ every compressed block has a pruned router, dense experts and the same expert co
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -99,9 +101,6 @@ def save(model: nn.Module, directory: str | os.PathLike, example_inputs: Any) ->
     blocks = _canonical_blocks(model)
     if not blocks:
         raise CheckpointError("save expects a model compressed by moefx.compile (it has no moefx MoE blocks)")
-    target = Path(directory)
-    if target.exists():
-        raise CheckpointError(f"{target} already exists: choose a new directory for the checkpoint")
     config = getattr(model, "config", None)
     base = None
     if config is not None and hasattr(config, "to_dict"):
@@ -114,13 +113,23 @@ def save(model: nn.Module, directory: str | os.PathLike, example_inputs: Any) ->
         "blocks": {name: describe_block(g) for name, g in blocks.items()},
     }
     report = getattr(model, "moefx_report", None)
-    with atomic_output(target) as scratch:
-        scratch.mkdir()
+    with new_directory(directory) as scratch:
         save_model(model, str(scratch / WEIGHTS))
         (scratch / DESCRIPTION).write_text(json.dumps(description, indent=1, default=str) + "\n")
         if report is not None:
             (scratch / REPORT).write_text(json.dumps(report.to_dict(), indent=1) + "\n")
-    return target
+    return Path(directory)
+
+
+@contextlib.contextmanager
+def new_directory(directory: str | os.PathLike) -> Iterator[Path]:
+    """A directory to fill that appears at ``directory`` (which must not exist) only if the block succeeds."""
+    target = Path(directory)
+    if target.exists():
+        raise CheckpointError(f"{target} already exists: choose a new directory for the checkpoint")
+    with atomic_output(target) as scratch:
+        scratch.mkdir()
+        yield scratch
 
 
 def _read_description(directory: Path) -> dict:

@@ -163,15 +163,12 @@ def compress_layer(
     return LayerResult(report, time.perf_counter() - start)
 
 
-LayerSource = Callable[[int], nn.Module]
-
-
 def compress_layers(
     layers: nn.ModuleList,
     prefix: str,
     inputs: list[dict[str, Any]],
     config: CompressionConfig,
-    load: LayerSource,
+    load: Callable[[int], nn.Module],
     done: Callable[[int, nn.Module], None],
     progress: Callable[[int, LayerResult], None] | None = None,
 ) -> CompressionReport:

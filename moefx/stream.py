@@ -15,7 +15,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,18 @@ from torch import nn
 from moefx.api import CompressionReport
 from moefx.config import CompressionConfig
 from moefx.errors import CheckpointError, first_line
-from moefx.export.checkpoint import DESCRIPTION, FORMAT, INDEX, REPORT, VERSION, WEIGHTS, describe_block, input_spec
-from moefx.export.serving import atomic_output, is_canonical_block
+from moefx.export.checkpoint import (
+    DESCRIPTION,
+    FORMAT,
+    INDEX,
+    REPORT,
+    VERSION,
+    WEIGHTS,
+    describe_block,
+    input_spec,
+    new_directory,
+)
+from moefx.export.serving import is_canonical_block
 from moefx.layerwise import LayerResult, check_layerwise, compress_layers, decoder_layers, first_layer_inputs
 
 
@@ -199,20 +209,6 @@ class ShardWriter:
         (self.directory / INDEX).write_text(json.dumps(index, indent=1) + "\n")
 
 
-def _layer_state(layer: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
-    return {f"{prefix}.{name}": tensor for name, tensor in layer.state_dict().items()}
-
-
-@contextlib.contextmanager
-def _output_directory(out: Path) -> Iterator[Path]:
-    """A scratch directory that becomes ``out`` on success (nothing is left on failure)."""
-    if out.exists():
-        raise CheckpointError(f"{out} already exists: choose a new output directory")
-    with atomic_output(out) as scratch:
-        scratch.mkdir()
-        yield scratch
-
-
 def compress_checkpoint(
     model_dir: str | os.PathLike,
     calib_batches: Iterable[Any],
@@ -236,7 +232,7 @@ def compress_checkpoint(
     inputs = first_layer_inputs(source.model, source.layers, batches)
     seconds = time.perf_counter() - start
     blocks: dict[str, dict] = {}
-    with _output_directory(Path(out_dir)) as scratch:
+    with new_directory(out_dir) as scratch:
         writer = ShardWriter(scratch, max_shard_bytes)
         skeleton_rest = {n: t for n, t in source.model.state_dict().items()
                          if not n.startswith(f"{source.layers_path}.") and not t.is_meta}  # fmt: skip
@@ -247,7 +243,7 @@ def compress_checkpoint(
             for name, module in layer.named_modules():
                 if is_canonical_block(module):
                     blocks[f"{prefix}.{name}"] = describe_block(module)
-            writer.add(_layer_state(layer, prefix))
+            writer.add({f"{prefix}.{name}": tensor for name, tensor in layer.state_dict().items()})
             source.release_layer(i)
 
         def told(i: int, result: LayerResult) -> None:
