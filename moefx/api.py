@@ -288,6 +288,8 @@ def convert(
         routers = {name: g.get_submodule("router").weight for name, g in graphs.items()}
         plans = plan_compression(state.blocks, stats, ffns, routers, config)
         _keep_exact_routers_that_cannot_be_pruned(state.blocks, plans, config)
+    for name, s in stats.items():  # planning's per-expert input moments (E x H^2, gigabytes) are done with
+        s.weighted_input_grams = graphs[name].get_submodule("observed_experts").weighted_input_grams = None
     refit = config.resolved("refit") != "none"
     second = [b for b in state.blocks if _needs_second_pass(plans[b.name], refit, config)]
     if second and calib_batches is None:
@@ -304,6 +306,7 @@ def convert(
                     graph.get_submodule("routing_observer").fit_groups(plan.expert_to_group)
                 if refit:
                     merged = banks[b.name].with_experts(plan.merged, [g[0] for g in plan.groups])
+                    plan.merged = [merged.ffn(g) for g in range(merged.num_experts)]  # views: held once
                     graph.get_submodule("observed_experts").start_refit(plan.expert_to_group, merged)
             calibrate(observed, calib_batches, progress=config.progress)
             stats.update({b.name: collect_statistics(graphs[b.name]) for b in second})

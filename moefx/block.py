@@ -229,9 +229,19 @@ def max_block_diff(original: nn.Module, canonical: nn.Module, hidden_size: int, 
     return max((a.float() - b.float()).abs().max().item() for a, b in zip(ref, got, strict=True))
 
 
+def float32_reference(module: nn.Module) -> nn.Module:
+    """``module`` to run in float32 eval mode without changing it: itself when it already is (a full-size
+    layer's copy is gigabytes), else a float32 eval-mode copy."""
+    floating = [t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
+    if all(t.dtype == torch.float32 for t in floating) and not any(m.training for m in module.modules()):
+        return module
+    return copy.deepcopy(module).float().eval()
+
+
 def verify_block(block: MoEBlock, ndim: int) -> float:
-    """Check the canonical form of ``block`` against the original, in float32 on copies; returns the diff."""
-    reference = copy.deepcopy(block.module).float().eval()
+    """Check the canonical form of ``block`` against the original, in float32 (see
+    :func:`float32_reference`); returns the diff."""
+    reference = float32_reference(block.module)
     canonical = build_block(reference, block)
     return max(max_block_diff(reference, canonical, block.hidden_size, ndim, seed) for seed in (0, 1))
 

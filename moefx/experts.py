@@ -143,15 +143,15 @@ class FusedExperts(nn.Module):
         """FLOPs (2 per multiply-accumulate) of expert ``e`` for one token, matmuls only."""
         return 2 * (self.in_proj[e].numel() + self.out_proj[e].numel())
 
-    def _in_rows(self) -> list[torch.Tensor]:
-        """Row indices of ``in_proj`` belonging to each input matrix (gate, up), in hidden-unit order."""
+    def _in_rows(self) -> list[slice]:
+        """The rows of ``in_proj`` belonging to each input matrix (gate, up), in hidden-unit order (slices, so
+        that an expert's :class:`FFN` is a view of the bank, not a copy)."""
         size = self.intermediate_size
-        units = torch.arange(size)
         if self.layout == "concat":
-            return [units, units + size]
+            return [slice(0, size), slice(size, 2 * size)]
         if self.layout == "interleaved":
-            return [2 * units, 2 * units + 1]
-        return [units]
+            return [slice(0, None, 2), slice(1, None, 2)]
+        return [slice(None)]
 
     def ffn(self, e: int) -> FFN:
         rows = self._in_rows()
@@ -168,13 +168,12 @@ class FusedExperts(nn.Module):
         in_size = self.in_proj.shape[1]
 
         def stack_in(parts: list[list[torch.Tensor]]) -> torch.Tensor:
-            out = []
-            for per_matrix in parts:
-                full = per_matrix[0].new_empty((in_size, *per_matrix[0].shape[1:]))
+            first = parts[0][0]
+            stacked = first.new_empty((len(parts), in_size, *first.shape[1:]))  # filled in place: no second copy
+            for g, per_matrix in enumerate(parts):
                 for r, part in zip(rows, per_matrix, strict=True):
-                    full[r] = part
-                out.append(full)
-            return torch.stack(out)
+                    stacked[g, r] = part.detach()
+            return stacked
 
         has_in_bias = self.in_bias is not None
         return FusedExperts(

@@ -18,7 +18,6 @@ original module. Rewrites nothing.
 
 from __future__ import annotations
 
-import copy
 from collections import deque
 from typing import Any
 
@@ -32,6 +31,7 @@ from moefx.block import (
     MoEBlock,
     build_experts,
     first_verified,
+    float32_reference,
 )
 from moefx.capture import trace
 from moefx.errors import DetectionError
@@ -432,7 +432,7 @@ def _describe_block(graph: _Graph, model: nn.Module, linear: fx.Node, selection:
     shared, gates = _shared_children(graph, model, block, top_children)
     ndim = len(_shape(block_input))
     with torch.no_grad():
-        probe = copy.deepcopy(module).float().eval()(torch.randn(2, 3, hidden) if ndim == 3 else torch.randn(6, hidden))
+        probe = float32_reference(module)(torch.randn(2, 3, hidden) if ndim == 3 else torch.randn(6, hidden))
     returns_weights = isinstance(probe, tuple) and len(probe) == 2
     inputs = {n.target for n in ancestors(block_input) if n.op == "placeholder"}
     mask_key = "decoder_attention_mask" if inputs & {"decoder_input_ids", "decoder_inputs_embeds"} else "attention_mask"
@@ -446,7 +446,7 @@ def _describe_block(graph: _Graph, model: nn.Module, linear: fx.Node, selection:
     found = first_verified(candidates, ndim)
     src = found.experts_source
     if isinstance(src, FusedExpertsSource) and src.layout is not None:
-        src.layout = _gated_layout(build_experts(copy.deepcopy(module).float(), found))
+        src.layout = _gated_layout(build_experts(float32_reference(module), found))
         if src.layout is None:
             raise DetectionError(f"{block}: gated experts whose gate/up row pairing moefx cannot determine")
     return found

@@ -168,13 +168,14 @@ def align_ffn(reference: FFN, other: FFN) -> torch.Tensor:
     permutation shared by every matrix (gate, up and down of a gated FFN). ``other.permuted(perm)`` is the
     aligned expert; it computes the same function as ``other``.
     """
-    cost = reference.out_weight.detach().double().T @ other.out_weight.detach().double()
-    for a, b in zip(reference.in_weights, other.in_weights, strict=True):
-        cost += a.detach().double() @ b.detach().double().T
-    for a, b in zip(reference.in_biases, other.in_biases, strict=True):
-        if a is not None:
-            cost += a.detach().double()[:, None] * b.detach().double()[None, :]
-    _, columns = linear_sum_assignment(cost.numpy(), maximize=True)
+
+    def unit_features(ffn: FFN) -> torch.Tensor:  # [I, *]: everything attached to each hidden unit
+        parts = [*ffn.in_weights, *(b[:, None] for b in ffn.in_biases if b is not None), ffn.out_weight.T]
+        return torch.cat([p.detach().float() for p in parts], dim=1)
+
+    # one float32 product (a ranking, not a solve); the assignment itself runs in float64
+    cost = unit_features(reference) @ unit_features(other).T
+    _, columns = linear_sum_assignment(cost.double().numpy(), maximize=True)
     return torch.as_tensor(columns, dtype=torch.long)
 
 

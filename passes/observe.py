@@ -143,7 +143,8 @@ class ObservedExperts(nn.Module):
     ``output_norm_sums[E]`` and ``weighted_output_norm_sums[E]`` (sum of routing weight times output norm,
     REAP's saliency numerator); with ``all_token_outputs`` ``all_output_sums[E, H]`` and ``all_tokens``
     (each expert applied to every valid token); with ``expert_input_moments`` ``input_grams[E, H, H]`` and
-    ``hidden_grams[E, I, I]`` (float32; token and hidden-activation second moments) and ``input_sums[E, H]``.
+    ``hidden_grams[E, I, I]`` (float32; token and hidden-activation second moments) and ``input_sums[E, H]``;
+    with ``weighted_input_moments`` ``weighted_input_grams[E, H, H]`` (float32; routing-weighted).
     """
 
     def __init__(self, bank: nn.Module, hidden: int, mask_key: str, needs: CalibrationNeeds) -> None:
@@ -172,7 +173,7 @@ class ObservedExperts(nn.Module):
             self.input_sums = torch.zeros(num_experts, hidden, **f64)
         if needs.weighted_input_moments:  # with a constant-1 column when the experts have input biases
             size = hidden + int(self.input_bias)
-            self.weighted_input_grams = torch.zeros(num_experts, size, size, **f64)
+            self.weighted_input_grams = torch.zeros(num_experts, size, size)  # float32: E x H^2 is gigabytes
 
     def start_refit(self, expert_to_group: list[int], merged: nn.Module) -> None:
         """Switch to a refit pass: for each token routed to expert ``e`` with weight ``w``, accumulate
@@ -209,10 +210,10 @@ class ObservedExperts(nn.Module):
             self.output_norm_sums[e] += norms.sum()
             self.weighted_output_norm_sums[e] += (w * norms).sum()
             if self.weighted_input_grams is not None:
-                xa = x.double()
+                xa = x.float()
                 if self.input_bias:
                     xa = torch.cat([xa, torch.ones(len(xa), 1, dtype=xa.dtype)], dim=1)
-                self.weighted_input_grams[e] += (xa * w[:, None]).T @ xa
+                self.weighted_input_grams[e] += (xa * w.float()[:, None]).T @ xa
             if self.needs.expert_input_moments:
                 xf = x.float()
                 hf = self.bank.expert_hidden(e, x).float()

@@ -51,24 +51,26 @@ def least_squares_output(ffn: FFN, gram: torch.Tensor, cross: torch.Tensor, ridg
 def least_squares_inputs(merged: FFN, aligned: list[FFN], grams: list[torch.Tensor], ridge: float = 1e-2) -> FFN:
     """``merged`` with each input projection set to the least-squares fit of the aligned members'
     pre-activations: ``W = (sum_m W_m C_m)(sum_m C_m)^-1``. ``grams[m]`` is member m's routing-weighted
-    input second moment, ``[H, H]``, or ``[H+1, H+1]`` with the constant-1 column when there are biases."""
+    input second moment, ``[H, H]``, or ``[H+1, H+1]`` with the constant-1 column when there are biases.
+
+    The input projections (gate and up) share the Gram matrix, so they are solved together, with one
+    factorisation (in float64)."""
     total = sum(g.double() for g in grams)
     if float(total.diagonal().sum()) <= 0.0:
         return merged
+
+    def stacked(ffn: FFN) -> torch.Tensor:  # [K*I, H(+1)]: every input projection, bias column appended
+        pairs = zip(ffn.in_weights, ffn.in_biases, strict=True)
+        rows = [w if b is None else torch.cat([w, b[:, None]], dim=1) for w, b in pairs]
+        return torch.cat(rows).detach()
+
+    # W_m C_m in the statistics' precision (float32 for a calibrated model's): the costliest products here
+    cross = sum((stacked(m).to(g.dtype) @ g).double() for m, g in zip(aligned, grams, strict=True))
+    solution = _ridge_solve(total, cross, stacked(merged), ridge)
     with_bias = merged.in_biases[0] is not None
+    dtype = merged.in_weights[0].dtype
     in_weights, in_biases = [], []
-    for k in range(len(merged.in_weights)):
-        cross = 0
-        for member, gram in zip(aligned, grams, strict=True):
-            w = member.in_weights[k].double()
-            if with_bias:
-                w = torch.cat([w, member.in_biases[k].double()[:, None]], dim=1)
-            cross = cross + w @ gram.double()
-        prior = merged.in_weights[k].double()
-        if with_bias:
-            prior = torch.cat([prior, merged.in_biases[k].double()[:, None]], dim=1)
-        solution = _ridge_solve(total, cross, prior, ridge)
-        dtype = merged.in_weights[k].dtype
-        in_weights.append((solution[:, :-1] if with_bias else solution).to(dtype))
-        in_biases.append(solution[:, -1].to(dtype) if with_bias else None)
+    for part in solution.split([w.shape[0] for w in merged.in_weights]):
+        in_weights.append((part[:, :-1] if with_bias else part).to(dtype))
+        in_biases.append(part[:, -1].to(dtype) if with_bias else None)
     return FFN(in_weights, in_biases, merged.out_weight, merged.out_bias)
