@@ -18,6 +18,7 @@ import copy
 import json
 import os
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -333,6 +334,40 @@ def _transformers_state(
     return state
 
 
+def plain_blocker(name: str, graph: fx.GraphModule) -> str | None:
+    """Why the compressed canonical block ``graph`` cannot be held by its transformers class, or None."""
+    if isinstance(graph.experts, LoSparseExperts):
+        return f"{name} has LoSparse experts, which transformers cannot hold: use moefx.save"
+    if any(n.target is combine_by_group for n in graph.graph.nodes):
+        return f"{name} keeps the exact router: compile with router='pruned' for a transformers model"
+    return None
+
+
+def transformers_config(cls: type, config: Any, name: str, graph: fx.GraphModule) -> Any:
+    """A copy of ``config`` whose expert count (and capacity) are those of the compressed block ``name``,
+    which every compressed block shares."""
+    block = replace(graph.meta["moefx_block"], name=name)
+    groups = graph.experts.num_experts
+    new_config = copy.deepcopy(config)
+    if groups != block.num_experts:
+        setattr(new_config, _config_field(config, block.num_experts, _changes_router(cls, block, groups)), groups)
+    capacity = selection_nodes(graph.graph)[0].kwargs.get("capacity")
+    if capacity is not None and capacity != block.routing.capacity:
+        field = _config_field(config, block.routing.capacity, lambda key, trial: "capacity" in key)
+        setattr(new_config, field, capacity)
+    return new_config
+
+
+def transformers_block_state(plain: nn.Module, name: str, graph: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """The weights of compressed block ``name`` under the names ``plain`` (a model of the compressed
+    config, possibly on the meta device) gives them."""
+    block = graph.meta["moefx_block"]
+    names = []
+    if isinstance(block.experts_source, ModuleExpertsSource):
+        names = [n for n, _ in plain.get_submodule(f"{name}.{block.experts_source.container}").named_children()]
+    return _transformers_state(graph, block, f"{name}.", names)
+
+
 def to_transformers(model: nn.Module, example_inputs: Any) -> nn.Module:
     """An ordinary transformers model (no moefx modules) equal to a compressed ``model``.
 
@@ -344,34 +379,17 @@ def to_transformers(model: nn.Module, example_inputs: Any) -> nn.Module:
     config = getattr(model, "config", None)
     if not blocks or config is None or not hasattr(config, "to_dict"):
         raise MoefxError("to_transformers expects a transformers model compressed by moefx.compile")
-    counts = set()
     for name, graph in blocks.items():
-        if isinstance(graph.experts, LoSparseExperts):
-            raise MoefxError(f"{name} has LoSparse experts, which transformers cannot hold: use moefx.save")
-        if any(n.target is combine_by_group for n in graph.graph.nodes):
-            raise MoefxError(f"{name} keeps the exact router: compile with router='pruned' for a transformers model")
-        counts.add(graph.experts.num_experts)
-    if len(counts) != 1:
+        reason = plain_blocker(name, graph)
+        if reason is not None:
+            raise MoefxError(reason)
+    if len({graph.experts.num_experts for graph in blocks.values()}) != 1:
         raise MoefxError("the blocks keep different expert counts: compile with adaptive=False for transformers")
-    groups = counts.pop()
     cls = type(model)
-    first_graph = next(iter(blocks.values()))
-    first = first_graph.meta["moefx_block"]
-    new_config = copy.deepcopy(config)
-    if groups != first.num_experts:
-        setattr(new_config, _config_field(config, first.num_experts, _changes_router(cls, first, groups)), groups)
-    capacity = selection_nodes(first_graph.graph)[0].kwargs.get("capacity")
-    if capacity is not None and capacity != first.routing.capacity:
-        field = _config_field(config, first.routing.capacity, lambda key, trial: "capacity" in key)
-        setattr(new_config, field, capacity)
-    plain = cls(new_config).eval()
+    plain = cls(transformers_config(cls, config, *next(iter(blocks.items())))).eval()
     state = {k: v for k, v in model.state_dict().items() if not any(k.startswith(f"{b}.") for b in blocks)}
     for name, graph in blocks.items():
-        block = graph.meta["moefx_block"]
-        names = []
-        if isinstance(block.experts_source, ModuleExpertsSource):
-            names = [n for n, _ in plain.get_submodule(f"{name}.{block.experts_source.container}").named_children()]
-        state.update(_transformers_state(graph, block, f"{name}.", names))
+        state.update(transformers_block_state(plain, name, graph))
     missing, unexpected = plain.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in dict(plain.named_buffers())]
     if missing or unexpected:

@@ -232,7 +232,7 @@ def _compress_streaming(
 ) -> None:
     """``compress --sequential``: stream the checkpoint layer by layer (one layer in memory at a time)."""
     from moefx.report import overview, write_report
-    from moefx.stream import compress_checkpoint
+    from moefx.stream import compress_checkpoint, output_format
 
     if eval_file is not None:
         raise ConfigError("--eval needs the whole model in memory, which --sequential avoids: evaluate the output")
@@ -243,7 +243,11 @@ def _compress_streaming(
     report = compress_checkpoint(model_dir, calib, out, config, progress=told)
     write_report(report, out)
     print(overview(report))
-    print(f"wrote {out}: the compressed checkpoint in shards (moefx.load), report.json, report.md and plots")
+    if output_format(out) == "transformers":
+        written = "a plain transformers checkpoint in shards (AutoModelForCausalLM.from_pretrained loads it)"
+    else:
+        written = "a moefx checkpoint in shards (moefx.load loads it; compress with --router pruned for transformers)"
+    print(f"wrote {out}: {written}, report.json, report.md and plots")
 
 
 # ---------------------------------------------------------------- moefx export, report, demo

@@ -4,8 +4,9 @@
 but the decoder layers (embeddings, final norm, head: transformers' own weight conversion maps the
 checkpoint's names and layouts onto the model's), and runs :mod:`moefx.layerwise`'s driver with layers
 materialised from the shards one at a time. Each compressed layer is written to the output's shards in
-the checkpoint's dtype and freed before the next is read. The output is a moefx checkpoint
-(:func:`moefx.load` reads it): sharded safetensors, ``moefx.json`` and ``report.json``.
+the checkpoint's dtype and freed before the next is read. The output is sharded safetensors and
+``report.json``, plus either a transformers ``config.json`` (a plain checkpoint, where the result can be
+one) or ``moefx.json`` (moefx's own format, which :func:`moefx.load` reads).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -22,7 +24,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from torch import nn
+from torch import fx, nn
 
 from moefx.api import CompressionReport
 from moefx.config import CompressionConfig
@@ -37,6 +39,9 @@ from moefx.export.checkpoint import (
     describe_block,
     input_spec,
     new_directory,
+    plain_blocker,
+    transformers_block_state,
+    transformers_config,
 )
 from moefx.export.serving import is_canonical_block
 from moefx.layerwise import LayerResult, check_layerwise, compress_layers, decoder_layers, first_layer_inputs
@@ -209,6 +214,73 @@ class ShardWriter:
         (self.directory / INDEX).write_text(json.dumps(index, indent=1) + "\n")
 
 
+class _LayerSink:
+    """Takes each compressed layer (in the checkpoint's dtype) and writes it, in one of two formats.
+
+    The first layer with MoE blocks decides: where every block has a pruned router and dense experts (and
+    no block is left out), the output is a plain transformers checkpoint of the same class with fewer
+    experts in its config (hub tensor names, as ``save_pretrained`` writes them); otherwise it is moefx's
+    own format (``moefx.json`` describes the blocks). Dense layers are the same in both.
+    """
+
+    def __init__(self, source: CheckpointModel, writer: ShardWriter, config: CompressionConfig) -> None:
+        self.source, self.writer = source, writer
+        self.may_be_plain = not config.skip_layers  # a left-out block keeps every expert: counts would differ
+        self.plain: nn.Module | None = None  # the compressed config's model on the meta device, once decided
+        self.decided = False
+        self.blocks: dict[str, dict] = {}
+
+    def __call__(self, i: int, layer: nn.Module) -> None:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        prefix = f"{self.source.layers_path}.{i}"
+        graphs = {f"{prefix}.{n}": m for n, m in layer.named_modules() if is_canonical_block(m)}
+        if graphs and not self.decided:
+            self._decide(graphs)
+        state = {f"{prefix}.{name}": tensor for name, tensor in layer.state_dict().items()}
+        if self.plain is None:
+            self.blocks.update({name: describe_block(graph) for name, graph in graphs.items()})
+        else:
+            state = {k: v for k, v in state.items() if not any(k.startswith(f"{b}.") for b in graphs)}
+            for name, graph in graphs.items():
+                self._check_plain(name, graph)
+                state.update(transformers_block_state(self.plain, name, graph))
+            state = revert_weight_conversion(self.plain, state)
+        self.writer.add(state)
+        self.source.release_layer(i)
+
+    def _decide(self, graphs: dict[str, fx.GraphModule]) -> None:
+        self.decided = True
+        counts = {graph.experts.num_experts for graph in graphs.values()}
+        if self.may_be_plain and len(counts) == 1 and all(plain_blocker(*item) is None for item in graphs.items()):
+            model = self.source.model
+            config = transformers_config(type(model), self.source.config, *next(iter(graphs.items())))
+            with torch.device("meta"):
+                self.plain = type(model)(config)
+
+    def _check_plain(self, name: str, graph: fx.GraphModule) -> None:
+        reason = plain_blocker(name, graph)
+        expected = self.plain.get_submodule(name).get_parameter(graph.meta["moefx_block"].router_weight_path)
+        if reason is None and graph.experts.num_experts != expected.shape[0]:
+            reason = f"{name} keeps {graph.experts.num_experts} experts, the layers before {expected.shape[0]}"
+        if reason is not None:
+            raise CheckpointError(f"the first MoE layers were written as a transformers checkpoint, but {reason}: "
+                                  "compress with --router exact for moefx's own format")  # fmt: skip
+
+    def finish(self, directory: Path, description: dict) -> None:
+        """Write the config (transformers) or moefx.json (moefx's format)."""
+        if self.plain is not None:
+            self.plain.config.save_pretrained(directory)
+        else:
+            (directory / DESCRIPTION).write_text(json.dumps({**description, "blocks": self.blocks}, indent=1,
+                                                            default=str) + "\n")  # fmt: skip
+
+
+def output_format(directory: str | os.PathLike) -> str:
+    """``"moefx"`` for a checkpoint :func:`moefx.load` reads, ``"transformers"`` for a plain one."""
+    return "moefx" if (Path(directory) / DESCRIPTION).is_file() else "transformers"
+
+
 def compress_checkpoint(
     model_dir: str | os.PathLike,
     calib_batches: Iterable[Any],
@@ -219,10 +291,14 @@ def compress_checkpoint(
     **overrides: Any,
 ) -> CompressionReport:
     """Compress the causal LM in ``model_dir`` (transformers, safetensors, sharded or not) layer by layer and
-    write a moefx checkpoint to ``out_dir``; returns the report (also in ``out_dir/report.json``).
+    write the result to ``out_dir``; returns the report (also in ``out_dir/report.json``).
 
-    Peak memory is about one decoder layer in float32, the calibration hidden states and one layer's
-    statistics. ``progress(i, num_layers, result)`` is told after each layer.
+    The output is a plain transformers checkpoint where the result can be one (pruned router, the same
+    expert count in every layer, dense experts: ``AutoModelForCausalLM.from_pretrained`` loads it), else a
+    moefx checkpoint (:func:`moefx.load`); :func:`output_format` tells which. The input's other files (the
+    tokenizer's) are copied beside the weights. Peak memory is about one decoder layer in float32, the
+    calibration hidden states and one layer's statistics. ``progress(i, num_layers, result)`` is told after
+    each layer.
     """
     config = CompressionConfig.from_arguments(config, overrides)
     check_layerwise(config)
@@ -231,26 +307,18 @@ def compress_checkpoint(
     start = time.perf_counter()
     inputs = first_layer_inputs(source.model, source.layers, batches)
     seconds = time.perf_counter() - start
-    blocks: dict[str, dict] = {}
     with new_directory(out_dir) as scratch:
         writer = ShardWriter(scratch, max_shard_bytes)
         skeleton_rest = {n: t for n, t in source.model.state_dict().items()
                          if not n.startswith(f"{source.layers_path}.") and not t.is_meta}  # fmt: skip
         writer.add(skeleton_rest)
-
-        def done(i: int, layer: nn.Module) -> None:
-            prefix = f"{source.layers_path}.{i}"
-            for name, module in layer.named_modules():
-                if is_canonical_block(module):
-                    blocks[f"{prefix}.{name}"] = describe_block(module)
-            writer.add({f"{prefix}.{name}": tensor for name, tensor in layer.state_dict().items()})
-            source.release_layer(i)
+        sink = _LayerSink(source, writer, config)
 
         def told(i: int, result: LayerResult) -> None:
             if progress is not None:
                 progress(i, len(source.layers), result)
 
-        report = compress_layers(source.layers, source.layers_path, inputs, config, source.load_layer, done, told)
+        report = compress_layers(source.layers, source.layers_path, inputs, config, source.load_layer, sink, told)
         report.seconds["first layer inputs"] = seconds
         writer.close()
         description = {
@@ -258,8 +326,10 @@ def compress_checkpoint(
             "version": VERSION,
             "base": {"transformers_class": type(source.model).__name__, "config": source.config.to_dict()},
             "example_inputs": input_spec({k: v[:2] for k, v in batches[0].items()}),
-            "blocks": blocks,
         }
-        (scratch / DESCRIPTION).write_text(json.dumps(description, indent=1, default=str) + "\n")
+        sink.finish(scratch, description)
+        for extra in sorted(Path(model_dir).iterdir()):  # the tokenizer's files, generation config, ...
+            if extra.is_file() and extra.suffix != ".safetensors" and extra.name not in (INDEX, "config.json"):
+                shutil.copy2(extra, scratch / extra.name)
         (scratch / REPORT).write_text(json.dumps(report.to_dict(), indent=1) + "\n")
     return report

@@ -339,5 +339,17 @@ def test_sequential_compress_streams_the_checkpoint_layer_by_layer(files, capsys
     printed = capsys.readouterr().out
     assert "layer 1/2 done in" in printed and "layer 2/2 done in" in printed
     assert (out / "model.safetensors.index.json").is_file() and (out / "report.md").is_file()
+    assert "a moefx checkpoint in shards" in printed
     model = moefx.load(out)
     assert [b.kept for b in model.moefx_report.blocks] == [4, 4]
+
+
+def test_sequential_compress_with_a_pruned_router_writes_a_transformers_checkpoint(files, capsys):
+    from transformers import AutoModelForCausalLM
+
+    out = files["root"] / "plain"
+    assert cli.main([*_compress_args(files, out), "--sequential", "--router", "pruned"]) == 0
+    assert "a plain transformers checkpoint in shards" in capsys.readouterr().out
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_local_experts == 4 and (out / "report.md").is_file()
+    assert (out / "vocab.json").read_text() == (files["model"] / "vocab.json").read_text()  # came along

@@ -7,7 +7,7 @@ import torch
 
 import moefx
 from moefx.capture import max_output_diff
-from moefx.stream import compress_checkpoint
+from moefx.stream import compress_checkpoint, output_format
 from moefx.zoo import example_inputs, tiny_model
 
 DECODERS = ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss"]
@@ -42,6 +42,41 @@ def test_streaming_a_sharded_checkpoint_equals_sequential_compile_in_memory(fami
     assert [b.groups for b in report.blocks] == [b.groups for b in in_memory.moefx_report.blocks]
     assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "out"]  # no scratch left beside the output
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_a_pruned_router_streams_to_a_plain_transformers_checkpoint_equal_to_moefx_result(family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model(family)
+    calib = _calibration(family)
+    in_memory = moefx.compile(model, calib, experts=0.5, router="pruned", sequential=True)
+    ckpt = _checkpoint(model, tmp_path / "ckpt")
+    (ckpt / "tokenizer.json").write_text("{}")
+    out = tmp_path / "out"
+    compress_checkpoint(ckpt, calib, out, experts=0.5, router="pruned", max_shard_bytes=2**14)
+    if family == "deepseek_v3":  # its group-limited routing keeps the exact router: moefx's own format
+        assert output_format(out) == "moefx" and not (out / "config.json").exists()
+        streamed = moefx.load(out)
+    else:
+        assert output_format(out) == "transformers" and not (out / "moefx.json").exists()
+        streamed = AutoModelForCausalLM.from_pretrained(out)
+        assert all(not isinstance(m, torch.fx.GraphModule) for m in streamed.modules())
+        assert streamed.config.to_dict() != model.config.to_dict()  # fewer experts
+    assert max_output_diff(_logits(streamed, family), _logits(in_memory, family)) <= 1e-5
+    assert (out / "tokenizer.json").read_text() == "{}"
+
+
+def test_plain_output_uses_the_hub_tensor_names(tmp_path):
+    model = tiny_model("mixtral")
+    out = tmp_path / "out"
+    compress_checkpoint(_checkpoint(model, tmp_path / "ckpt"), _calibration("mixtral"), out, experts=0.5,
+                        router="pruned")  # fmt: skip
+    names = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    hub = json.loads((tmp_path / "ckpt" / "model.safetensors.index.json").read_text())["weight_map"]
+    kept = {n.replace(".experts.3.", ".experts.X.") for n in names if ".experts.3." in n}
+    assert kept and kept <= {n.replace(".experts.3.", ".experts.X.") for n in hub}  # per-expert, as on the hub
+    assert not any(".experts.4." in n for n in names)  # 4 of 8 experts kept
 
 
 def test_layerwise_compression_calibrates_each_layer_on_the_compressed_layers_before_it():
