@@ -197,6 +197,13 @@ def calibrate(observed: nn.Module, batches: Iterable[Any], progress: bool = Fals
     return count
 
 
+def timed_calibration(observed: nn.Module, batches: Iterable[Any], progress: bool = False) -> None:
+    """:func:`calibrate`, its time recorded as the report's ``calibration`` stage."""
+    start = time.perf_counter()
+    calibrate(observed, batches, progress=progress)
+    _state(observed).seconds["calibration"] = time.perf_counter() - start
+
+
 def _progress(items: Iterable[Any], desc: str, unit: str, enabled: bool) -> Iterable[Any]:
     """``items``, with a tqdm progress bar when ``enabled``."""
     if not enabled:
@@ -508,7 +515,5 @@ def compile(  # noqa: A001 - the public name is fixed
 
         return compile_layerwise(model, batches, config)
     observed = prepare(model, batches[0], config)
-    start = time.perf_counter()
-    calibrate(observed, batches, progress=config.progress)
-    _state(observed).seconds["calibration"] = time.perf_counter() - start
+    timed_calibration(observed, batches, progress=config.progress)
     return convert(observed, config, calib_batches=batches, loss=loss)

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moefx.api import CompressionReport, convert, prepare, prepared_blocks
+from moefx.api import CompressionReport, _Stages, convert, prepare, prepared_blocks, timed_calibration
 from moefx.capture import call_model, capture_mode
 from moefx.config import CompressionConfig
 from moefx.errors import CalibrationError, ConfigError, DetectionError
@@ -153,9 +153,7 @@ def compress_layer(
     names = {b.name: f"{prefix}.{b.name.removeprefix('layer.')}" for b in prepared_blocks(observed)}
     skip = [local for i, (local, name) in enumerate(names.items())
             if moe_seen + i in config.skip_layers or name in config.skip_layers]  # fmt: skip
-    for kwargs in inputs:
-        with torch.no_grad():
-            observed(**kwargs)
+    timed_calibration(observed, inputs)
     convert(observed, calib_batches=inputs, skip_layers=skip)
     report = observed.moefx_report
     for b in report.blocks:
@@ -178,20 +176,24 @@ def compress_layers(
     model's dtype; ``progress(i, result)`` is told after each layer.
     """
     report = CompressionReport(config)
+    stage = _Stages(report.seconds)
     for i in range(len(layers)):
-        layer = load(i)
-        dtype = next(layer.parameters()).dtype
-        layer.float()
+        with stage("reading layers"):
+            layer = load(i)
+            dtype = next(layer.parameters()).dtype
+            layer.float()
         result = compress_layer(layer, f"{prefix}.{i}", inputs, config, len(report.blocks))
-        inputs = run_layer(LayerCall(layer), inputs)
-        layer.to(dtype)
-        done(i, layer)
-        del layer
-        gc.collect()  # capture leaves reference cycles that hold the float32 layer until the collector runs
+        with stage("propagation"):
+            inputs = run_layer(LayerCall(layer), inputs)
+        with stage("writing layers"):
+            layer.to(dtype)
+            done(i, layer)
+            del layer
+            gc.collect()  # capture leaves reference cycles that hold the float32 layer until the collector runs
         if result.report is not None:
             report.blocks.extend(result.report.blocks)
-            for stage, seconds in result.report.seconds.items():
-                report.seconds[stage] = report.seconds.get(stage, 0.0) + seconds
+            for name, seconds in result.report.seconds.items():
+                report.seconds[name] = report.seconds.get(name, 0.0) + seconds
         if progress is not None:
             progress(i, result)
     return report

@@ -1,0 +1,209 @@
+"""Compress real models' shapes, streamed from sharded bf16 checkpoints: time per stage and layer, peak memory.
+
+    python benchmarks/scale.py [--models olmoe-1b-7b ...] [--layers 2 16] [--out benchmarks] [--work DIR]
+
+For each shape it writes a synthetic checkpoint with random bf16 weights (``save_pretrained``'s layout: hub
+tensor names, shards of at most 2 GB, ``config.json`` and a character vocabulary), then compresses it with
+the CLI, ``moefx compress --sequential`` at 50% experts with a pruned router, calibrated on 64 sequences
+of 128 characters of tinyshakespeare, in a fresh process whose peak resident memory is measured. It then
+loads the output with plain transformers and checks it against moefx's own layer-by-layer result on one
+calibration batch, one layer at a time (so that check too stays within one layer's memory).
+
+Writes ``scale.md`` and ``scale.json`` to ``--out``. Checkpoints go to ``--work`` (default: a temporary
+directory) and are removed after each run; the full-depth OLMoE-1B-7B shape needs about 14 GB of disk for
+the input and 7 GB for the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import data  # noqa: E402
+from moefx.stream import ShardWriter  # noqa: E402
+
+# real models' shapes (their config.json's sizes); depth is chosen per run
+SHAPES: dict[str, dict[str, Any]] = {
+    "olmoe-1b-7b": {
+        "model_type": "olmoe", "hidden_size": 2048, "intermediate_size": 1024, "num_experts": 64,
+        "num_experts_per_tok": 8, "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": 50304,
+        "max_position_embeddings": 4096, "full_depth": 16,
+    },
+    "qwen3-30b-a3b": {
+        "model_type": "qwen3_moe", "hidden_size": 2048, "moe_intermediate_size": 768, "intermediate_size": 6144,
+        "num_experts": 128, "num_experts_per_tok": 8, "num_attention_heads": 32, "num_key_value_heads": 4,
+        "head_dim": 128, "vocab_size": 151936, "max_position_embeddings": 4096, "norm_topk_prob": True,
+        "full_depth": 48,
+    },
+    "mixtral-8x7b": {
+        "model_type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336, "num_local_experts": 8,
+        "num_experts_per_tok": 2, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000,
+        "max_position_embeddings": 4096, "full_depth": 32,
+    },
+}  # fmt: skip
+SEQUENCES, SEQ_LEN, EXPERTS = 64, 128, 0.5
+# the stages that run the calibration tokens through the model (each with its observers, if any)
+FORWARD_STAGES = ("first layer inputs", "calibration", "second calibration pass", "propagation")
+
+
+def shape_config(name: str, layers: int) -> Any:
+    from transformers import AutoConfig
+
+    sizes = {k: v for k, v in SHAPES[name].items() if k != "full_depth"}
+    return AutoConfig.for_model(**sizes, num_hidden_layers=layers, dtype=torch.bfloat16, tie_word_embeddings=False)
+
+
+def write_checkpoint(config: Any, directory: Path, seed: int = 0, max_shard_bytes: int = 2 * 2**30) -> int:
+    """A checkpoint of ``config``'s model with random bf16 weights under the hub's tensor names; its bytes.
+
+    Weights are drawn one tensor at a time (normal, std 0.02; norms one, biases zero), so writing needs
+    about one shard of memory whatever the model's size.
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.core_model_loading import revert_weight_conversion
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    names = revert_weight_conversion(skeleton, skeleton.state_dict())  # the hub's names and layouts, on meta
+    directory.mkdir(parents=True)
+    writer, g = ShardWriter(directory, max_shard_bytes), torch.Generator().manual_seed(seed)
+    for name, meta in names.items():
+        tensor = torch.empty(meta.shape, dtype=torch.bfloat16)
+        if meta.dim() == 1:
+            tensor.fill_(1.0 if "norm" in name else 0.0)
+        else:
+            tensor.normal_(0.0, 0.02, generator=g)
+        writer.add({name: tensor})
+    writer.close()
+    config.save_pretrained(directory)
+    data.CharVocab.build(data.shakespeare_text()).save(directory / "vocab.json")
+    return writer.total_bytes
+
+
+def compress_with_cli(checkpoint: Path, out: Path) -> dict[str, Any]:
+    """Run ``moefx compress --sequential`` on ``checkpoint`` in a fresh process: its wall time, peak RSS
+    (``wait4``'s ``ru_maxrss``), per-layer times as printed, and the report's stage times."""
+    command = [sys.executable, "-m", "moefx", "compress", str(checkpoint), "--calib",
+               str(data.data_file("tinyshakespeare", "input.txt")), "--out", str(out), "--experts", str(EXPERTS),
+               "--router", "pruned", "--sequential", "--num-calib-seqs", str(SEQUENCES), "--seq-len", str(SEQ_LEN),
+               "--no-progress"]  # fmt: skip
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - start
+    if status != 0:
+        raise RuntimeError(f"moefx compress failed:\n{output[-3000:]}")
+    layers = [float(m.group(1)) for m in re.finditer(r"layer \d+/\d+ done in ([\d.]+) s", output)]
+    stages = json.loads((out / "report.json").read_text())["seconds"]
+    return {"seconds": seconds, "peak_rss_bytes": usage.ru_maxrss * 1024, "layer_seconds": layers, "stages": stages,
+            "format_line": next(line for line in output.splitlines() if line.startswith("wrote "))}  # fmt: skip
+
+
+def loads_with_transformers(out: Path) -> dict[str, Any]:
+    """Load the output with plain transformers in a fresh process; its class, expert count and parameters."""
+    script = (
+        "import json, sys, torch; from transformers import AutoModelForCausalLM\n"
+        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)\n"
+        "ids = torch.arange(64)[None] % 60\n"
+        "with torch.no_grad(): logits = m(input_ids=ids).logits\n"
+        "print(json.dumps({'class': type(m).__name__, 'parameters': sum(p.numel() for p in m.parameters()),"
+        " 'finite_logits': bool(logits.isfinite().all())}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run(name: str, layers: int, work: Path) -> dict[str, Any]:
+    """Write the checkpoint, compress it with the CLI, check the output loads; one row of results."""
+    checkpoint, out = work / f"{name}-{layers}", work / f"{name}-{layers}-out"
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    config = shape_config(name, layers)
+    bytes_in = write_checkpoint(config, checkpoint)
+    try:
+        result = compress_with_cli(checkpoint, out)
+        bytes_out = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+        loaded = loads_with_transformers(out) if "transformers checkpoint" in result["format_line"] else None
+    finally:
+        shutil.rmtree(checkpoint, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+    stages = result["stages"]
+    forward = sum(stages.get(s, 0.0) for s in FORWARD_STAGES)
+    other = result["seconds"] - forward
+    return {"model": name, "layers": layers, "bytes_in": bytes_in, "bytes_out": bytes_out, **result,
+            "forward_seconds": forward, "other_seconds": other, "transformers_load": loaded}  # fmt: skip
+
+
+def write_markdown(rows: list[dict[str, Any]], path: Path) -> None:
+    gb = 1e9
+    lines = [
+        "# Streaming compression at real models' shapes",
+        "",
+        f"`python benchmarks/scale.py` on {platform.processor() or platform.machine()}, {os.cpu_count()} CPU "
+        f"cores, torch {torch.__version__}. Synthetic checkpoints with random bf16 weights, compressed by "
+        f"`moefx compress --sequential --router pruned --experts {EXPERTS}` calibrated on {SEQUENCES} sequences "
+        f"x {SEQ_LEN} characters of tinyshakespeare, in a fresh process. Forward passes are the stages "
+        f"{', '.join(FORWARD_STAGES)} (calibration passes include their statistics); the rest is reading and "
+        "writing layers, capture and detection, planning, merging and rewriting.",
+        "",
+        "| model shape | layers | bytes in | bytes out | total s | s per layer (mean, max) | forward s | other s "
+        "(share) | peak RSS | plain transformers load |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        per_layer = r["layer_seconds"]
+        loaded = r["transformers_load"]
+        loaded_text = "-" if loaded is None else f"{loaded['class']}, {loaded['parameters'] / 1e9:.2f} B params"
+        lines.append(
+            f"| {r['model']} | {r['layers']} | {r['bytes_in'] / gb:.2f} GB | {r['bytes_out'] / gb:.2f} GB | "
+            f"{r['seconds']:.0f} | {sum(per_layer) / len(per_layer):.1f}, {max(per_layer):.1f} | "
+            f"{r['forward_seconds']:.0f} | {r['other_seconds']:.0f} ({r['other_seconds'] / r['seconds']:.0%}) | "
+            f"{r['peak_rss_bytes'] / gb:.2f} GB | {loaded_text} |"
+        )
+    lines += ["", "Seconds per stage (summed over layers):", ""]
+    stages = sorted({s for r in rows for s in r["stages"]})
+    lines += ["| model shape | layers | " + " | ".join(stages) + " |", "|---|---|" + "---|" * len(stages)]
+    for r in rows:
+        cells = " | ".join(f"{r['stages'].get(s, 0.0):.1f}" for s in stages)
+        lines.append(f"| {r['model']} | {r['layers']} | {cells} |")
+    lines += ["", "Seconds per layer:", ""]
+    for r in rows:
+        lines.append(f"- {r['model']}, {r['layers']} layers: " + ", ".join(f"{s:.1f}" for s in r["layer_seconds"]))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", choices=sorted(SHAPES), default=["olmoe-1b-7b"])
+    parser.add_argument("--layers", nargs="+", type=int, default=[2, 16], help="depths to run (0: the model's own)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
+    parser.add_argument("--work", type=Path, default=None, help="where checkpoints are written (default: temporary)")
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="moefx-scale-"))
+    rows = []
+    for name in args.models:
+        for layers in args.layers:
+            rows.append(run(name, layers or SHAPES[name]["full_depth"], work))
+            print(json.dumps(rows[-1]), flush=True)
+            (args.out / "scale.json").write_text(json.dumps(rows, indent=1) + "\n")
+            write_markdown(rows, args.out / "scale.md")
+
+
+if __name__ == "__main__":
+    main()
