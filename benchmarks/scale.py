@@ -95,23 +95,33 @@ def write_checkpoint(config: Any, directory: Path, seed: int = 0, max_shard_byte
     return writer.total_bytes
 
 
+# `python -m moefx ...` that prints its own peak resident memory (VmHWM) at exit; the child's ru_maxrss would
+# include this process's resident size when it forked
+_PEAK_REPORTING_CLI = (
+    "import atexit, runpy, sys\n"
+    "atexit.register(lambda: print('peak resident bytes', next(int(line.split()[1]) * 1024 for line in "
+    "open('/proc/self/status') if line.startswith('VmHWM')), flush=True))\n"
+    "sys.argv[0] = 'moefx'\n"
+    "runpy.run_module('moefx', run_name='__main__')\n"
+)
+
+
 def compress_with_cli(checkpoint: Path, out: Path) -> dict[str, Any]:
-    """Run ``moefx compress --sequential`` on ``checkpoint`` in a fresh process: its wall time, peak RSS
-    (``wait4``'s ``ru_maxrss``), per-layer times as printed, and the report's stage times."""
-    command = [sys.executable, "-m", "moefx", "compress", str(checkpoint), "--calib",
+    """Run ``moefx compress --sequential`` on ``checkpoint`` in a fresh process: its wall time, peak RSS,
+    per-layer times as printed, and the report's stage times."""
+    command = [sys.executable, "-c", _PEAK_REPORTING_CLI, "compress", str(checkpoint), "--calib",
                str(data.data_file("tinyshakespeare", "input.txt")), "--out", str(out), "--experts", str(EXPERTS),
                "--router", "pruned", "--sequential", "--num-calib-seqs", str(SEQUENCES), "--seq-len", str(SEQ_LEN),
                "--no-progress"]  # fmt: skip
     start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output = process.stdout.read()
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - start
-    if status != 0:
+    done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seconds, output = time.perf_counter() - start, done.stdout
+    if done.returncode != 0:
         raise RuntimeError(f"moefx compress failed:\n{output[-3000:]}")
+    peak = int(re.search(r"peak resident bytes (\d+)", output).group(1))
     layers = [float(m.group(1)) for m in re.finditer(r"layer \d+/\d+ done in ([\d.]+) s", output)]
     stages = json.loads((out / "report.json").read_text())["seconds"]
-    return {"seconds": seconds, "peak_rss_bytes": usage.ru_maxrss * 1024, "layer_seconds": layers, "stages": stages,
+    return {"seconds": seconds, "peak_rss_bytes": peak, "layer_seconds": layers, "stages": stages,
             "format_line": next(line for line in output.splitlines() if line.startswith("wrote "))}  # fmt: skip
 
 

@@ -178,12 +178,16 @@ class CheckpointModel:
 
 class ShardWriter:
     """Writes tensors into safetensors shards of at most ``max_shard_bytes`` and, at :meth:`close`, the
-    index transformers reads (``model-00001-of-00003.safetensors`` ..., ``model.safetensors.index.json``)."""
+    index transformers reads (``model-00001-of-00003.safetensors`` ..., ``model.safetensors.index.json``).
+
+    Added tensors are held (not copied, unless they share memory with another held tensor, which
+    safetensors refuses) until a shard is full or :meth:`flush` is called."""
 
     def __init__(self, directory: Path, max_shard_bytes: int) -> None:
         self.directory, self.max_shard_bytes = directory, max_shard_bytes
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = 0
+        self.storages: set[int] = set()
         self.files: list[tuple[str, list[str]]] = []
         self.total_bytes = 0
 
@@ -191,20 +195,30 @@ class ShardWriter:
         for name, tensor in state.items():
             size = tensor.numel() * tensor.element_size()
             if self.pending and self.pending_bytes + size > self.max_shard_bytes:
-                self._flush()
-            self.pending[name] = tensor.detach().to("cpu").contiguous().clone()  # owns its memory: no aliasing
+                self.flush()
+            tensor = tensor.detach().to("cpu").contiguous()
+            storage = tensor.untyped_storage().data_ptr()
+            if storage in self.storages:
+                tensor = tensor.clone()
+            self.storages.add(tensor.untyped_storage().data_ptr())
+            self.pending[name] = tensor
             self.pending_bytes += size
             self.total_bytes += size
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Write the held tensors as a shard (nothing if none are held)."""
+        if self.pending:
+            self._write()
+
+    def _write(self) -> None:
         name = f"shard-{len(self.files):05d}.safetensors"
         save_file(self.pending, str(self.directory / name), metadata={"format": "pt"})
         self.files.append((name, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
+        self.pending, self.pending_bytes, self.storages = {}, 0, set()
 
     def close(self) -> None:
-        if self.pending or not self.files:
-            self._flush()
+        if self.pending or not self.files:  # an empty model still gets one shard
+            self._write()
         count, weight_map = len(self.files), {}
         for i, (name, tensors) in enumerate(self.files):
             final = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
@@ -247,6 +261,7 @@ class _LayerSink:
                 state.update(transformers_block_state(self.plain, name, graph))
             state = revert_weight_conversion(self.plain, state)
         self.writer.add(state)
+        self.writer.flush()  # a shard per layer (or more): nothing of it is held while the next is compressed
         self.source.release_layer(i)
 
     def _decide(self, graphs: dict[str, fx.GraphModule]) -> None:
@@ -312,6 +327,7 @@ def compress_checkpoint(
         skeleton_rest = {n: t for n, t in source.model.state_dict().items()
                          if not n.startswith(f"{source.layers_path}.") and not t.is_meta}  # fmt: skip
         writer.add(skeleton_rest)
+        writer.flush()
         sink = _LayerSink(source, writer, config)
 
         def told(i: int, result: LayerResult) -> None:

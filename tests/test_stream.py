@@ -1,6 +1,8 @@
 """Streaming compression of sharded checkpoints, and the layer-wise driver it shares with compile(sequential=True)."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -165,3 +167,44 @@ def test_sequential_needs_a_decoder_stack_and_per_layer_options():
         moefx.compile(HandWrittenMoELM(layers=2), batches, sequential=True)
     with pytest.raises(moefx.ConfigError, match="adaptive allocation needs every layer"):
         moefx.compile(tiny_model("mixtral"), _calibration("mixtral"), sequential=True, adaptive=True)
+
+
+# the peak is VmHWM, this process's own: ru_maxrss would carry over the parent's resident size at fork
+_PEAK_SCRIPT = """
+import sys, torch
+from moefx.stream import compress_checkpoint
+g = torch.Generator().manual_seed(0)
+ids = torch.randint(0, 256, (8, 32), generator=g)
+batches = [{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in ids.split(4)]
+compress_checkpoint(sys.argv[1], batches, sys.argv[2], experts=0.5, router="pruned")
+print(next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM")))
+"""
+
+
+def _peak_rss_of_streaming(layers, tmp_path):
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    sizes = dict(
+        hidden_size=512,
+        intermediate_size=1024,
+        num_experts=16,
+        num_experts_per_tok=4,
+        vocab_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    )  # ~100 MB a layer in float32: well above noise
+    config = OlmoeConfig(**sizes, num_hidden_layers=layers)
+    torch.manual_seed(0)
+    model = OlmoeForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / f"ckpt{layers}", max_shard_size="20MB")
+    layer_bytes = 4 * sum(p.numel() for p in model.model.layers[0].parameters())  # float32, as compressed
+    del model
+    done = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(tmp_path / f"ckpt{layers}"),
+                           str(tmp_path / f"out{layers}")], capture_output=True, text=True, check=True)  # fmt: skip
+    return int(done.stdout.strip().splitlines()[-1]), layer_bytes
+
+
+def test_streaming_peak_memory_does_not_grow_with_depth(tmp_path):
+    shallow, layer_bytes = _peak_rss_of_streaming(2, tmp_path)
+    deep, _ = _peak_rss_of_streaming(8, tmp_path)
+    assert deep - shallow < layer_bytes, (shallow, deep, layer_bytes)
