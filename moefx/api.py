@@ -199,9 +199,8 @@ def calibrate(observed: nn.Module, batches: Iterable[Any], progress: bool = Fals
 
 def timed_calibration(observed: nn.Module, batches: Iterable[Any], progress: bool = False) -> None:
     """:func:`calibrate`, its time recorded as the report's ``calibration`` stage."""
-    start = time.perf_counter()
-    calibrate(observed, batches, progress=progress)
-    _state(observed).seconds["calibration"] = time.perf_counter() - start
+    with Stages(_state(observed).seconds)("calibration"):
+        calibrate(observed, batches, progress=progress)
 
 
 def _progress(items: Iterable[Any], desc: str, unit: str, enabled: bool) -> Iterable[Any]:
@@ -246,7 +245,7 @@ def _mean_stable_rank(ffn: FFN) -> float:
     return sum(stable_rank(w) for w in matrices) / len(matrices)
 
 
-class _Stages:
+class Stages:
     """Accumulates wall time per named stage."""
 
     def __init__(self, seconds: dict[str, float]) -> None:
@@ -281,7 +280,7 @@ def convert(
     state = _state(observed)
     config = CompressionConfig.from_arguments(config or state.config, overrides)
     _check_prepared_for(state, config)
-    stage = _Stages(state.seconds)
+    stage = Stages(state.seconds)
     graphs = {b.name: observed.get_submodule(b.name) for b in state.blocks}
     with stage("planning"):
         stats = {name: collect_statistics(g) for name, g in graphs.items()}

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moefx.api import CompressionReport, _Stages, convert, prepare, prepared_blocks, timed_calibration
+from moefx.api import CompressionReport, Stages, convert, prepare, prepared_blocks, timed_calibration
 from moefx.capture import call_model, capture_mode
 from moefx.config import CompressionConfig
 from moefx.errors import CalibrationError, ConfigError, DetectionError
@@ -176,7 +176,7 @@ def compress_layers(
     model's dtype; ``progress(i, result)`` is told after each layer.
     """
     report = CompressionReport(config)
-    stage = _Stages(report.seconds)
+    stage = Stages(report.seconds)
     for i in range(len(layers)):
         with stage("reading layers"):
             layer = load(i)
