@@ -25,11 +25,12 @@ from torch.fx.passes.infra.pass_manager import PassManager
 from moefx.block import MoEBlock, build_block
 from moefx.capture import call_model
 from moefx.config import CompressionConfig
+from moefx.distributed import summed_across_ranks
 from moefx.errors import CalibrationError, ConfigError, MoefxError, MoefxWarning
 from moefx.experts import FFN
 from moefx.losparse import LoSparseExperts, LoSparseLinear, stable_rank
 from moefx.objective import NO_LOSS, LossFn, loss_available, task_loss
-from moefx.passes.detect import find_moe_blocks
+from moefx.passes.detect import find_moe_blocks, rebind
 from moefx.passes.losparse import (
     CompressExperts,
     decompose_experts,
@@ -152,13 +153,19 @@ def calibration_needs(config: CompressionConfig) -> CalibrationNeeds:
 
 
 def prepare(
-    model: nn.Module, example_inputs: Any, config: CompressionConfig | None = None, **overrides: Any
+    model: nn.Module,
+    example_inputs: Any,
+    config: CompressionConfig | None = None,
+    *,
+    blocks: list[MoEBlock] | None = None,
+    **overrides: Any,
 ) -> nn.Module:
     """A copy of ``model`` (the model itself with ``inplace=True``) whose MoE blocks record calibration
     statistics: those the configuration (``config`` and/or :class:`CompressionConfig` keywords) needs.
 
     Run calibration batches through the result (:func:`calibrate`, or your own loop), then :func:`convert`,
-    which compresses as configured here.
+    which compresses as configured here. ``blocks``, the blocks found in another model of the same structure
+    (:func:`prepared_blocks`), skips capture and detection: each is re-bound to this model and verified.
     """
     config = CompressionConfig.from_arguments(config, overrides)
     if config.sequential:
@@ -166,7 +173,7 @@ def prepare(
     needs = calibration_needs(config)
     start = time.perf_counter()
     target = model if config.inplace else copy.deepcopy(model)
-    blocks = find_moe_blocks(target, example_inputs)
+    blocks = find_moe_blocks(target, example_inputs) if blocks is None else [rebind(b, target) for b in blocks]
     detected = time.perf_counter()
     if any(b.name == "" for b in blocks):
         raise MoefxError("the model itself is an MoE block: wrap it in a parent module so moefx can replace it")
@@ -180,13 +187,15 @@ def prepare(
 
 
 def calibrate(observed: nn.Module, batches: Iterable[Any], progress: bool = False) -> int:
-    """Run ``batches`` through a prepared model (no gradients, eval mode); returns how many were run."""
+    """Run ``batches`` through a prepared model (no gradients, eval mode); returns how many were run.
+
+    Within :func:`moefx.distributed.sharded` the statistics are then summed across ranks."""
     _state(observed)
     was_training = observed.training
     observed.eval()
     count = 0
     try:
-        with torch.no_grad():
+        with torch.no_grad(), summed_across_ranks(observed):
             for batch in _progress(batches, "calibration", "batch", progress):
                 call_model(observed, batch)
                 count += 1

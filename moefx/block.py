@@ -77,6 +77,7 @@ class MoEBlock:
     route_on_sequence: bool = False  # the router sees [batch, seq, H] (capacity is counted per sequence)
     returns_weights: bool = False  # the block returns (hidden, routing weights) rather than hidden
     mask_key: str = "attention_mask"  # the model input that marks this block's padding tokens
+    input_ndim: int = 3  # the rank of the block's input: [batch, seq, H] or [tokens, H]
 
     @property
     def top_k(self) -> int:

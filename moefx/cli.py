@@ -198,6 +198,8 @@ def _compress(args: argparse.Namespace) -> None:
     eval_texts = None if eval_file is None else _read_texts(eval_file)
     encode = _tokenizer(model_dir)
     calib = _text_batches(calib_texts, calib_file, encode, args.num_calib_seqs, args)
+    if _torchrun_processes() > 1 and not config.sequential:
+        raise ConfigError("under torchrun, moefx compress runs layer by layer: add --sequential")
     if config.sequential:
         _compress_streaming(model_dir, calib, out, config, eval_file)
         return
@@ -237,10 +239,22 @@ def _compress_streaming(
     if eval_file is not None:
         raise ConfigError("--eval needs the whole model in memory, which --sequential avoids: evaluate the output")
 
-    def told(i: int, count: int, result: Any) -> None:
-        print(f"layer {i + 1}/{count} done in {result.seconds:.1f} s", flush=True)
+    distributed = _torchrun_processes() > 1
+    if distributed:  # one process per rank; the statistics are summed over gloo (CPU tensors)
+        torch.distributed.init_process_group("gloo")
+    prints = not distributed or torch.distributed.get_rank() == 0
 
-    report = compress_checkpoint(model_dir, calib, out, config, progress=told)
+    def told(i: int, count: int, result: Any) -> None:
+        if prints:
+            print(f"layer {i + 1}/{count} done in {result.seconds:.1f} s", flush=True)
+
+    try:
+        report = compress_checkpoint(model_dir, calib, out, config, progress=told)
+    finally:
+        if distributed:
+            torch.distributed.destroy_process_group()
+    if not prints:
+        return
     write_report(report, out)
     print(overview(report))
     if output_format(out) == "transformers":
@@ -248,6 +262,11 @@ def _compress_streaming(
     else:
         written = "a moefx checkpoint in shards (moefx.load loads it; compress with --router pruned for transformers)"
     print(f"wrote {out}: {written}, report.json, report.md and plots")
+
+
+def _torchrun_processes() -> int:
+    """The number of processes torchrun started for this job (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 # ---------------------------------------------------------------- moefx export, report, demo

@@ -32,8 +32,10 @@ import torch
 from torch import nn
 
 from moefx.api import CompressionReport, Stages, convert, prepare, prepared_blocks, timed_calibration
+from moefx.block import MoEBlock
 from moefx.capture import call_model, capture_mode
 from moefx.config import CompressionConfig
+from moefx.distributed import broadcast_from_first
 from moefx.errors import CalibrationError, ConfigError, DetectionError
 
 # the decoder-layer arguments that carry per-batch tensors (transformers 5 names); caches are never passed
@@ -135,20 +137,56 @@ class LayerResult:
     seconds: float
 
 
+def layer_structure(layer: nn.Module) -> tuple:
+    """What detection's reading of a layer depends on: its modules' paths and classes, and its parameters'
+    names, shapes and dtypes. Layers of equal structure are read alike (and each reading is verified)."""
+    modules = tuple((name, type(m)) for name, m in layer.named_modules())
+    return modules, tuple((name, tuple(p.shape), p.dtype) for name, p in layer.named_parameters())
+
+
+def _prepare_layer(
+    call: LayerCall, example: dict[str, Any], config: CompressionConfig, readings: dict[tuple, list[MoEBlock]]
+) -> nn.Module | None:
+    """``call`` prepared in place, or None for a dense layer. Capture and detection run once per layer
+    structure: ``readings`` keeps each structure's blocks (without their modules) for the layers after it."""
+    key = layer_structure(call.layer)
+    known = readings.get(key)
+    if known == []:
+        return None
+    if known is not None:
+        try:
+            return prepare(call, example, config, blocks=known)
+        except DetectionError:  # the reading does not reproduce this layer's block: read it afresh
+            pass
+    try:
+        observed = prepare(call, example, config)
+    except DetectionError as exc:
+        if not str(exc).startswith("no MoE block"):
+            raise
+        readings[key] = []
+        return None
+    readings[key] = [dataclasses.replace(b, module=None) for b in prepared_blocks(observed)]
+    return observed
+
+
 def compress_layer(
-    layer: nn.Module, prefix: str, inputs: list[dict[str, Any]], config: CompressionConfig, moe_seen: int
+    layer: nn.Module,
+    prefix: str,
+    inputs: list[dict[str, Any]],
+    config: CompressionConfig,
+    moe_seen: int,
+    readings: dict[tuple, list[MoEBlock]] | None = None,
 ) -> LayerResult:
     """Compress ``layer``'s MoE blocks in place (float32), calibrated on ``inputs``.
 
     ``prefix`` is the layer's path in the model and ``moe_seen`` the number of MoE blocks before it, so that
     ``config.skip_layers`` (indices among the model's MoE blocks, or names) applies as it does to the model.
+    ``readings`` carries detection's readings from layer to layer (see :func:`_prepare_layer`).
     """
     start = time.perf_counter()
-    try:
-        observed = prepare(LayerCall(layer), inputs[0], dataclasses.replace(config, inplace=True, sequential=False))
-    except DetectionError as exc:
-        if not str(exc).startswith("no MoE block"):
-            raise
+    in_place = dataclasses.replace(config, inplace=True, sequential=False)
+    observed = _prepare_layer(LayerCall(layer), inputs[0], in_place, {} if readings is None else readings)
+    if observed is None:
         return LayerResult(None, time.perf_counter() - start)  # a dense layer passes straight through
     names = {b.name: f"{prefix}.{b.name.removeprefix('layer.')}" for b in prepared_blocks(observed)}
     skip = [local for i, (local, name) in enumerate(names.items())
@@ -177,12 +215,14 @@ def compress_layers(
     """
     report = CompressionReport(config)
     stage = Stages(report.seconds)
+    readings: dict[tuple, list[MoEBlock]] = {}
     for i in range(len(layers)):
         with stage("reading layers"):
             layer = load(i)
             dtype = next(layer.parameters()).dtype
             layer.float()
-        result = compress_layer(layer, f"{prefix}.{i}", inputs, config, len(report.blocks))
+        result = compress_layer(layer, f"{prefix}.{i}", inputs, config, len(report.blocks), readings)
+        broadcast_from_first(layer)  # under torchrun, every rank propagates through rank 0's result
         with stage("propagation"):
             inputs = run_layer(LayerCall(layer), inputs)
         with stage("writing layers"):

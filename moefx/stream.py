@@ -28,6 +28,7 @@ from torch import fx, nn
 
 from moefx.api import CompressionReport
 from moefx.config import CompressionConfig
+from moefx.distributed import rank_and_size, sharded, share
 from moefx.errors import CheckpointError, first_line
 from moefx.export.checkpoint import (
     DESCRIPTION,
@@ -314,28 +315,41 @@ def compress_checkpoint(
     tokenizer's) are copied beside the weights. Peak memory is about one decoder layer in float32, the
     calibration hidden states and one layer's statistics. ``progress(i, num_layers, result)`` is told after
     each layer.
+
+    Under torch.distributed (an initialised default process group, as ``torchrun`` sets up) every rank
+    calls this with the same batches: each calibrates on its share, the statistics are summed across ranks
+    (:mod:`moefx.distributed`) and rank 0 alone writes ``out_dir``.
     """
     config = CompressionConfig.from_arguments(config, overrides)
     check_layerwise(config)
     source = CheckpointModel(Path(model_dir))
     batches = list(calib_batches)
-    start = time.perf_counter()
-    inputs = first_layer_inputs(source.model, source.layers, batches)
-    seconds = time.perf_counter() - start
-    with new_directory(out_dir) as scratch:
-        writer = ShardWriter(scratch, max_shard_bytes)
-        skeleton_rest = {n: t for n, t in source.model.state_dict().items()
-                         if not n.startswith(f"{source.layers_path}.") and not t.is_meta}  # fmt: skip
-        writer.add(skeleton_rest)
-        writer.flush()
-        sink = _LayerSink(source, writer, config)
+    writes = rank_and_size()[0] == 0
 
-        def told(i: int, result: LayerResult) -> None:
-            if progress is not None:
-                progress(i, len(source.layers), result)
+    def told(i: int, result: LayerResult) -> None:
+        if progress is not None:
+            progress(i, len(source.layers), result)
 
+    def release(i: int, _: nn.Module) -> None:
+        source.release_layer(i)
+
+    with sharded(), contextlib.ExitStack() as stack:
+        start = time.perf_counter()
+        inputs = first_layer_inputs(source.model, source.layers, share(batches))
+        seconds = time.perf_counter() - start
+        if writes:
+            scratch = stack.enter_context(new_directory(out_dir))
+            writer = ShardWriter(scratch, max_shard_bytes)
+            skeleton_rest = {n: t for n, t in source.model.state_dict().items()
+                             if not n.startswith(f"{source.layers_path}.") and not t.is_meta}  # fmt: skip
+            writer.add(skeleton_rest)
+            writer.flush()
+        # another rank of a torchrun job calibrates and propagates; rank 0 writes
+        sink = _LayerSink(source, writer, config) if writes else release
         report = compress_layers(source.layers, source.layers_path, inputs, config, source.load_layer, sink, told)
         report.seconds["first layer inputs"] = seconds
+        if not writes:
+            return report
         writer.close()
         description = {
             "format": FORMAT,

@@ -18,6 +18,7 @@ original module. Rewrites nothing.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from typing import Any
 
@@ -439,7 +440,7 @@ def _describe_block(graph: _Graph, model: nn.Module, linear: fx.Node, selection:
     candidates = [
         MoEBlock(
             **common, intermediate_size=intermediate, experts_source=source, gated=gated, shared_experts=shared,
-            shared_expert_gates=gates, returns_weights=returns_weights, mask_key=mask_key,
+            shared_expert_gates=gates, returns_weights=returns_weights, mask_key=mask_key, input_ndim=ndim,
         )
         for source in sources
     ]  # fmt: skip
@@ -450,6 +451,13 @@ def _describe_block(graph: _Graph, model: nn.Module, linear: fx.Node, selection:
         if src.layout is None:
             raise DetectionError(f"{block}: gated experts whose gate/up row pairing moefx cannot determine")
     return found
+
+
+def rebind(block: MoEBlock, model: nn.Module) -> MoEBlock:
+    """``block``, detection's reading of a block in another module of the same structure (another decoder
+    layer of one model), for ``model``'s block at the same path; verified against it as detection verifies
+    its own readings (raises :class:`moefx.DetectionError` when it does not reproduce the block)."""
+    return first_verified([dataclasses.replace(block, module=model.get_submodule(block.name))], block.input_ndim)
 
 
 class DetectMoEBlocks(PassBase):

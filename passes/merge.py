@@ -161,6 +161,19 @@ def cluster_hierarchically(features: torch.Tensor, num_clusters: int, frequency:
     return [sorted(g, key=lambda e: (-float(frequency[e]), e)) for g in groups]
 
 
+def _unit_features(ffn: FFN) -> torch.Tensor:
+    """``[I, *]``: everything attached to each hidden unit (input rows, biases, output column), float32."""
+    parts = [*ffn.in_weights, *(b[:, None] for b in ffn.in_biases if b is not None), ffn.out_weight.T]
+    return torch.cat([p.detach().float() for p in parts], dim=1)
+
+
+def _assignment(reference_features: torch.Tensor, other: FFN) -> torch.Tensor:
+    # one float32 product (a ranking, not a solve); the assignment itself runs in float64
+    cost = reference_features @ _unit_features(other).T
+    _, columns = linear_sum_assignment(cost.double().numpy(), maximize=True)
+    return torch.as_tensor(columns, dtype=torch.long)
+
+
 def align_ffn(reference: FFN, other: FFN) -> torch.Tensor:
     """The permutation of ``other``'s hidden units that best matches ``reference`` (weight matching).
 
@@ -168,20 +181,15 @@ def align_ffn(reference: FFN, other: FFN) -> torch.Tensor:
     permutation shared by every matrix (gate, up and down of a gated FFN). ``other.permuted(perm)`` is the
     aligned expert; it computes the same function as ``other``.
     """
-
-    def unit_features(ffn: FFN) -> torch.Tensor:  # [I, *]: everything attached to each hidden unit
-        parts = [*ffn.in_weights, *(b[:, None] for b in ffn.in_biases if b is not None), ffn.out_weight.T]
-        return torch.cat([p.detach().float() for p in parts], dim=1)
-
-    # one float32 product (a ranking, not a solve); the assignment itself runs in float64
-    cost = unit_features(reference) @ unit_features(other).T
-    _, columns = linear_sum_assignment(cost.double().numpy(), maximize=True)
-    return torch.as_tensor(columns, dtype=torch.long)
+    return _assignment(_unit_features(reference), other)
 
 
 def align_group(ffns: list[FFN], align: bool) -> list[FFN]:
     """A group's experts with every member's hidden units aligned to the first (the dominant) when ``align``."""
-    return [ffns[0]] + [f.permuted(align_ffn(ffns[0], f)) if align else f for f in ffns[1:]]
+    if not align or len(ffns) == 1:
+        return list(ffns)
+    reference = _unit_features(ffns[0])
+    return [ffns[0]] + [f.permuted(_assignment(reference, f)) for f in ffns[1:]]
 
 
 def merge_ffns(ffns: list[FFN], coefficients: list[float], align: bool) -> FFN:

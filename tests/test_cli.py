@@ -344,6 +344,29 @@ def test_sequential_compress_streams_the_checkpoint_layer_by_layer(files, capsys
     assert [b.kept for b in model.moefx_report.blocks] == [4, 4]
 
 
+def _weights(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v for shard in sorted(directory.glob("*.safetensors")) for k, v in load_file(shard).items()}
+
+
+def test_torchrun_with_two_gloo_processes_writes_what_one_process_writes(files):
+    options = ["--sequential", "--router", "pruned", "--batch-size", "2"]  # 4 batches: 2 per process
+    one, two = files["root"] / "one-process", files["root"] / "two-processes"
+    assert cli.main([*_compress_args(files, one), *options]) == 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    done = subprocess.run([*torchrun, "-m", "moefx", *_compress_args(files, two), *options],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("layer 1/2 done in") == 1  # rank 0 alone reports and writes
+    expected, written = _weights(one), _weights(two)
+    assert written.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert tensor.dtype == written[name].dtype == torch.float32
+        torch.testing.assert_close(written[name], tensor, rtol=0, atol=1e-5, msg=name)
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+
+
 def test_sequential_compress_with_a_pruned_router_writes_a_transformers_checkpoint(files, capsys):
     from transformers import AutoModelForCausalLM
 

@@ -1,5 +1,6 @@
 """Streaming compression of sharded checkpoints, and the layer-wise driver it shares with compile(sequential=True)."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import torch
 
 import moefx
 from moefx.capture import max_output_diff
+from moefx.passes.detect import find_moe_blocks
 from moefx.stream import compress_checkpoint, output_format
 from moefx.zoo import example_inputs, tiny_model
 
@@ -157,6 +159,22 @@ def test_a_broken_checkpoint_gets_one_line_naming_the_file(tmp_path, damage, mes
         compress_checkpoint(directory, _calibration("mixtral"), tmp_path / "out", experts=0.5)
     assert "\n" not in str(error.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_capture_runs_once_per_layer_structure_and_rereads_a_layer_it_does_not_fit(monkeypatch):
+    from moefx import api
+
+    model = tiny_model("mixtral")
+    model.model.layers.append(copy.deepcopy(model.model.layers[1]))
+    model.config.num_hidden_layers = 3
+    model.model.layers[2].mlp.gate.top_k = 1  # same structure, another routing: the carried reading fails to verify
+    captures = []
+    monkeypatch.setattr(api, "find_moe_blocks", lambda m, x: captures.append(m) or find_moe_blocks(m, x))
+    compressed = moefx.compile(model, _calibration("mixtral"), experts=0.5, sequential=True)
+    assert len(captures) == 2  # layer 0, then layer 2 afresh; layer 1 reused layer 0's reading
+    assert [b.name for b in compressed.moefx_report.blocks] == [f"model.layers.{i}.mlp" for i in range(3)]
+    graphs = [compressed.get_submodule(f"model.layers.{i}.mlp").meta["moefx_block"] for i in range(3)]
+    assert [g.top_k for g in graphs] == [2, 2, 1]
 
 
 def test_sequential_needs_a_decoder_stack_and_per_layer_options():
