@@ -51,6 +51,7 @@ def onnx(
     fused: bool = True,
     verify: bool = True,
     external_data: bool | None = None,
+    dtype: torch.dtype | None = torch.float32,
 ) -> Path:
     """Export ``model`` to an ONNX file that ONNX Runtime runs; returns the path.
 
@@ -58,12 +59,18 @@ def onnx(
     sequence axes unless ``dynamic=False``. With ``fused``, each MoE block the fused ``com.microsoft.MoE``
     operator can compute becomes one such node (others keep the portable standard-ONNX form, which runs
     each expert once on its routed tokens). Weights go to ``<name>.data`` beside the file when
-    ``external_data`` (default: when they exceed 1 GiB). With ``verify``, ONNX Runtime runs the file on
-    inputs of a new shape and must match eager within 1e-4. The file appears only once everything succeeded.
+    ``external_data`` (default: when they exceed 1 GiB). Floating-point weights (and inputs) are written in
+    ``dtype``, float32 unless asked: ONNX Runtime's CPU provider has no bfloat16 kernels for common
+    operators, so a bf16 or fp16 model exports in float32 (``dtype=None`` keeps the model's dtypes). With
+    ``verify``, ONNX Runtime runs the file on inputs of a new shape and must match eager (the model in
+    ``dtype``) within 1e-4. The file appears only once everything succeeded; ``model`` is not changed.
     """
     import onnxruntime
 
     serving, inputs = serving_model(model, example_inputs)
+    if dtype is not None:  # the serving model is a copy
+        serving.to(dtype)
+        inputs = tuple(t.to(dtype) if t.is_floating_point() else t for t in inputs)
     if fused:
         lower_fused(serving)
     size = sum(t.numel() * t.element_size() for t in [*serving.parameters(), *serving.buffers()])

@@ -143,15 +143,6 @@ class _Prepared:
     needs: CalibrationNeeds
 
 
-def calibration_needs(config: CompressionConfig) -> CalibrationNeeds:
-    """The optional statistics ``config`` needs."""
-    return CalibrationNeeds(
-        all_token_outputs=config.method == "hc-smoe" or (config.similarity == "expert-output" and not config.prunes),
-        router_input_moments=config.router == "pruned" and not config.prunes,
-        weighted_input_moments=config.resolved("refit") == "in+out",
-    )
-
-
 def prepare(
     model: nn.Module,
     example_inputs: Any,
@@ -170,7 +161,7 @@ def prepare(
     config = CompressionConfig.from_arguments(config, overrides)
     if config.sequential:
         raise ConfigError("sequential=True is moefx.compile's layer-wise mode: prepare and convert see the whole model")
-    needs = calibration_needs(config)
+    needs = config.method_object.needs(config)
     start = time.perf_counter()
     target = model if config.inplace else copy.deepcopy(model)
     blocks = find_moe_blocks(target, example_inputs) if blocks is None else [rebind(b, target) for b in blocks]
@@ -317,7 +308,7 @@ def convert(
         with stage("second calibration pass"):
             for b in second:
                 plan, graph = plans[b.name], graphs[b.name]
-                if plan.router == "pruned" and not config.prunes:
+                if plan.router == "pruned" and not config.method_object.prunes:
                     graph.get_submodule("routing_observer").fit_groups(plan.expert_to_group)
                 if refit:
                     merged = banks[b.name].with_experts(plan.merged, [g[0] for g in plan.groups])
@@ -347,7 +338,7 @@ def convert(
             ranked = original if config.stable_ranks else None
             report.blocks.append(_block_report(b, plan, s, before, merged, ranked, compact))
             plan.merged = None
-    if config.method == "mc-smoe":
+    if config.method_object.compresses_experts:
         with stage("low-rank and sparse compression"):
             merged_blocks = [b for b in state.blocks if not plans[b.name].is_identity]
             _compress_experts(observed, merged_blocks, config, calib_batches, loss)
@@ -368,7 +359,7 @@ def convert(
 def _check_prepared_for(state: _Prepared, config: CompressionConfig) -> None:
     """Refuse a configuration that needs statistics :func:`prepare` did not set up to collect."""
     missing = [f.name for f in dataclasses.fields(CalibrationNeeds)
-               if getattr(calibration_needs(config), f.name) and not getattr(state.needs, f.name)]  # fmt: skip
+               if getattr(config.method_object.needs(config), f.name) and not getattr(state.needs, f.name)]  # fmt: skip
     if missing:
         raise ConfigError(
             f"the model was prepared without the {missing[0].replace('_', ' ')} that method={config.method!r} "
@@ -386,14 +377,14 @@ def _needs_second_pass(plan: BlockPlan, refit: bool, config: CompressionConfig) 
     """Whether a block needs the data again once its groups are known (pruned-router fit or refit)."""
     if plan.is_identity:
         return False
-    return refit or (plan.router == "pruned" and not config.prunes)
+    return refit or (plan.router == "pruned" and not config.method_object.prunes)
 
 
 def _keep_exact_routers_that_cannot_be_pruned(
     blocks: list[MoEBlock], plans: dict[str, BlockPlan], config: CompressionConfig
 ) -> None:
     for b in blocks:
-        reason = router_prune_blocker(b.routing, merges=not config.prunes)
+        reason = router_prune_blocker(b.routing, merges=not config.method_object.prunes)
         if plans[b.name].router == "pruned" and reason is not None:
             warnings.warn(
                 f"{b.name}: router='pruned' is not possible here ({reason}); keeping the exact router",
@@ -516,7 +507,8 @@ def compile(  # noqa: A001 - the public name is fixed
     """
     config = CompressionConfig.from_arguments(config, overrides)
     batches = _materialize(calib_loader)
-    if config.method == "mc-smoe" and config.sparse_score == "gradient" and not loss_available(model, batches[0], loss):
+    gradient_scores = config.method_object.compresses_experts and config.sparse_score == "gradient"
+    if gradient_scores and not loss_available(model, batches[0], loss):
         raise ConfigError(NO_LOSS)
     if config.sequential:
         from moefx.layerwise import compile_layerwise

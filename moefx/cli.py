@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 import torch
 
 from moefx.config import (
-    METHODS,
+    METHOD_NAMES,
     ROUTER_MODES,
     SELECTIONS,
     SIMILARITIES,
@@ -339,7 +339,7 @@ def _add_compression_options(parser: argparse.ArgumentParser) -> None:
     )
     add(
         "--method",
-        choices=METHODS,
+        choices=METHOD_NAMES,
         default=d.method,
         help="merge-refit: M-SMoE merging plus a closed-form refit of each merged expert; m-smoe: the paper's "
         "frequency-dominant grouping and frequency-weighted merging; mc-smoe: m-smoe, then each merged "
@@ -551,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--method",
-        choices=METHODS,
+        choices=METHOD_NAMES,
         action="append",
         default=None,
         help=f"compression method; repeat to compare several (default: {defaults.method})",

@@ -7,26 +7,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moefx.errors import ConfigError
+from moefx.methods import METHODS, Method
 
-METHODS = ("merge-refit", "m-smoe", "mc-smoe", "prune-frequency", "average", "hc-smoe", "reap")
+METHOD_NAMES = tuple(METHODS)
 ROUTER_MODES = ("exact", "pruned")
 SIMILARITIES = ("router-logits", "router-weight", "expert-weight", "expert-output", "random")
 SVD_MODES = ("activation-aware", "plain")
 SELECTIONS = ("frequency", "reap", "contribution")
 REFITS = ("none", "out", "in+out")
-# what each method does where the caller leaves an option unset (None)
-# (the paper's adaptive allocation for M-SMoE and its variants; HC-SMoE, REAP and pruning keep a uniform
-# per-layer count, as published; merge-refit's choices are made on the tuning splits of benchmarks/tuning.md
-# and measured in benchmarks/results.md)
-METHOD_DEFAULTS = {
-    "merge-refit": {"selection": "reap", "refit": "in+out", "align": True, "adaptive": False},
-    "m-smoe": {"selection": "frequency", "refit": "none", "align": True, "adaptive": True},
-    "mc-smoe": {"selection": "frequency", "refit": "none", "align": True, "adaptive": True},
-    "average": {"selection": "frequency", "refit": "none", "align": True, "adaptive": True},
-    "hc-smoe": {"selection": "frequency", "refit": "none", "align": False, "adaptive": False},
-    "prune-frequency": {"selection": "frequency", "refit": "none", "align": False, "adaptive": False},
-    "reap": {"selection": "reap", "refit": "none", "align": False, "adaptive": False},
-}
 SPARSE_AXES = ("columns", "rows")
 SPARSE_SCORES = ("activation", "gradient")
 
@@ -111,7 +99,7 @@ class CompressionConfig:
         if isinstance(e, int) and e < 1:
             raise ConfigError(f"experts={e} is out of range: keep at least one expert per layer")
         for name, value, allowed in (
-            ("method", self.method, METHODS),
+            ("method", self.method, METHOD_NAMES),
             ("router", self.router, ROUTER_MODES),
             ("similarity", self.similarity, SIMILARITIES),
             ("svd", self.svd, SVD_MODES),
@@ -127,7 +115,7 @@ class CompressionConfig:
             raise ConfigError(f"rank={r!r} is out of range: give a positive integer or a fraction in (0, 1]")
         if isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float)) or self.ridge < 0:
             raise ConfigError(f"ridge={self.ridge!r} is out of range: give a non-negative number")
-        if self.prunes and self.resolved("refit") != "none":
+        if self.method_object.prunes and self.resolved("refit") != "none":
             raise ConfigError(f"refit applies to merged experts, not to method={self.method!r}: leave refit unset")
         if isinstance(self.sparse_keep, bool) or not 0.0 <= self.sparse_keep <= 1.0:
             raise ConfigError(f"sparse_keep={self.sparse_keep!r} is out of range: give a fraction in [0, 1]")
@@ -137,12 +125,13 @@ class CompressionConfig:
     def resolved(self, name: str) -> Any:
         """The option's value, or the method's default for it when it is unset (None)."""
         value = getattr(self, name)
-        return METHOD_DEFAULTS[self.method][name] if value is None and self.method in METHOD_DEFAULTS else value
+        known = self.method in METHODS  # resolved() runs before validate() has checked the name
+        return METHODS[self.method].defaults[name] if value is None and known else value
 
     @property
-    def prunes(self) -> bool:
-        """Whether the method drops experts (rather than merging them)."""
-        return self.method in ("prune-frequency", "reap")
+    def method_object(self) -> Method:
+        """The object of ``method`` (:mod:`moefx.methods`): its defaults, statistics and planning."""
+        return METHODS[self.method]
 
     @classmethod
     def from_arguments(cls, config: CompressionConfig | None, overrides: dict[str, Any]) -> CompressionConfig:

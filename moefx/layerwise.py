@@ -24,6 +24,7 @@ import dataclasses
 import gc
 import inspect
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -192,7 +193,14 @@ def compress_layer(
     skip = [local for i, (local, name) in enumerate(names.items())
             if moe_seen + i in config.skip_layers or name in config.skip_layers]  # fmt: skip
     timed_calibration(observed, inputs)
-    convert(observed, calib_batches=inputs, skip_layers=skip)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        convert(observed, calib_batches=inputs, skip_layers=skip)
+    for warning in caught:  # name the blocks by their paths in the model, not in the layer
+        message = str(warning.message)
+        for local, name in names.items():
+            message = message.replace(f"{local}:", f"{name}:")
+        warnings.warn(message, warning.category, stacklevel=2)
     report = observed.moefx_report
     for b in report.blocks:
         b.name = names[b.name]
@@ -244,7 +252,7 @@ def check_layerwise(config: CompressionConfig) -> None:
     if config.adaptive:  # unset (None) means the same share per layer here
         raise ConfigError("adaptive allocation needs every layer's statistics at once: leave adaptive unset "
                           "with sequential (each layer keeps the same share of its experts)")  # fmt: skip
-    if config.method == "mc-smoe" and config.sparse_score == "gradient":
+    if config.method_object.compresses_experts and config.sparse_score == "gradient":
         raise ConfigError("sparse_score='gradient' needs the whole model's loss: use the activation score "
                           "with sequential")  # fmt: skip
 

@@ -104,11 +104,11 @@ def _layers(report: CompressionReport) -> str:
             f"{_si(before, 'B')} → {_si(after, 'B')}",
             f"{_si(b.flops_before, 'FLOP')} → {_si(b.flops_after, 'FLOP')}",
         ]
-        if report.config.method == "mc-smoe":
+        if report.config.method_object.compresses_experts:
             row.append(f"{_mean([f for e in b.remaining for f in e]):.1%}" if b.remaining else "-")
         rows.append(row)
     header = ["#", "block", "experts kept / total", "router", "mean stable rank", "expert bytes", "FLOPs per token"]
-    if report.config.method == "mc-smoe":
+    if report.config.method_object.compresses_experts:
         header.append("LoSparse kept")
     return _table(header, rows)
 

@@ -12,6 +12,7 @@ one) or ``moefx.json`` (moefx's own format, which :func:`moefx.load` reads).
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import re
@@ -27,6 +28,7 @@ from safetensors.torch import save_file
 from torch import fx, nn
 
 from moefx.api import CompressionReport
+from moefx.block import BLOCK_TOLERANCE, float32_reference, max_block_diff
 from moefx.config import CompressionConfig
 from moefx.distributed import rank_and_size, sharded, share
 from moefx.errors import CheckpointError, first_line
@@ -163,14 +165,32 @@ class CheckpointModel:
             raise CheckpointError(f"{self.directory} has no weight for {missing[0]}: the checkpoint is incomplete")
 
     def load_layer(self, i: int) -> nn.Module:
-        """Decoder layer ``i`` with its weights read from the shards."""
+        """Decoder layer ``i`` with its weights read from the shards (and layer ``i + 1``'s bytes read ahead)."""
         self._load(self.layer_keys[i])
+        if i + 1 < len(self.layers):
+            self._read_ahead(self.layer_keys[i + 1])
         layer = self.layers[i]
         missing = [n for n, p in layer.named_parameters() if p.is_meta]
         if missing:
             name = f"{self.layers_path}.{i}.{missing[0]}"
             raise CheckpointError(f"{self.directory} has no weight for {name}: the checkpoint is incomplete")
         return layer
+
+    def _read_ahead(self, names: list[str]) -> None:
+        """Ask the kernel to read tensors ``names`` into the page cache in the background (not into this
+        process's memory), so that the disk reads of the next layer overlap this layer's compression."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        by_shard: dict[str, list[str]] = {}
+        for name in names:
+            by_shard.setdefault(self.weight_map[name], []).append(name)
+        for shard, shard_names in by_shard.items():
+            with open(self.directory / shard, "rb") as file:
+                header_size = int.from_bytes(file.read(8), "little")
+                header = json.loads(file.read(header_size))
+                for name in shard_names:
+                    begin, end = header[name]["data_offsets"]
+                    os.posix_fadvise(file.fileno(), 8 + header_size + begin, end - begin, os.POSIX_FADV_WILLNEED)
 
     def release_layer(self, i: int) -> None:
         """Give back layer ``i``'s memory (its tensors go back to the meta device)."""
@@ -259,7 +279,9 @@ class _LayerSink:
             state = {k: v for k, v in state.items() if not any(k.startswith(f"{b}.") for b in graphs)}
             for name, graph in graphs.items():
                 self._check_plain(name, graph)
-                state.update(transformers_block_state(self.plain, name, graph))
+                block_state = transformers_block_state(self.plain, name, graph)
+                self._check_same_function(name, graph, block_state)
+                state.update(block_state)
             state = revert_weight_conversion(self.plain, state)
         self.writer.add(state)
         self.writer.flush()  # a shard per layer (or more): nothing of it is held while the next is compressed
@@ -281,6 +303,17 @@ class _LayerSink:
             reason = f"{name} keeps {graph.experts.num_experts} experts, the layers before {expected.shape[0]}"
         if reason is not None:
             raise CheckpointError(f"the first MoE layers were written as a transformers checkpoint, but {reason}: "
+                                  "compress with --router exact for moefx's own format")  # fmt: skip
+
+    def _check_same_function(self, name: str, graph: fx.GraphModule, block_state: dict[str, torch.Tensor]) -> None:
+        """Refuse to write a plain block that does not compute what moefx's block computes (both run in
+        float32 on the weights as written, on random hidden states)."""
+        plain = copy.deepcopy(self.plain.get_submodule(name))  # on the meta device until its weights are assigned
+        plain.load_state_dict({k.removeprefix(f"{name}."): v.float() for k, v in block_state.items()}, assign=True)
+        block = graph.meta["moefx_block"]
+        diff = max_block_diff(float32_reference(graph), plain.eval(), block.hidden_size, block.input_ndim)
+        if not diff <= BLOCK_TOLERANCE:
+            raise CheckpointError(f"the plain transformers form of {name} differs from moefx's block by {diff:.3g}: "
                                   "compress with --router exact for moefx's own format")  # fmt: skip
 
     def finish(self, directory: Path, description: dict) -> None:

@@ -1,18 +1,18 @@
 """Merge: plan which experts each block keeps and how the others join them, then rewrite the expert bank.
 
-Planning (:func:`plan_compression`) follows M-SMoE (Li et al., ICLR 2024, Section 3.1):
+Planning (:func:`plan_compression`) follows M-SMoE (Li et al., ICLR 2024, Section 3.1), with the steps that
+differ between methods asked of the method's object (:mod:`moefx.methods`):
 
-1. score every expert (activation frequency; REAP saliency for ``method="reap"``), normalise the scores
-   within each layer (the best expert of a layer gets 1.0) and keep the globally best ones, so the number
-   kept per layer adapts while the average is what was asked (``adaptive=False``: the same count per layer);
-2. every other expert joins the kept (dominant) expert it is most similar to (router-logit cosine
-   similarity by default), or, for ``method="hc-smoe"``, experts are clustered hierarchically (average
-   linkage, Euclidean distance) on their mean outputs over the calibration tokens;
-3. each group is merged as a frequency-weighted average (uniform for ``method="average"``), after aligning
-   every member's hidden neurons to the group's dominant expert by weight matching (a linear assignment
-   problem over the concatenated FFN weights, solved with ``scipy.optimize.linear_sum_assignment``).
-
-Pruning methods (``prune-frequency``, ``reap``) keep the chosen experts as they are and drop the rest.
+1. score every expert (activation frequency, REAP saliency or contribution: the method's ``selection``),
+   normalise the scores within each layer (the best expert of a layer gets 1.0) and keep the globally best
+   ones, so the number kept per layer adapts while the average is what was asked (``adaptive=False``: the
+   same count per layer);
+2. the method groups the other experts around the kept (dominant) ones and weights each group's members
+   (M-SMoE: the most similar dominant, frequency-weighted; pruning methods: the kept experts alone);
+3. each group is merged as the weighted average, after aligning every member's hidden neurons to the
+   group's dominant expert by weight matching (a linear assignment problem over the concatenated FFN
+   weights, solved with ``scipy.optimize.linear_sum_assignment``), and the input projections are refit
+   when the options ask (:mod:`moefx.passes.refit`).
 
 :class:`MergeExperts` applies a block's plan to its canonical graph.
 """
@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.cluster.hierarchy import cut_tree, linkage
 from scipy.optimize import linear_sum_assignment
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
@@ -112,55 +111,6 @@ def allocate_experts(
     return [o[:c] for o, c in zip(order, counts, strict=True)]
 
 
-def cosine_similarity_matrix(features: torch.Tensor) -> torch.Tensor:
-    """Pairwise cosine similarity of the rows of ``features`` (zero rows are similar to nothing)."""
-    f = features.double()
-    norms = f.norm(dim=1).clamp(min=1e-12)
-    return (f @ f.T) / (norms[:, None] * norms[None, :])
-
-
-def expert_similarity(kind: str, stats: BlockStats, router_weight: torch.Tensor, ffns: list[FFN]) -> torch.Tensor:
-    """``[E, E]`` similarity between experts by ``kind`` (see :class:`moefx.CompressionConfig`)."""
-    if kind == "router-logits":
-        diag = stats.logit_gram.diagonal().clamp(min=1e-12).sqrt()
-        return stats.logit_gram / (diag[:, None] * diag[None, :])
-    if kind == "router-weight":
-        return cosine_similarity_matrix(router_weight.detach())
-    if kind == "expert-weight":
-        return cosine_similarity_matrix(
-            torch.stack([torch.cat([t.detach().flatten().float() for t in f.tensors() if t is not None]) for f in ffns])
-        )
-    if kind == "expert-output":
-        return cosine_similarity_matrix(stats.mean_outputs)
-    raise ValueError(f"no similarity matrix for {kind!r}")
-
-
-def group_by_similarity(
-    dominants: list[int], num_experts: int, similarity: torch.Tensor | None, rng: np.random.Generator
-) -> list[list[int]]:
-    """Each non-dominant expert joins the most similar dominant (a random one when ``similarity`` is None)."""
-    groups = [[d] for d in dominants]
-    for e in range(num_experts):
-        if e in dominants:
-            continue
-        if similarity is None:
-            g = int(rng.integers(len(dominants)))
-        else:
-            g = int(torch.argmax(similarity[e, dominants]))
-        groups[g].append(e)
-    return groups
-
-
-def cluster_hierarchically(features: torch.Tensor, num_clusters: int, frequency: torch.Tensor) -> list[list[int]]:
-    """HC-SMoE's grouping: average-linkage clustering of ``features`` rows (Euclidean), most used member first."""
-    num_experts = features.shape[0]
-    if num_clusters >= num_experts:
-        return [[e] for e in range(num_experts)]
-    labels = cut_tree(linkage(features.double().numpy(), method="average", metric="euclidean"), num_clusters)[:, 0]
-    groups = [[int(e) for e in np.flatnonzero(labels == c)] for c in range(num_clusters)]
-    return [sorted(g, key=lambda e: (-float(frequency[e]), e)) for g in groups]
-
-
 def _unit_features(ffn: FFN) -> torch.Tensor:
     """``[I, *]``: everything attached to each hidden unit (input rows, biases, output column), float32."""
     parts = [*ffn.in_weights, *(b[:, None] for b in ffn.in_biases if b is not None), ffn.out_weight.T]
@@ -223,18 +173,6 @@ def merge_plan(
     return merged
 
 
-def merge_coefficients(groups: list[list[int]], frequency: torch.Tensor, uniform: bool) -> list[list[float]]:
-    """Frequency-weighted (or uniform) coefficients per group; a group never activated is averaged uniformly."""
-    result = []
-    for g in groups:
-        f = frequency[g].double()
-        if uniform or float(f.sum()) <= 0.0:
-            result.append([1.0 / len(g)] * len(g))
-        else:
-            result.append((f / f.sum()).tolist())
-    return result
-
-
 def _expert_to_group(groups: list[list[int]], num_experts: int) -> list[int]:
     table = [-1] * num_experts
     for g, members in enumerate(groups):
@@ -259,6 +197,7 @@ def plan_compression(
     plans = {b.name: BlockPlan.identity(b.name, b.num_experts) for b in blocks if b.name in skip}
     if not merged:
         return plans
+    method = config.method_object
     selection = config.resolved("selection")
     scores = [getattr(stats[b.name], selection if selection != "reap" else "reap_saliency") for b in merged]
     kept = allocate_experts(scores, config.experts, config.resolved("adaptive"), [b.top_k for b in merged])
@@ -267,25 +206,15 @@ def plan_compression(
     least_squares_merge = config.resolved("refit") == "in+out"
     for block, dominants in zip(merged, kept, strict=True):
         s = stats[block.name]
-        if config.prunes:
-            groups = [[d] for d in sorted(dominants)]
-        elif config.method == "hc-smoe":
-            groups = cluster_hierarchically(s.mean_outputs, len(dominants), s.frequency)
-        else:
-            similarity = (
-                None
-                if config.similarity == "random"
-                else expert_similarity(config.similarity, s, router_weights[block.name], ffns[block.name])
-            )
-            groups = group_by_similarity(sorted(dominants), block.num_experts, similarity, rng)
+        groups = method.groups(dominants, s, router_weights[block.name], ffns[block.name], config, rng)
         plans[block.name] = BlockPlan(
             name=block.name,
             num_experts=block.num_experts,
             groups=groups,
-            coefficients=merge_coefficients(groups, s.frequency, uniform=config.method == "average"),
+            coefficients=method.coefficients(groups, s.frequency),
             expert_to_group=_expert_to_group(groups, block.num_experts),
-            align=align and not config.prunes,
-            router="pruned" if config.prunes else config.router,
+            align=align and not method.prunes,
+            router="pruned" if method.prunes else config.router,
         )
         grams = s.weighted_input_grams if least_squares_merge else None
         plans[block.name].merged = merge_plan(plans[block.name], ffns[block.name], grams, config.ridge)

@@ -8,7 +8,7 @@ import torch
 
 import moefx
 from moefx.capture import max_output_diff
-from moefx.config import METHODS
+from moefx.config import METHOD_NAMES
 from moefx.zoo import example_inputs, tiny_model
 
 
@@ -57,7 +57,7 @@ def test_compression_keeps_the_requested_share_of_expert_parameters(family, expe
     assert logits.isfinite().all()
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", METHOD_NAMES)
 @pytest.mark.parametrize("family", ["mixtral", "switch"])
 def test_every_method_compresses(family, method):
     compressed = _compile(family, experts=0.5, method=method, **({"rank": 4} if method == "mc-smoe" else {}))

@@ -367,6 +367,17 @@ def test_torchrun_with_two_gloo_processes_writes_what_one_process_writes(files):
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
 
 
+def test_torchrun_needs_the_layer_wise_path_and_a_batch_per_process(files, capsys, monkeypatch):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    one_batch = [*_compress_args(files, files["root"] / "one-batch"), "--sequential", "--num-calib-seqs", "4"]
+    done = subprocess.run([*torchrun, "-m", "moefx", *one_batch], capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert "moefx: error: 1 calibration batches cannot be shared by 2 processes" in done.stderr
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it
+    assert cli.main(_compress_args(files, files["root"] / "in-memory")) == 2
+    assert "under torchrun, moefx compress runs layer by layer: add --sequential" in _one_error_line(capsys)
+
+
 def test_sequential_compress_with_a_pruned_router_writes_a_transformers_checkpoint(files, capsys):
     from transformers import AutoModelForCausalLM
 

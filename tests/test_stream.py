@@ -2,6 +2,7 @@
 
 import copy
 import json
+import os
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import torch
 
 import moefx
 from moefx.capture import max_output_diff
+from moefx.export.checkpoint import transformers_block_state
 from moefx.passes.detect import find_moe_blocks
 from moefx.stream import compress_checkpoint, output_format
 from moefx.zoo import example_inputs, tiny_model
@@ -69,6 +71,48 @@ def test_a_pruned_router_streams_to_a_plain_transformers_checkpoint_equal_to_moe
         assert streamed.config.to_dict() != model.config.to_dict()  # fewer experts
     assert max_output_diff(_logits(streamed, family), _logits(in_memory, family)) <= 1e-5
     assert (out / "tokenizer.json").read_text() == "{}"
+
+
+def test_a_plain_block_that_does_not_compute_what_moefx_computed_is_not_written(tmp_path, monkeypatch):
+    from moefx import stream
+
+    def experts_out_of_order(plain, name, graph):
+        state = transformers_block_state(plain, name, graph)
+        key = next(k for k in state if k.endswith("experts.down_proj"))
+        state[key] = state[key].roll(1, dims=0)  # each expert's output projection given to the next
+        return state
+
+    monkeypatch.setattr(stream, "transformers_block_state", experts_out_of_order)
+    directory = _checkpoint(tiny_model("mixtral"), tmp_path / "ckpt")
+    with pytest.raises(moefx.CheckpointError, match=r"plain transformers form of model\.layers\.0\.mlp differs"):
+        compress_checkpoint(directory, _calibration("mixtral"), tmp_path / "out", experts=0.5, router="pruned")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="read-ahead needs posix_fadvise")
+def test_loading_a_layer_reads_exactly_the_next_layers_tensors_ahead(tmp_path, monkeypatch):
+    from safetensors import safe_open
+
+    from moefx.stream import CheckpointModel
+
+    directory = _checkpoint(tiny_model("mixtral"), tmp_path / "ckpt")
+    source = CheckpointModel(directory)
+    advised = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: advised.append(
+        (os.readlink(f"/proc/self/fd/{fd}"), offset, length, advice)))  # fmt: skip
+    source.load_layer(0)
+    ranges = []
+    for path, offset, length, advice in advised:
+        assert advice == os.POSIX_FADV_WILLNEED
+        with open(path, "rb") as file:
+            file.seek(offset)
+            ranges.append(file.read(length))
+    expected = []
+    for name in source.layer_keys[1]:
+        with safe_open(str(directory / source.weight_map[name]), framework="pt") as shard:
+            expected.append(shard.get_tensor(name).numpy().tobytes())
+    assert sorted(ranges) == sorted(expected)
+    assert all(name.startswith("model.layers.1.") for name in source.layer_keys[1])
 
 
 def test_plain_output_uses_the_hub_tensor_names(tmp_path):
@@ -175,6 +219,14 @@ def test_capture_runs_once_per_layer_structure_and_rereads_a_layer_it_does_not_f
     assert [b.name for b in compressed.moefx_report.blocks] == [f"model.layers.{i}.mlp" for i in range(3)]
     graphs = [compressed.get_submodule(f"model.layers.{i}.mlp").meta["moefx_block"] for i in range(3)]
     assert [g.top_k for g in graphs] == [2, 2, 1]
+
+
+def test_layerwise_warnings_name_blocks_by_their_path_in_the_model():
+    with pytest.warns(moefx.MoefxWarning) as caught:
+        moefx.compile(tiny_model("deepseek_v3"), _calibration("deepseek_v3"), experts=0.5, router="pruned",
+                      sequential=True)  # fmt: skip
+    messages = [str(w.message) for w in caught if "router='pruned' is not possible" in str(w.message)]
+    assert messages and all(m.startswith("model.layers.") for m in messages)
 
 
 def test_sequential_needs_a_decoder_stack_and_per_layer_options():

@@ -103,6 +103,23 @@ def test_torchscript_export_matches_eager(family, variant, tmp_path):
     assert isinstance(torch.jit.load(str(path)), torch.jit.ScriptModule)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_exports_float32_onnx_that_passes_parity(dtype, tmp_path):
+    calib = [example_inputs("qwen3_moe", batch=4, seq=16, seed=s) for s in range(2)]
+    model = moefx.compile(tiny_model("qwen3_moe").to(dtype), calib, experts=0.5)
+    assert {p.dtype for p in model.parameters()} == {dtype}  # compile keeps the weights' dtype
+    path = moefx.export.onnx(model, tmp_path / "half.onnx", example_inputs("qwen3_moe"))  # parity checked inside
+    types = {i.data_type for i in onnx_pkg.load(str(path)).graph.initializer}
+    half = {onnx_pkg.TensorProto.BFLOAT16, onnx_pkg.TensorProto.FLOAT16}
+    assert onnx_pkg.TensorProto.FLOAT in types and not types & half
+    assert {p.dtype for p in model.parameters()} == {dtype}  # the model itself is unchanged
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {k: v.numpy() for k, v in example_inputs("qwen3_moe").items()})[0]
+    with torch.no_grad():
+        expected = model(**example_inputs("qwen3_moe")).logits.float()
+    torch.testing.assert_close(torch.from_numpy(logits), expected, atol=0.05, rtol=0.05)  # the model's own precision
+
+
 def test_portable_onnx_is_standard_onnx(tmp_path):
     model = _model("mixtral", "m-smoe pruned")
     path = moefx.export.onnx(model, tmp_path / "p.onnx", example_inputs("mixtral"), fused=False)

@@ -11,13 +11,12 @@ from torch.fx.passes.infra.pass_manager import PassManager
 from moefx.block import build_block, selection_nodes
 from moefx.errors import ConfigError
 from moefx.experts import FFN
+from moefx.methods import merge_coefficients
 from moefx.passes.merge import (
     BlockPlan,
     MergeExperts,
     align_ffn,
     allocate_experts,
-    cluster_hierarchically,
-    merge_coefficients,
     merge_ffns,
 )
 from moefx.routing import combine_by_group
@@ -111,19 +110,6 @@ def test_uniform_allocation_below_top_k_is_rejected():
 def test_keeping_everything_is_the_identity_allocation():
     scores = [torch.rand(8), torch.rand(6)]
     assert [sorted(k) for k in allocate_experts(scores, 1.0, True, [2, 2])] == [list(range(8)), list(range(6))]
-
-
-def test_hierarchical_clustering_partitions_experts():
-    features = torch.tensor([[0.0, 0.0], [0.1, 0.0], [5.0, 5.0], [5.1, 5.0], [10.0, 0.0]])
-    groups = cluster_hierarchically(features, 3, torch.tensor([0.1, 0.5, 0.2, 0.1, 0.3]))
-    assert sorted(sorted(g) for g in groups) == [[0, 1], [2, 3], [4]]
-    assert [1, 0] in groups  # most used member first
-
-
-def test_coefficients_of_never_activated_experts_are_uniform():
-    coefficients = merge_coefficients([[0, 1], [2, 3]], torch.tensor([0.0, 0.0, 0.2, 0.6]), uniform=False)
-    assert coefficients[0] == [0.5, 0.5]
-    assert coefficients[1] == pytest.approx([0.25, 0.75])
 
 
 def _plan(groups, num_experts=8):

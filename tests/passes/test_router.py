@@ -7,7 +7,8 @@ from torch.fx.passes.infra.pass_manager import PassManager
 
 import moefx
 from moefx.block import build_block, selection_nodes
-from moefx.passes.merge import BlockPlan, MergeExperts, merge_coefficients
+from moefx.methods import merge_coefficients
+from moefx.passes.merge import BlockPlan, MergeExperts
 from moefx.passes.observe import BlockStats
 from moefx.passes.router import PruneRouter, fit_pruned_router, router_prune_blocker
 from moefx.routing import RoutingSpec, combine_by_group, group_logit_targets, select_experts
