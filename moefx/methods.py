@@ -10,6 +10,7 @@ and merging, and the refit the options ask for.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -84,6 +85,15 @@ def merge_coefficients(groups: list[list[int]], frequency: torch.Tensor, uniform
     return result
 
 
+@dataclass
+class BlockEvidence:
+    """What planning knows of one block: its calibration statistics, its router weight and its experts."""
+
+    stats: BlockStats
+    router_weight: torch.Tensor
+    ffns: list[FFN]
+
+
 class Method:
     """M-SMoE's planning (Li et al., ICLR 2024, Section 3.1), which the merging methods share: every expert
     not kept joins the kept (dominant) expert it is most similar to, and a group is merged as its members'
@@ -104,19 +114,12 @@ class Method:
         )
 
     def groups(
-        self,
-        dominants: list[int],
-        stats: BlockStats,
-        router_weight: torch.Tensor,
-        ffns: list[FFN],
-        config: CompressionConfig,
-        rng: np.random.Generator,
+        self, dominants: list[int], block: BlockEvidence, config: CompressionConfig, rng: np.random.Generator
     ) -> list[list[int]]:
         """A block's groups, dominant (kept) expert first, from its statistics and experts."""
-        similarity = (
-            None if config.similarity == "random" else expert_similarity(config.similarity, stats, router_weight, ffns)
-        )
-        return group_by_similarity(sorted(dominants), len(ffns), similarity, rng)
+        kind = config.similarity
+        similarity = None if kind == "random" else expert_similarity(kind, block.stats, block.router_weight, block.ffns)
+        return group_by_similarity(sorted(dominants), len(block.ffns), similarity, rng)
 
     def coefficients(self, groups: list[list[int]], frequency: torch.Tensor) -> list[list[float]]:
         """Each group's merging weights."""
@@ -165,15 +168,9 @@ class HCSMoE(Method):
         return dataclasses.replace(super().needs(config), all_token_outputs=True)
 
     def groups(
-        self,
-        dominants: list[int],
-        stats: BlockStats,
-        router_weight: torch.Tensor,
-        ffns: list[FFN],
-        config: CompressionConfig,
-        rng: np.random.Generator,
+        self, dominants: list[int], block: BlockEvidence, config: CompressionConfig, rng: np.random.Generator
     ) -> list[list[int]]:
-        return cluster_hierarchically(stats.mean_outputs, len(dominants), stats.frequency)
+        return cluster_hierarchically(block.stats.mean_outputs, len(dominants), block.stats.frequency)
 
 
 class PruneFrequency(Method):
@@ -184,13 +181,7 @@ class PruneFrequency(Method):
     prunes = True
 
     def groups(
-        self,
-        dominants: list[int],
-        stats: BlockStats,
-        router_weight: torch.Tensor,
-        ffns: list[FFN],
-        config: CompressionConfig,
-        rng: np.random.Generator,
+        self, dominants: list[int], block: BlockEvidence, config: CompressionConfig, rng: np.random.Generator
     ) -> list[list[int]]:
         return [[d] for d in sorted(dominants)]
 

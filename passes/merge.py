@@ -32,6 +32,7 @@ from moefx.block import MoEBlock, selection_nodes
 from moefx.config import CompressionConfig
 from moefx.errors import ConfigError
 from moefx.experts import FFN
+from moefx.methods import BlockEvidence
 from moefx.passes.observe import BlockStats
 from moefx.routing import combine_by_group
 
@@ -206,7 +207,7 @@ def plan_compression(
     least_squares_merge = config.resolved("refit") == "in+out"
     for block, dominants in zip(merged, kept, strict=True):
         s = stats[block.name]
-        groups = method.groups(dominants, s, router_weights[block.name], ffns[block.name], config, rng)
+        groups = method.groups(dominants, BlockEvidence(s, router_weights[block.name], ffns[block.name]), config, rng)
         plans[block.name] = BlockPlan(
             name=block.name,
             num_experts=block.num_experts,

@@ -6,7 +6,7 @@ import torch
 
 import moefx
 from moefx.config import METHOD_NAMES
-from moefx.methods import METHODS, cluster_hierarchically, merge_coefficients
+from moefx.methods import METHODS, BlockEvidence, cluster_hierarchically, merge_coefficients
 from moefx.passes.observe import CalibrationNeeds
 from moefx.zoo import example_inputs, tiny_model
 
@@ -47,7 +47,7 @@ def test_each_method_groups_every_expert_once_around_the_kept_ones(name):
     stats, router_weight, ffns = _block_statistics()
     method, dominants = METHODS[name], [5, 1, 6, 2]
     config = moefx.CompressionConfig(method=name, experts=0.5)
-    groups = method.groups(dominants, stats, router_weight, ffns, config, np.random.default_rng(0))
+    groups = method.groups(dominants, BlockEvidence(stats, router_weight, ffns), config, np.random.default_rng(0))
     assert len(groups) == len(dominants)
     if method.prunes:
         assert groups == [[1], [2], [5], [6]]  # the kept experts alone: the rest are dropped
