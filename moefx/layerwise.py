@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import copy
 import ctypes
-import dataclasses
 import gc
 import inspect
 import time
-import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -65,12 +63,19 @@ class LayerCall(nn.Module):
     """A decoder layer called as moefx calls a model: keyword tensors in, hidden states out.
 
     ``attention_mask`` is the batch's 2-D padding mask, which the observers read to leave padding out of
-    every statistic; the layer gets the mask the model made for it as ``layer_attention_mask``.
+    every statistic; the layer gets the mask the model made for it as ``layer_attention_mask``. The layer
+    sits at ``path``, its path in the model, so that blocks found in it are named as in the model.
     """
 
-    def __init__(self, layer: nn.Module) -> None:
+    def __init__(self, layer: nn.Module, path: str = "layer") -> None:
         super().__init__()
-        self.layer = layer
+        self.path = path
+        *parents, leaf = path.split(".")
+        owner: nn.Module = self
+        for name in parents:
+            owner.add_module(name, nn.Module())
+            owner = owner.get_submodule(name)
+        owner.add_module(leaf, layer)
 
     def forward(
         self,
@@ -83,7 +88,7 @@ class LayerCall(nn.Module):
     ) -> torch.Tensor:
         given = {"attention_mask": layer_attention_mask, "position_embeddings": position_embeddings,
                  "position_ids": position_ids, "cache_position": cache_position}  # fmt: skip
-        out = self.layer(hidden_states, **{k: v for k, v in given.items() if v is not None})
+        out = self.get_submodule(self.path)(hidden_states, **{k: v for k, v in given.items() if v is not None})
         return out[0] if isinstance(out, tuple) else out
 
 
@@ -150,14 +155,15 @@ def _prepare_layer(
     call: LayerCall, example: dict[str, Any], config: CompressionConfig, readings: dict[tuple, list[MoEBlock]]
 ) -> nn.Module | None:
     """``call`` prepared in place, or None for a dense layer. Capture and detection run once per layer
-    structure: ``readings`` keeps each structure's blocks (without their modules) for the layers after it."""
-    key = layer_structure(call.layer)
+    structure: ``readings`` keeps each structure's blocks (without their modules, named relative to the
+    layer) for the layers after it."""
+    key = layer_structure(call.get_submodule(call.path))
     known = readings.get(key)
     if known == []:
         return None
     if known is not None:
         try:
-            return prepare(call, example, config, blocks=known)
+            return prepare(call, example, config, blocks=[replace(b, name=f"{call.path}.{b.name}") for b in known])
         except DetectionError:  # the reading does not reproduce this layer's block: read it afresh
             pass
     try:
@@ -167,7 +173,8 @@ def _prepare_layer(
             raise
         readings[key] = []
         return None
-    readings[key] = [dataclasses.replace(b, module=None) for b in prepared_blocks(observed)]
+    readings[key] = [replace(b, module=None, name=b.name.removeprefix(f"{call.path}."))
+                     for b in prepared_blocks(observed)]  # fmt: skip
     return observed
 
 
@@ -186,25 +193,15 @@ def compress_layer(
     ``readings`` carries detection's readings from layer to layer (see :func:`_prepare_layer`).
     """
     start = time.perf_counter()
-    in_place = dataclasses.replace(config, inplace=True, sequential=False)
-    observed = _prepare_layer(LayerCall(layer), inputs[0], in_place, {} if readings is None else readings)
+    in_place = replace(config, inplace=True, sequential=False)
+    observed = _prepare_layer(LayerCall(layer, prefix), inputs[0], in_place, {} if readings is None else readings)
     if observed is None:
         return LayerResult(None, time.perf_counter() - start)  # a dense layer passes straight through
-    names = {b.name: f"{prefix}.{b.name.removeprefix('layer.')}" for b in prepared_blocks(observed)}
-    skip = [local for i, (local, name) in enumerate(names.items())
-            if moe_seen + i in config.skip_layers or name in config.skip_layers]  # fmt: skip
+    skip = [b.name for i, b in enumerate(prepared_blocks(observed))
+            if moe_seen + i in config.skip_layers or b.name in config.skip_layers]  # fmt: skip
     timed_calibration(observed, inputs)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        convert(observed, calib_batches=inputs, skip_layers=skip)
-    for warning in caught:  # name the blocks by their paths in the model, not in the layer
-        message = str(warning.message)
-        for local, name in names.items():
-            message = message.replace(f"{local}:", f"{name}:")
-        warnings.warn(message, warning.category, stacklevel=2)
+    convert(observed, calib_batches=inputs, skip_layers=skip)
     report = observed.moefx_report
-    for b in report.blocks:
-        b.name = names[b.name]
     return LayerResult(report, time.perf_counter() - start)
 
 
