@@ -233,6 +233,7 @@ def _compress_streaming(
     model_dir: Path, calib: list[dict[str, torch.Tensor]], out: Path, config: CompressionConfig, eval_file: Path | None
 ) -> None:
     """``compress --sequential``: stream the checkpoint layer by layer (one layer in memory at a time)."""
+    from moefx.distributed import rank_and_size
     from moefx.report import overview, write_report
     from moefx.stream import compress_checkpoint, output_format
 
@@ -242,7 +243,7 @@ def _compress_streaming(
     distributed = _torchrun_processes() > 1
     if distributed:  # one process per rank; the statistics are summed over gloo (CPU tensors)
         torch.distributed.init_process_group("gloo")
-    prints = not distributed or torch.distributed.get_rank() == 0
+    prints = rank_and_size()[0] == 0
 
     def told(i: int, count: int, result: Any) -> None:
         if prints:

@@ -42,13 +42,18 @@ def _ridge_solve(gram: torch.Tensor, cross: torch.Tensor, prior: torch.Tensor, r
     return torch.linalg.lstsq(system, rhs).solution.T
 
 
+def _with_bias_column(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``[weight | bias]``: the matrix the solves fit against inputs with a constant-1 column appended."""
+    weight = weight.detach()
+    return weight if bias is None else torch.cat([weight, bias.detach()[:, None]], dim=1)
+
+
 def least_squares_output(ffn: FFN, gram: torch.Tensor, cross: torch.Tensor, ridge: float) -> FFN:
     """``ffn`` with its output projection (and bias) re-solved from ``gram = sum w h h^T`` and
     ``cross = sum w y h^T`` (both with a trailing constant-1 column when ``ffn`` has an output bias)."""
     if float(gram.diagonal().sum()) <= 0.0:  # no calibration token reached this group: keep the average
         return ffn
-    prior = ffn.out_weight if ffn.out_bias is None else torch.cat([ffn.out_weight, ffn.out_bias[:, None]], dim=1)
-    solution = _ridge_solve(gram, cross, prior, ridge)
+    solution = _ridge_solve(gram, cross, _with_bias_column(ffn.out_weight, ffn.out_bias), ridge)
     dtype = ffn.out_weight.dtype
     if ffn.out_bias is not None:
         return FFN(ffn.in_weights, ffn.in_biases, solution[:, :-1].to(dtype), solution[:, -1].to(dtype))
@@ -67,9 +72,7 @@ def least_squares_inputs(merged: FFN, aligned: list[FFN], grams: list[torch.Tens
         return merged
 
     def stacked(ffn: FFN) -> torch.Tensor:  # [K*I, H(+1)]: every input projection, bias column appended
-        pairs = zip(ffn.in_weights, ffn.in_biases, strict=True)
-        rows = [w if b is None else torch.cat([w, b[:, None]], dim=1) for w, b in pairs]
-        return torch.cat(rows).detach()
+        return torch.cat([_with_bias_column(w, b) for w, b in zip(ffn.in_weights, ffn.in_biases, strict=True)])
 
     # rebased on the dominant member (aligned members' rows match its rows), so that its product is not
     # needed: W = W_0 + (sum_{m>0} (W_m - W_0) C_m + lambda (prior - W_0)) (sum_m C_m + lambda I)^-1.
