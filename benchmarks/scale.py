@@ -2,6 +2,9 @@
 
     python benchmarks/scale.py [--models olmoe-1b-7b ...] [--layers 2 16] [--out benchmarks] [--work DIR]
 
+By default every shape runs at its depths in ``SHAPES``: OLMoE-1B-7B at 2 layers and at its full 16,
+Qwen3-30B-A3B at 2 layers and Mixtral-8x7B at 1 (a Mixtral layer is 1.4B parameters).
+
 For each shape it writes a synthetic checkpoint with random bf16 weights (``save_pretrained``'s layout: hub
 tensor names, shards of at most 2 GB, ``config.json`` and a character vocabulary), then compresses it with
 the CLI, ``moefx compress --sequential`` at 50% experts with a pruned router, calibrated on 64 sequences
@@ -43,18 +46,18 @@ SHAPES: dict[str, dict[str, Any]] = {
     "olmoe-1b-7b": {
         "model_type": "olmoe", "hidden_size": 2048, "intermediate_size": 1024, "num_experts": 64,
         "num_experts_per_tok": 8, "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": 50304,
-        "max_position_embeddings": 4096, "full_depth": 16,
+        "max_position_embeddings": 4096, "full_depth": 16, "depths": [2, 16],
     },
     "qwen3-30b-a3b": {
         "model_type": "qwen3_moe", "hidden_size": 2048, "moe_intermediate_size": 768, "intermediate_size": 6144,
         "num_experts": 128, "num_experts_per_tok": 8, "num_attention_heads": 32, "num_key_value_heads": 4,
         "head_dim": 128, "vocab_size": 151936, "max_position_embeddings": 4096, "norm_topk_prob": True,
-        "full_depth": 48,
+        "full_depth": 48, "depths": [2],
     },
     "mixtral-8x7b": {
         "model_type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336, "num_local_experts": 8,
         "num_experts_per_tok": 2, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000,
-        "max_position_embeddings": 4096, "full_depth": 32,
+        "max_position_embeddings": 4096, "full_depth": 32, "depths": [1],
     },
 }  # fmt: skip
 SEQUENCES, SEQ_LEN, EXPERTS = 64, 128, 0.5
@@ -65,7 +68,7 @@ FORWARD_STAGES = ("first layer inputs", "calibration", "second calibration pass"
 def shape_config(name: str, layers: int) -> Any:
     from transformers import AutoConfig
 
-    sizes = {k: v for k, v in SHAPES[name].items() if k != "full_depth"}
+    sizes = {k: v for k, v in SHAPES[name].items() if k not in ("full_depth", "depths")}
     return AutoConfig.for_model(**sizes, num_hidden_layers=layers, dtype=torch.bfloat16, tie_word_embeddings=False)
 
 
@@ -204,15 +207,16 @@ def write_markdown(rows: list[dict[str, Any]], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", choices=sorted(SHAPES), default=["olmoe-1b-7b"])
-    parser.add_argument("--layers", nargs="+", type=int, default=[2, 16], help="depths to run (0: the model's own)")
+    parser.add_argument("--models", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
+    parser.add_argument("--layers", nargs="+", type=int, default=None,
+                        help="depths to run (0: the model's own; default: each shape's depths in SHAPES)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     parser.add_argument("--work", type=Path, default=None, help="where checkpoints are written (default: temporary)")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="moefx-scale-"))
     rows = []
     for name in args.models:
-        for layers in args.layers:
+        for layers in args.layers or SHAPES[name]["depths"]:
             rows.append(run(name, layers or SHAPES[name]["full_depth"], work))
             print(json.dumps(rows[-1]), flush=True)
             (args.out / "scale.json").write_text(json.dumps(rows, indent=1) + "\n")

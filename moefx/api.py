@@ -310,10 +310,11 @@ def convert(
                 plan, graph = plans[b.name], graphs[b.name]
                 if plan.router == "pruned" and not config.method_object.prunes:
                     graph.get_submodule("routing_observer").fit_groups(plan.expert_to_group)
-                if refit:
+                if refit and plan.merged_groups:
                     merged = banks[b.name].with_experts(plan.merged, [g[0] for g in plan.groups])
                     plan.merged = [merged.ffn(g) for g in range(merged.num_experts)]  # views: held once
-                    graph.get_submodule("observed_experts").start_refit(plan.expert_to_group, merged)
+                    observed_experts = graph.get_submodule("observed_experts")
+                    observed_experts.start_refit(plan.expert_to_group, merged, plan.merged_groups)
             calibrate(observed, calib_batches, progress=config.progress)
             stats.update({b.name: collect_statistics(graphs[b.name]) for b in second})
     for b in _progress(state.blocks, "merging", "block", config.progress):
@@ -321,10 +322,9 @@ def convert(
         plan, graph, s, bank = plans[b.name], graphs[b.name], stats.pop(b.name), banks.pop(b.name)
         with stage("merging and rewriting"):
             if refit and s.refit_grams is not None:
-                plan.merged = [
-                    least_squares_output(ffn, s.refit_grams[g], s.refit_cross[g], config.ridge)
-                    for g, ffn in enumerate(plan.merged)
-                ]
+                for slot, g in enumerate(s.refit_groups.tolist()):
+                    plan.merged[g] = least_squares_output(plan.merged[g], s.refit_grams[slot], s.refit_cross[slot],
+                                                          config.ridge)  # fmt: skip
             before = (_experts_params(bank), block_flops(graph, bank, b.top_k))
             passes = [RemoveObservers(), MergeExperts(plan)]
             if plan.router == "pruned" and not plan.is_identity:
@@ -377,7 +377,7 @@ def _needs_second_pass(plan: BlockPlan, refit: bool, config: CompressionConfig) 
     """Whether a block needs the data again once its groups are known (pruned-router fit or refit)."""
     if plan.is_identity:
         return False
-    return refit or (plan.router == "pruned" and not config.method_object.prunes)
+    return (refit and bool(plan.merged_groups)) or (plan.router == "pruned" and not config.method_object.prunes)
 
 
 def _keep_exact_routers_that_cannot_be_pruned(

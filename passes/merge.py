@@ -60,6 +60,11 @@ class BlockPlan:
         return len(self.groups)
 
     @property
+    def merged_groups(self) -> list[int]:
+        """The groups of more than one expert: a one-member group is its expert, unchanged."""
+        return [g for g, members in enumerate(self.groups) if len(members) > 1]
+
+    @property
     def is_identity(self) -> bool:
         return self.groups == [[e] for e in range(self.num_experts)]
 

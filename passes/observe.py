@@ -159,7 +159,7 @@ class ObservedExperts(nn.Module):
         self.register_buffer("output_norm_sums", torch.zeros(num_experts, **f64))
         self.register_buffer("weighted_output_norm_sums", torch.zeros(num_experts, **f64))
         names = ("all_tokens", "all_output_sums", "input_grams", "hidden_grams", "input_sums", "weighted_input_grams",
-                 "expert_to_group", "refit_grams", "refit_cross")  # fmt: skip
+                 "expert_to_slot", "refit_groups", "refit_grams", "refit_cross")  # fmt: skip
         for name in names:
             self.register_buffer(name, None)
         self.merged: nn.Module | None = None  # the merged bank, during a refit pass
@@ -175,19 +175,21 @@ class ObservedExperts(nn.Module):
             size = hidden + int(self.input_bias)
             self.weighted_input_grams = torch.zeros(num_experts, size, size)  # float32: E x H^2 is gigabytes
 
-    def start_refit(self, expert_to_group: list[int], merged: nn.Module) -> None:
-        """Switch to a refit pass: for each token routed to expert ``e`` with weight ``w``, accumulate
-        ``refit_grams[g] += w h h^T`` and ``refit_cross[g] += w y h^T``, where ``g`` is ``e``'s group, ``h``
-        the merged expert's hidden activation and ``y`` expert ``e``'s output (``h`` gets a constant-1
-        column when the experts have output biases). Nothing else is recorded in this pass. Both are float32,
-        like the other Gram matrices: a full-size layer's are gigabytes, and the solve that uses them is
-        ridge-damped (and runs in float64)."""
+    def start_refit(self, expert_to_group: list[int], merged: nn.Module, groups: list[int] | None = None) -> None:
+        """Switch to a refit pass for the merged bank's experts ``groups`` (default: all): for each token
+        routed to expert ``e`` with weight ``w`` whose group ``g`` is the ``r``-th of ``groups``, accumulate
+        ``refit_grams[r] += w h h^T`` and ``refit_cross[r] += w y h^T``, where ``h`` is the merged expert's
+        hidden activation and ``y`` expert ``e``'s output (``h`` gets a constant-1 column when the experts
+        have output biases). Nothing else is recorded in this pass. Both are float32, like the other Gram
+        matrices: a full-size layer's are gigabytes, and the solve that uses them is ridge-damped."""
+        groups = list(range(merged.num_experts)) if groups is None else groups
+        slot_of_group = {g: r for r, g in enumerate(groups)}
         self.merged = merged
-        self.expert_to_group = torch.tensor(expert_to_group, dtype=torch.long)
-        bias = int(merged.ffn(0).out_bias is not None)
-        size, groups = merged.intermediate_size + bias, merged.num_experts
-        self.refit_grams = torch.zeros(groups, size, size)
-        self.refit_cross = torch.zeros(groups, self.output_sums.shape[1], size)
+        self.expert_to_slot = torch.tensor([slot_of_group.get(g, -1) for g in expert_to_group], dtype=torch.long)
+        self.refit_groups = torch.tensor(groups, dtype=torch.long)
+        size = merged.intermediate_size + int(merged.ffn(0).out_bias is not None)
+        self.refit_grams = torch.zeros(len(groups), size, size)
+        self.refit_cross = torch.zeros(len(groups), self.output_sums.shape[1], size)
 
     @property
     def num_experts(self) -> int:
@@ -231,15 +233,15 @@ class ObservedExperts(nn.Module):
         return out
 
     def _record_refit(self, e: int, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> None:
-        g = int(self.expert_to_group[e])
-        if g < 0:
+        slot = int(self.expert_to_slot[e])
+        if slot < 0:
             return
-        h = self.merged.expert_hidden(g, x).float()
+        h = self.merged.expert_hidden(int(self.refit_groups[slot]), x).float()
         if self.refit_grams.shape[1] > h.shape[1]:
             h = torch.cat([h, torch.ones(len(h), 1, dtype=h.dtype)], dim=1)
         weighted = h * w.float()[:, None]
-        self.refit_grams[g] += weighted.T @ h
-        self.refit_cross[g] += y.float().T @ weighted
+        self.refit_grams[slot] += weighted.T @ h
+        self.refit_cross[slot] += y.float().T @ weighted
 
 
 class InsertObservers(PassBase):
@@ -333,6 +335,7 @@ class BlockStats:
     group_cross: torch.Tensor | None = None
     group_target_sums: torch.Tensor | None = None
     weighted_input_grams: torch.Tensor | None = None
+    refit_groups: torch.Tensor | None = None  # the merged experts refit_grams[r] and refit_cross[r] belong to
     refit_grams: torch.Tensor | None = None
     refit_cross: torch.Tensor | None = None
 
@@ -378,6 +381,7 @@ def collect_statistics(graph_module: fx.GraphModule) -> BlockStats:
                     "hidden_grams",
                     "input_sums",
                     "weighted_input_grams",
+                    "refit_groups",
                     "refit_grams",
                     "refit_cross",
                 ),

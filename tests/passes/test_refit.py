@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 import moefx
 from moefx.experts import FFN
 from moefx.passes.observe import CalibrationNeeds, collect_statistics
-from moefx.passes.refit import least_squares_inputs, least_squares_output
+from moefx.passes.refit import FLOAT32_MIN_RIDGE, least_squares_inputs, least_squares_output
 from moefx.zoo import example_inputs, tiny_model
 
 NEEDS = CalibrationNeeds(weighted_input_moments=True)
@@ -81,6 +81,31 @@ def test_input_least_squares_of_one_member_returns_its_projections(seed, bias, g
         torch.testing.assert_close(got, want)
     for got, want in zip(fitted.in_biases, member.in_biases, strict=True):
         assert (got is None) == (want is None) and (got is None or torch.allclose(got, want))
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16), tokens=st.sampled_from([40, 400]), ridge=st.sampled_from([FLOAT32_MIN_RIDGE, 1e-2]))
+def test_damped_float32_solve_is_as_good_as_float64(seed, tokens, ridge):
+    # hidden activations with a few outlier dimensions, as real LLMs' have: an ill-conditioned Gram matrix
+    gen = torch.Generator().manual_seed(seed)
+    units, hidden = 256, 64
+    h = torch.randn(tokens, units, generator=gen) * torch.where(torch.arange(units) < 4, 100.0, 1.0)
+    target = torch.randn(hidden, units, generator=gen) * 0.02
+    gram, cross = h.T @ h, (h @ target.T).T @ h
+    prior = target + 0.01 * torch.randn(hidden, units, generator=gen)
+    ffn = FFN([torch.zeros(units, hidden)], [None], prior, None)
+    damping = ridge * float(gram.double().diagonal().mean())
+
+    def objective(out_weight: torch.Tensor) -> float:  # sum ||D h - y||^2 + lambda ||D - prior||^2, y = target h
+        error = (out_weight - target).double()
+        return float((error @ gram.double() * error).sum() + damping * ((out_weight - prior).double() ** 2).sum())
+
+    system = gram.double() + damping * torch.eye(units, dtype=torch.float64)
+    exact = torch.linalg.solve(system, (cross.double() + damping * prior.double()).T).T
+    solved = least_squares_output(ffn, gram, cross, ridge).out_weight
+    assert solved.dtype == torch.float32
+    best = objective(exact)
+    assert objective(solved) - best <= 1e-6 * abs(best)
 
 
 def test_sequential_calibration_of_a_one_layer_model_equals_the_joint_one():
