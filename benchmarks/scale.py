@@ -164,7 +164,30 @@ def run(name: str, layers: int, work: Path) -> dict[str, Any]:
             "forward_seconds": forward, "other_seconds": other, "transformers_load": loaded}  # fmt: skip
 
 
-def write_markdown(rows: list[dict[str, Any]], path: Path) -> None:
+def alignment_seconds(name: str, seed: int = 0) -> dict[str, Any]:
+    """Time weight-matching alignment of two random experts at ``name``'s width: the float32 product that
+    scores every pair of hidden units (``I x I`` from ``3H`` features: ``6 I^2 H`` FLOPs) and the exact
+    linear assignment (scipy's ``linear_sum_assignment``, ``O(I^3)`` at worst) on it."""
+    from scipy.optimize import linear_sum_assignment
+
+    from moefx.experts import FFN
+    from moefx.passes.merge import unit_features
+
+    sizes = SHAPES[name]
+    hidden, width = sizes["hidden_size"], sizes.get("moe_intermediate_size", sizes["intermediate_size"])
+    g = torch.Generator().manual_seed(seed)
+    expert = lambda: FFN([torch.randn(width, hidden, generator=g) for _ in range(2)], [None, None],  # noqa: E731
+                         torch.randn(hidden, width, generator=g), None)  # fmt: skip
+    reference, other = expert(), expert()
+    start = time.perf_counter()
+    cost = unit_features(reference) @ unit_features(other).T
+    scored = time.perf_counter()
+    linear_sum_assignment(cost.double().numpy(), maximize=True)
+    return {"model": name, "width": width, "hidden": hidden, "product_seconds": scored - start,
+            "assignment_seconds": time.perf_counter() - scored}  # fmt: skip
+
+
+def write_markdown(rows: list[dict[str, Any]], alignments: list[dict[str, Any]], path: Path) -> None:
     gb = 1e9
     lines = [
         "# Streaming compression at real models' shapes",
@@ -202,6 +225,18 @@ def write_markdown(rows: list[dict[str, Any]], path: Path) -> None:
     lines += ["", "Seconds per layer:", ""]
     for r in rows:
         lines.append(f"- {r['model']}, {r['layers']} layers: " + ", ".join(f"{s:.1f}" for s in r["layer_seconds"]))
+    lines += [
+        "",
+        "Aligning one expert to another at each shape's width (random float32 experts, as merging does it: a "
+        "float32 product scores every pair of hidden units from their gate, up and down weights, `6 I^2 H` "
+        "FLOPs, then scipy's exact linear assignment, `O(I^3)` at worst, on that `I x I` matrix):",
+        "",
+        "| model shape | width I | hidden H | product s | assignment s |",
+        "|---|---|---|---|---|",
+    ]
+    for a in alignments:
+        lines.append(f"| {a['model']} | {a['width']} | {a['hidden']} | {a['product_seconds']:.1f} | "
+                     f"{a['assignment_seconds']:.1f} |")  # fmt: skip
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -214,13 +249,14 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="where checkpoints are written (default: temporary)")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="moefx-scale-"))
+    alignments = [alignment_seconds(name) for name in args.models]
     rows = []
     for name in args.models:
         for layers in args.layers or SHAPES[name]["depths"]:
             rows.append(run(name, layers or SHAPES[name]["full_depth"], work))
             print(json.dumps(rows[-1]), flush=True)
-            (args.out / "scale.json").write_text(json.dumps(rows, indent=1) + "\n")
-            write_markdown(rows, args.out / "scale.md")
+            (args.out / "scale.json").write_text(json.dumps({"runs": rows, "alignment": alignments}, indent=1) + "\n")
+            write_markdown(rows, alignments, args.out / "scale.md")
 
 
 if __name__ == "__main__":

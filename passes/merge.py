@@ -117,7 +117,7 @@ def allocate_experts(
     return [o[:c] for o, c in zip(order, counts, strict=True)]
 
 
-def _unit_features(ffn: FFN) -> torch.Tensor:
+def unit_features(ffn: FFN) -> torch.Tensor:
     """``[I, *]``: everything attached to each hidden unit (input rows, biases, output column), float32."""
     parts = [*ffn.in_weights, *(b[:, None] for b in ffn.in_biases if b is not None), ffn.out_weight.T]
     return torch.cat([p.detach().float() for p in parts], dim=1)
@@ -125,7 +125,7 @@ def _unit_features(ffn: FFN) -> torch.Tensor:
 
 def _assignment(reference_features: torch.Tensor, other: FFN) -> torch.Tensor:
     # one float32 product (a ranking, not a solve); the assignment itself runs in float64
-    cost = reference_features @ _unit_features(other).T
+    cost = reference_features @ unit_features(other).T
     _, columns = linear_sum_assignment(cost.double().numpy(), maximize=True)
     return torch.as_tensor(columns, dtype=torch.long)
 
@@ -137,14 +137,14 @@ def align_ffn(reference: FFN, other: FFN) -> torch.Tensor:
     permutation shared by every matrix (gate, up and down of a gated FFN). ``other.permuted(perm)`` is the
     aligned expert; it computes the same function as ``other``.
     """
-    return _assignment(_unit_features(reference), other)
+    return _assignment(unit_features(reference), other)
 
 
 def align_group(ffns: list[FFN], align: bool) -> list[FFN]:
     """A group's experts with every member's hidden units aligned to the first (the dominant) when ``align``."""
     if not align or len(ffns) == 1:
         return list(ffns)
-    reference = _unit_features(ffns[0])
+    reference = unit_features(ffns[0])
     return [ffns[0]] + [f.permuted(_assignment(reference, f)) for f in ffns[1:]]
 
 
