@@ -3,8 +3,10 @@
 transformers 5.x models defeat ``torch.fx.symbolic_trace`` (their forward branches on data), but
 ``torch.export.export(..., strict=False)`` captures them exactly, with ``nn_module_stack`` metadata that maps
 every node back to the module that owns it. moefx therefore captures every model with torch.export, with
-dynamic batch and sequence dimensions, and adds three things:
+dynamic batch and sequence dimensions, and adds four things:
 
+* a batch's keys are checked against the forward's arguments, and a missing ``attention_mask`` the model
+  would make itself is supplied (all ones), so that a batch that runs in eager mode is captured too;
 * ``use_cache`` is switched off on every config in the model while tracing (a KV cache is not a graph output);
 * ``Module.to()`` called inside ``forward`` is a no-op when it would change nothing (SwitchTransformers'
   router does this, and torch.export cannot swap parameters while tracing);
@@ -17,6 +19,7 @@ dynamic batch and sequence dimensions, and adds three things:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import itertools
 from collections.abc import Iterator
@@ -72,6 +75,26 @@ def normalize_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, An
     if not any(isinstance(x, torch.Tensor) for x in pytree.tree_leaves((args, kwargs))):
         raise MoefxError("example inputs hold no tensor: pass a batch the model can run, e.g. {'input_ids': ids}")
     return args, kwargs
+
+
+def completed_keywords(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` checked against the arguments ``model.forward`` names, with an all-ones ``attention_mask``
+    where the forward takes one, the batch has ``input_ids`` and no mask: what the model makes itself in
+    eager mode, but some models' traced forward indexes the mask unconditionally (SwitchTransformers'
+    encoder). A key that would go to a ``**kwargs`` is refused: torch.export cannot capture it."""
+    parameters = inspect.signature(model.forward).parameters
+    named = [p.name for p in parameters.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = [k for k in kwargs if k not in named]
+    if unknown:
+        raise CaptureError(
+            f"the batch's key {unknown[0]!r} is not an argument of {type(model).__name__}.forward, which takes "
+            f"{', '.join(named)}: remove it from the batches"
+        )
+    mask, input_ids = parameters.get("attention_mask"), kwargs.get("input_ids")
+    missing_mask = mask is not None and mask.default is None and kwargs.get("attention_mask") is None
+    if missing_mask and torch.is_tensor(input_ids):
+        return {**kwargs, "attention_mask": torch.ones_like(input_ids)}
+    return kwargs
 
 
 def call_model(model: nn.Module, example_inputs: Any) -> Any:
@@ -184,14 +207,16 @@ def trace(model: nn.Module, example_inputs: Any, *, check: bool = True, max_opaq
     """Capture ``model`` as a GraphModule with dynamic batch and sequence dimensions.
 
     ``example_inputs`` is a tensor, a tuple of positional arguments, or a dict of keyword arguments (a
-    transformers batch). Use a batch and sequence length of at least 2: torch.export specialises size-1
-    dimensions. Every node keeps ``meta["nn_module_stack"]``, mapping it to the module that owns it. With
-    ``check`` the graph is run on the example inputs and compared with eager (max abs diff <= 1e-5).
+    transformers batch, checked and completed by :func:`completed_keywords`). Use a batch and sequence length
+    of at least 2: torch.export specialises size-1 dimensions. Every node keeps ``meta["nn_module_stack"]``,
+    mapping it to the module that owns it. With ``check`` the graph is run on the example inputs and
+    compared with eager (max abs diff <= 1e-5).
     The model itself is left as it was (mode, config flags and methods are restored).
     """
     if not isinstance(model, nn.Module):
         raise MoefxError(f"expected a torch.nn.Module, got {type(model).__name__}")
     args, kwargs = normalize_inputs(example_inputs)
+    kwargs = completed_keywords(model, kwargs)
     if any(p.is_meta for p in model.parameters()):
         raise MoefxError("the model has parameters on the meta device: load its weights before capturing it")
     paths = {id(m): name for name, m in model.named_modules()}

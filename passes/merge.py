@@ -89,8 +89,12 @@ def allocate_experts(
         per_layer = [max(1, round(target * n)) for n in sizes]
         budget = round(target * sum(sizes))
     else:
-        per_layer = [min(target, n) for n in sizes]
-        budget = sum(per_layer)
+        larger = [(i, n) for i, n in enumerate(sizes) if target > n]
+        if larger:
+            i, n = larger[0]
+            raise ConfigError(f"experts={target} is more than MoE layer {i}'s {n} experts: give at most {n}, "
+                              "or a fraction")  # fmt: skip
+        per_layer, budget = [target] * len(sizes), target * len(sizes)
     order = [sorted(range(n), key=lambda e, s=s: (-float(s[e]), e)) for s, n in zip(scores, sizes, strict=True)]
     if not adaptive:
         short = [(i, c, m) for i, (c, m) in enumerate(zip(per_layer, min_keep, strict=True)) if c < m]

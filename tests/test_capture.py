@@ -94,3 +94,25 @@ def test_meta_device_model_is_rejected():
         model = nn.Linear(4, 4)
     with pytest.raises(moefx.MoefxError, match="meta device"):
         moefx.trace(model, torch.randn(2, 4))
+
+
+def test_a_batch_without_attention_mask_captures_as_eager_runs_it():
+    # SwitchTransformers' traced encoder indexes the mask its eager forward would make itself
+    model = tiny_model("switch")
+    batch = {k: v for k, v in example_inputs("switch").items() if k != "attention_mask"}
+    kept_all = moefx.compile(model, [batch], experts=1.0)
+    with torch.no_grad():
+        assert max_output_diff(kept_all(**batch), model(**batch)) <= 1e-5
+    assert moefx.compile(model, [batch], experts=0.5).moefx_report.expert_params_after < (
+        kept_all.moefx_report.expert_params_after
+    )
+
+
+@pytest.mark.parametrize("family", ["mixtral", "hand_written"])
+def test_a_batch_key_the_forward_does_not_take_gets_one_line(family):
+    model = tiny_model(family)
+    batch = {**example_inputs(family), "token_type_ids": example_inputs(family)["input_ids"]}
+    with pytest.raises(moefx.CaptureError, match=rf"'token_type_ids' is not an argument of {type(model).__name__}"
+                       r".forward, which takes input_ids") as info:  # fmt: skip
+        moefx.compile(model, [batch])
+    assert "\n" not in str(info.value)
