@@ -246,13 +246,33 @@ def compress_layers(
     return report
 
 
-def _return_freed_memory() -> None:
-    """Give the layer's freed heap back to the system (glibc keeps it otherwise, and the resident size of a
-    long run creeps up with fragmentation); elsewhere a no-op."""
+def _libc() -> ctypes.CDLL | None:
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return None
+
+
+def _return_freed_memory() -> None:
+    """Give the layer's freed heap back to the system (glibc keeps it otherwise); elsewhere a no-op."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+M_MMAP_THRESHOLD = -3  # mallopt's parameter (glibc's malloc.h)
+MAPPED_ALLOCATION_BYTES = 4 * 2**20
+
+
+def map_large_allocations() -> None:
+    """Have glibc serve every allocation of 4 MiB or more from its own mapping, returned to the system when
+    freed; elsewhere a no-op. By default glibc raises that threshold (up to 32 MiB) as large blocks are
+    freed, after which a layer's tensors come from the heap, whose fragments stay resident: the resident
+    size of a layer-wise run then grows with depth (OLMoE-1B-7B shape: 1.80 to 2.13 GB between layers over
+    6 layers, against 1.09 GB flat with this, at about 10% more time). Process-wide and lasting."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, MAPPED_ALLOCATION_BYTES)
 
 
 def check_layerwise(config: CompressionConfig) -> None:

@@ -47,7 +47,14 @@ from moefx.export.checkpoint import (
     transformers_config,
 )
 from moefx.export.serving import is_canonical_block
-from moefx.layerwise import LayerResult, check_layerwise, compress_layers, decoder_layers, first_layer_inputs
+from moefx.layerwise import (
+    LayerResult,
+    check_layerwise,
+    compress_layers,
+    decoder_layers,
+    first_layer_inputs,
+    map_large_allocations,
+)
 
 
 def read_weight_map(directory: Path) -> dict[str, str]:
@@ -352,9 +359,13 @@ def compress_checkpoint(
     Under torch.distributed (an initialised default process group, as ``torchrun`` sets up) every rank
     calls this with the same batches: each calibrates on its share, the statistics are summed across ranks
     (:mod:`moefx.distributed`) and rank 0 alone writes ``out_dir``.
+
+    So that the resident size does not grow with depth, this sets glibc's allocator to map every block of
+    4 MiB or more on its own, for the rest of the process (:func:`moefx.layerwise.map_large_allocations`).
     """
     config = CompressionConfig.from_arguments(config, overrides)
     check_layerwise(config)
+    map_large_allocations()
     source = CheckpointModel(Path(model_dir))
     batches = list(calib_batches)
     writes = rank_and_size()[0] == 0
