@@ -176,8 +176,11 @@ def alignment_seconds(name: str, seed: int = 0) -> dict[str, Any]:
     sizes = SHAPES[name]
     hidden, width = sizes["hidden_size"], sizes.get("moe_intermediate_size", sizes["intermediate_size"])
     g = torch.Generator().manual_seed(seed)
-    expert = lambda: FFN([torch.randn(width, hidden, generator=g) for _ in range(2)], [None, None],  # noqa: E731
-                         torch.randn(hidden, width, generator=g), None)  # fmt: skip
+
+    def expert() -> FFN:  # gate and up [I, H], down [H, I]
+        return FFN([torch.randn(width, hidden, generator=g) for _ in range(2)], [None, None],
+                   torch.randn(hidden, width, generator=g), None)  # fmt: skip
+
     reference, other = expert(), expert()
     start = time.perf_counter()
     cost = unit_features(reference) @ unit_features(other).T

@@ -88,7 +88,7 @@ def completed_keywords(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, An
     if unknown:
         raise CaptureError(
             f"the batch's key {unknown[0]!r} is not an argument of {type(model).__name__}.forward, which takes "
-            f"{', '.join(named)}: remove it from the batches"
+            f"{', '.join(named) or 'no named argument'}: remove it from the batches"
         )
     mask, input_ids = parameters.get("attention_mask"), kwargs.get("input_ids")
     missing_mask = mask is not None and mask.default is None and kwargs.get("attention_mask") is None
