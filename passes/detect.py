@@ -185,7 +185,9 @@ def _read_routing(graph: _Graph, linear: fx.Node, selection: fx.Node, block: str
                 if found and found[1].ndim == 1 and found[1].shape[0] == num_experts:
                     correction_bias = _relative(found[0], block)
         shape = _shape(node)
-        if packet in (aten.view, aten.reshape) and shape and len(shape) == 3 and shape[1] * shape[2] == num_experts:
+        # experts viewed as [tokens, groups, experts per group]; one group (many families' default) limits nothing
+        grouped = packet in (aten.view, aten.reshape) and shape and len(shape) == 3
+        if grouped and shape[1] * shape[2] == num_experts and shape[1] > 1:
             n_group = shape[1]
         if packet is aten.topk and n_group:
             if _last_dim(node.args[0]) == num_experts // n_group and _shape(node.args[0])[-2:-1] == (n_group,):
@@ -194,6 +196,8 @@ def _read_routing(graph: _Graph, linear: fx.Node, selection: fx.Node, block: str
                 topk_group = node.args[1]
     if n_group is not None and (topk_group is None or group_topk is None):
         raise DetectionError(f"{block}: group-limited routing whose group selection moefx cannot read")
+    if n_group is not None and topk_group >= n_group:  # every group is eligible: no limit
+        n_group = topk_group = group_topk = None
 
     capacity = None
     if selection_packet is aten.argmax:

@@ -45,6 +45,22 @@ def test_deepseek_routing_details(zoo):
         True, 4, 2, 2, 2.5, 1e-20)  # fmt: skip
 
 
+@pytest.mark.parametrize("n_group, topk_group", [(1, 1), (4, 4)])
+def test_group_limited_routing_that_limits_nothing_reads_as_plain_routing(n_group, topk_group):
+    # one group is the shipped default of glm4_moe, dots1, mistral4 and others; all groups eligible is the same
+    model = tiny_model("deepseek_v3")
+    for layer in model.model.layers[model.config.first_k_dense_replace :]:  # the routers read these at call time
+        layer.mlp.gate.num_group, layer.mlp.gate.topk_group = n_group, topk_group
+    batches = [example_inputs("deepseek_v3", seed=s) for s in range(2)]
+    for b in find_moe_blocks(model, batches[0]):
+        r = b.routing
+        assert (r.scoring, r.has_correction_bias, r.n_group, r.topk_group, r.group_topk) == (
+            "sigmoid", True, None, None, None)  # fmt: skip
+    kept_all = moefx.compile(model, batches, experts=1.0)
+    with torch.no_grad():
+        assert (kept_all(**batches[0]).logits - model(**batches[0]).logits).abs().max() <= 1e-5
+
+
 def test_switch_capacity_and_gpt_oss_layout(zoo):
     assert {b.routing.capacity for b in zoo("switch")[3]} == {64}
     gpt = zoo("gpt_oss")[3][0]
