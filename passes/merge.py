@@ -75,16 +75,21 @@ class BlockPlan:
 
 
 def allocate_experts(
-    scores: list[torch.Tensor], target: float | int, adaptive: bool, min_keep: list[int]
+    scores: list[torch.Tensor],
+    target: float | int,
+    adaptive: bool,
+    min_keep: list[int],
+    names: list[str] | None = None,
 ) -> list[list[int]]:
     """The experts each layer keeps, best first.
 
     ``target`` is a fraction of each layer's experts (float) or an average count (int). With ``adaptive``,
     each layer first keeps its ``min_keep`` best experts, and the rest of the budget goes to the globally
     best experts by score normalised within their layer (the paper's adaptive ratio). Otherwise every
-    layer keeps the same share.
+    layer keeps the same share. ``names``, the layers' block names, are what errors call them.
     """
     sizes = [len(s) for s in scores]
+    names = names or [f"MoE layer {i}" for i in range(len(scores))]
     if isinstance(target, float):
         per_layer = [max(1, round(target * n)) for n in sizes]
         budget = round(target * sum(sizes))
@@ -92,7 +97,7 @@ def allocate_experts(
         larger = [(i, n) for i, n in enumerate(sizes) if target > n]
         if larger:
             i, n = larger[0]
-            raise ConfigError(f"experts={target} is more than MoE layer {i}'s {n} experts: give at most {n}, "
+            raise ConfigError(f"experts={target} is more than {names[i]}'s {n} experts: give at most {n}, "
                               "or a fraction")  # fmt: skip
         per_layer, budget = [target] * len(sizes), target * len(sizes)
     order = [sorted(range(n), key=lambda e, s=s: (-float(s[e]), e)) for s, n in zip(scores, sizes, strict=True)]
@@ -101,7 +106,7 @@ def allocate_experts(
         if short:
             i, c, m = short[0]
             raise ConfigError(
-                f"experts={target} keeps {c} experts in MoE layer {i}, fewer than its top_k={m}; keep at least {m}"
+                f"experts={target} keeps {c} experts in {names[i]}, fewer than its top_k={m}; keep at least {m}"
             )
         return [o[:c] for o, c in zip(order, per_layer, strict=True)]
     if budget < sum(min_keep):
@@ -210,7 +215,8 @@ def plan_compression(
     method = config.method_object
     selection = config.resolved("selection")
     scores = [getattr(stats[b.name], selection if selection != "reap" else "reap_saliency") for b in merged]
-    kept = allocate_experts(scores, config.experts, config.resolved("adaptive"), [b.top_k for b in merged])
+    kept = allocate_experts(scores, config.experts, config.resolved("adaptive"), [b.top_k for b in merged],
+                            [b.name for b in merged])  # fmt: skip
     rng = np.random.default_rng(config.seed)
     align = config.resolved("align")
     least_squares_merge = config.resolved("refit") == "in+out"

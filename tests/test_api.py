@@ -188,7 +188,7 @@ def test_skip_layers_leaves_a_block_unchanged():
         ({"experts": True}, moefx.ConfigError, "fraction"),
         ({"experts": 0.1, "method": "m-smoe"}, moefx.ConfigError, "fewer than their top_k"),
         ({"experts": 0.1}, moefx.ConfigError, "fewer than its top_k"),
-        ({"experts": 9}, moefx.ConfigError, "experts=9 is more than MoE layer 0's 8 experts: give at most 8"),
+        ({"experts": 9}, moefx.ConfigError, "experts=9 is more than model.layers.0.mlp's 8 experts: give at most 8"),
         ({"method": "magic"}, moefx.ConfigError, "unknown method 'magic'"),
         ({"router": "fast"}, moefx.ConfigError, "unknown router"),
         ({"expert": 0.5}, moefx.ConfigError, "unknown option 'expert'"),
