@@ -83,16 +83,25 @@ def onnx(
                     serving, inputs, input_names=serving.input_names, output_names=["logits"],
                     dynamic_shapes=shapes, dynamo=True, custom_translation_table=ONNX_TRANSLATIONS, verbose=False,
                 )  # fmt: skip
-        except Exception as exc:
-            raise MoefxError(f"ONNX export of {type(model).__name__} failed: {first_line(exc)}") from exc
+        except Exception as exc:  # torch.onnx's own message is a generic step; the cause names the operator
+            cause = exc
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            raise MoefxError(f"ONNX export of {type(model).__name__} failed: {first_line(cause)}") from exc
         program.save(str(scratch), external_data=size > EXTERNAL_DATA_BYTES if external_data is None else external_data)
         if verify:
             session = onnxruntime.InferenceSession(str(scratch), providers=["CPUExecutionProvider"])
 
             def run(feed: tuple[torch.Tensor, ...]) -> Any:
                 names = [i.name for i in session.get_inputs()]
-                return session.run(None, {n: t.numpy() for n, t in zip(serving.input_names, feed, strict=True)
-                                          if n in names})  # fmt: skip
+                try:
+                    return session.run(None, {n: t.numpy() for n, t in zip(serving.input_names, feed, strict=True)
+                                              if n in names})  # fmt: skip
+                except Exception as exc:  # e.g. a shape the export fixed: the file is wrong for other inputs
+                    raise MoefxError(
+                        f"ONNX Runtime cannot run the exported {type(model).__name__} on inputs of a new shape: "
+                        f"{first_line(exc)}; export with dynamic=False and verify=False for the example's shape only"
+                    ) from exc
 
             check_parity("ONNX", serving, run, inputs)
     return Path(path)

@@ -15,13 +15,14 @@ one by name. The canonical form is checked against the original module before it
 from __future__ import annotations
 
 import copy
+import math
 import operator
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
-from moefx.errors import DetectionError
+from moefx.errors import DetectionError, first_line
 from moefx.experts import FusedExperts, ModuleExperts
 from moefx.routing import RoutingSpec, select_experts
 
@@ -249,19 +250,19 @@ def verify_block(block: MoEBlock, ndim: int) -> float:
 
 def first_verified(candidates: list[MoEBlock], ndim: int) -> MoEBlock:
     """The first candidate reading of a block whose canonical form reproduces it; raises if none does."""
-    best = float("inf")
+    best, detail = float("inf"), ""
     for candidate in candidates:
         try:
             diff = verify_block(candidate, ndim)
         except Exception as exc:  # a wrong reading can fail to run at all (shapes disagree)
-            diff, error = float("inf"), exc
+            diff, failure = float("inf"), f"error: {first_line(exc)}"
         else:
-            error = None
+            failure = f"max output difference {diff:.3g}" if math.isfinite(diff) else "its outputs are not finite"
         if diff <= BLOCK_TOLERANCE:
             return candidate
-        best = min(best, diff)
+        if diff < best or not detail:
+            best, detail = diff, failure
     name = candidates[0].name
-    detail = f"max output difference {best:.3g}" if best < float("inf") else f"error: {error}"
     raise DetectionError(
         f"{name} looks like an MoE block, but moefx's reading of it does not reproduce its outputs ({detail}); "
         "its routing or experts use a variant moefx does not support yet"

@@ -6,6 +6,8 @@ the problem and the fix, so callers (and the CLI) can show it without a tracebac
 
 from __future__ import annotations
 
+import re
+
 
 class MoefxError(Exception):
     """A problem with the user's input or model, explained in one line."""
@@ -39,8 +41,9 @@ class MoefxWarning(UserWarning):
 
 
 def first_line(exc: BaseException, limit: int = 200) -> str:
-    """The first non-empty line of an exception's message, shortened, for embedding in a one-line error."""
-    for line in str(exc).splitlines():
+    """The first non-empty line of an exception's message, shortened, for embedding in a one-line error
+    (terminal colour codes removed)."""
+    for line in re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines():
         line = line.strip()
         if line:
             return line if len(line) <= limit else line[: limit - 3] + "..."

@@ -103,7 +103,7 @@ def test_torchscript_export_matches_eager(family, variant, tmp_path):
     assert isinstance(torch.jit.load(str(path)), torch.jit.ScriptModule)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.slow)])
 def test_a_half_precision_model_exports_float32_onnx_that_passes_parity(dtype, tmp_path):
     calib = [example_inputs("qwen3_moe", batch=4, seq=16, seed=s) for s in range(2)]
     model = moefx.compile(tiny_model("qwen3_moe").to(dtype), calib, experts=0.5)
@@ -172,3 +172,27 @@ def test_parity_check_skips_only_rows_whose_routing_is_tied():
     assert eager_with_routing_ties(serving, check)[1].all()
     with pytest.raises(moefx.MoefxError, match="every row of the check inputs has a routing tie"):
         check_parity("test", serving, differs_in_row(0), inputs)
+
+
+def test_an_exporter_failure_names_its_cause_and_writes_nothing(monkeypatch, tmp_path):
+    def export(*args, **kwargs):
+        try:
+            raise ValueError("No ONNX function found for aten.unsqueeze with a complex-valued input")
+        except ValueError as cause:
+            raise RuntimeError("Failed to convert. \x1b[96mThis is step 3/3\x1b[0m of exporting") from cause
+
+    monkeypatch.setattr(torch.onnx, "export", export)
+    with pytest.raises(moefx.MoefxError, match="ONNX export of MixtralForCausalLM failed: No ONNX function found"):
+        moefx.export.onnx(_model("mixtral", "original"), tmp_path / "m.onnx", example_inputs("mixtral"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_onnx_runtime_cannot_run_on_a_new_shape_gets_one_line_and_is_not_written(monkeypatch, tmp_path):
+    def run(self, *args, **kwargs):
+        raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Reshape")
+
+    monkeypatch.setattr(onnxruntime.InferenceSession, "run", run)
+    with pytest.raises(moefx.MoefxError, match="ONNX Runtime cannot run the exported MixtralForCausalLM") as error:
+        moefx.export.onnx(_model("mixtral", "original"), tmp_path / "m.onnx", example_inputs("mixtral"))
+    assert "\n" not in str(error.value)
+    assert list(tmp_path.iterdir()) == []
