@@ -20,7 +20,7 @@ DISPLAY_NAMES = {
 
 
 def _family_table() -> dict[str, list[str]]:
-    section = README.read_text(encoding="utf-8").split("## Supported model families", 1)[1].split("\n## ", 1)[0]
+    section = README.read_text(encoding="utf-8").split("## Supported model families", 1)[1].split("\n##", 1)[0]
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines() if line.startswith("|")]
     return {DISPLAY_NAMES[r[0]]: r[1:] for r in rows[2:]}  # after the header and the rule
 
