@@ -305,10 +305,11 @@ def _tiny_config_values(defaults: dict[str, Any]) -> dict[str, Any]:
     kinds = next((defaults[k] for k in _LAYER_KIND_KEYS if isinstance(defaults.get(k), list)), [])
     keep = sorted({kinds.index(kind) for kind in kinds})  # the first layer of each kind
     keep += [i for i in range(depth) if i not in keep][: max(0, 2 - len(keep))]
-    for key, value in defaults.items():
+    for key, value in defaults.items():  # every per-layer list, sliced to the kept layers
         if isinstance(value, list) and len(value) == depth and key not in values:
-            values[key] = ["sparse" if "sparse" in value else value[i] for i in keep] if key == "mlp_layer_types" \
-                else [value[i] for i in keep]  # fmt: skip
+            values[key] = [value[i] for i in keep]
+    if "sparse" in defaults.get("mlp_layer_types", []):
+        values["mlp_layer_types"] = ["sparse"] * len(keep)
     values |= {k: len(keep) for k in _LAYER_COUNT_KEYS if k in defaults}
     for key, sub in defaults.items():  # nested configs (DBRX's attention and FFN)
         if isinstance(sub, dict) and any(k in sub for k in (*EXPERT_COUNT_KEYS, *_TINY_SIZES)):
