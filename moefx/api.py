@@ -25,7 +25,7 @@ from torch.fx.passes.infra.pass_manager import PassManager
 from moefx.block import MoEBlock, build_block
 from moefx.capture import call_model
 from moefx.config import CompressionConfig
-from moefx.distributed import summed_across_ranks
+from moefx.distributed import computed_on_first, summed_across_ranks
 from moefx.errors import CalibrationError, ConfigError, MoefxError, MoefxWarning
 from moefx.experts import FFN
 from moefx.losparse import LoSparseExperts, LoSparseLinear, stable_rank
@@ -292,8 +292,14 @@ def convert(
         banks = {name: g.get_submodule("observed_experts").bank for name, g in graphs.items()}
         ffns = {name: [bank.ffn(e) for e in range(bank.num_experts)] for name, bank in banks.items()}
         routers = {name: g.get_submodule("router").weight for name, g in graphs.items()}
-        plans = plan_compression(state.blocks, stats, ffns, routers, config)
-        _keep_exact_routers_that_cannot_be_pruned(state.blocks, plans, config)
+
+        def plan() -> dict[str, BlockPlan]:
+            plans = plan_compression(state.blocks, stats, ffns, routers, config)
+            _keep_exact_routers_that_cannot_be_pruned(state.blocks, plans, config)
+            return plans
+
+        # under torchrun rank 0 plans; the experts every rank holds are not sent back to them
+        plans = computed_on_first(plan, [t for fs in ffns.values() for f in fs for t in f.tensors() if t is not None])
     for name, s in stats.items():  # planning's per-expert input moments (E x H^2, gigabytes) are done with
         s.weighted_input_grams = graphs[name].get_submodule("observed_experts").weighted_input_grams = None
     refit = config.resolved("refit") != "none"

@@ -6,17 +6,19 @@ can calibrate on disjoint shares of the batches and add their sums. Inside :func
 every rank then holds the statistics of all batches and plans as one process would. A pass adds to what
 earlier passes summed, so the ranks other than 0 start each pass from zero and rank 0 carries the total.
 
-Planning is deterministic, so every rank reaches the same plan from the same sums; the layer-wise driver
-still broadcasts rank 0's compressed layer before the ranks propagate through it, so that all ranks go on
-from one set of weights. Only rank 0 writes.
+Rank 0 alone plans (:func:`computed_on_first`) and sends the plans, with the merged experts the second pass
+needs, to the other ranks, which wait meanwhile; the layer-wise driver broadcasts rank 0's compressed layer
+before the ranks propagate through it, so that all ranks go on from one set of weights. Only rank 0 writes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
-from typing import TypeVar
+import io
+import pickle
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -88,3 +90,64 @@ def broadcast_from_first(module: nn.Module) -> None:
     if _SHARDED.get():
         for tensor in module.state_dict().values():
             dist.broadcast(tensor, 0)
+
+
+def computed_on_first(compute: Callable[[], T], held: Sequence[torch.Tensor] = ()) -> T:
+    """``compute()``, run by rank 0 alone and sent to every rank (inside :func:`sharded`; otherwise it is
+    just ``compute()``).
+
+    The result is pickled without its tensors, which are broadcast as tensors; a tensor that is one of
+    ``held`` (tensors that every rank holds, equal and in the same order, such as the experts of a layer
+    all ranks loaded) is sent as its index instead. An exception in ``compute`` is raised on every rank.
+    """
+    if not _SHARDED.get():
+        return compute()
+    first = dist.get_rank() == 0
+    header: list[Any] = [None]
+    tensors: list[torch.Tensor] = []
+    if first:
+        try:
+            result = compute()
+            payload, tensors = _without_tensors(result, {id(t): i for i, t in enumerate(held)})
+            header = [(payload, [(t.shape, t.dtype) for t in tensors])]
+        except Exception as error:  # the other ranks wait for this broadcast: they must fail too
+            dist.broadcast_object_list([error], 0)
+            raise
+    dist.broadcast_object_list(header, 0)
+    if isinstance(header[0], Exception):
+        raise header[0]
+    payload, layouts = header[0]
+    if not first:
+        tensors = [torch.empty(shape, dtype=dtype) for shape, dtype in layouts]
+    for tensor in tensors:
+        dist.broadcast(tensor, 0)
+    if first:
+        return result
+
+    class Unpickler(pickle.Unpickler):
+        def persistent_load(self, key: tuple[str, int]) -> torch.Tensor:
+            return held[key[1]] if key[0] == "held" else tensors[key[1]]
+
+    return Unpickler(io.BytesIO(payload)).load()
+
+
+def _without_tensors(result: Any, held: dict[int, int]) -> tuple[bytes, list[torch.Tensor]]:
+    """``result`` pickled with each tensor replaced by its index in ``held`` (by identity) or in the list of
+    the other tensors, which is returned with it (each contiguous)."""
+    sent: list[torch.Tensor] = []
+    sent_index: dict[int, int] = {}
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj: Any) -> tuple[str, int] | None:
+            if not isinstance(obj, torch.Tensor):
+                return None
+            if id(obj) in held:
+                return ("held", held[id(obj)])
+            if id(obj) not in sent_index:
+                sent_index[id(obj)] = len(sent)
+                sent.append(obj.detach().contiguous())
+            return ("sent", sent_index[id(obj)])
+
+    buffer = io.BytesIO()
+    Pickler(buffer).dump(result)
+    return buffer.getvalue(), sent
