@@ -25,7 +25,8 @@ class RoutingSpec:
     * ``scoring``: ``"softmax"`` (softmax over all experts, then top-k), ``"sigmoid"`` (independent
       sigmoid scores, DeepSeek-V3), or ``"softmax_topk"`` (top-k of the logits, then softmax over the k,
       GPT-OSS).
-    * ``normalize``: divide the k weights by their sum (plus ``norm_eps``); ``scale``: multiply them after.
+    * ``normalize``: divide the k weights by their sum (plus ``norm_eps``, and at least ``norm_min`` when it
+      is set); ``scale``: multiply them after.
     * ``has_correction_bias``: a per-expert bias added to the scores for choosing only (DeepSeek-V3).
     * ``n_group`` / ``topk_group`` / ``group_topk``: group-limited selection: experts are split into
       ``n_group`` groups, each group scored by the sum of its ``group_topk`` best scores, and only the best
@@ -38,6 +39,7 @@ class RoutingSpec:
     scoring: str = "softmax"
     normalize: bool = False
     norm_eps: float = 0.0
+    norm_min: float = 0.0
     scale: float = 1.0
     has_correction_bias: bool = False
     n_group: int | None = None
@@ -59,6 +61,7 @@ def select_experts(
     scoring: str = "softmax",
     normalize: bool = False,
     norm_eps: float = 0.0,
+    norm_min: float = 0.0,
     scale: float = 1.0,
     n_group: int | None = None,
     topk_group: int | None = None,
@@ -93,7 +96,8 @@ def select_experts(
             index = torch.topk(choice, top_k, dim=-1, sorted=False)[1]
             weights = scores.gather(1, index)
     if normalize:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + norm_eps)
+        total = weights.sum(dim=-1, keepdim=True) + norm_eps
+        weights = weights / (total.clamp(min=norm_min) if norm_min > 0 else total)
     if scale != 1.0:
         weights = weights * scale
     return weights, index

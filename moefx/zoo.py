@@ -152,9 +152,6 @@ def tiny_model(family: str, seed: int = 0) -> nn.Module:
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
             )
         )
-        # a trained model's correction bias is not zero; make the tests exercise it
-        for layer in model.model.layers[1:]:
-            layer.mlp.gate.e_score_correction_bias.normal_(0.0, 0.05)
     elif family == "gpt_oss":
         model = tf.GptOssForCausalLM(
             tf.GptOssConfig(
@@ -198,11 +195,15 @@ def tiny_model(family: str, seed: int = 0) -> nn.Module:
 
 def _spread_router_weights(model: nn.Module) -> None:
     """transformers initialises routers with std 0.02, which makes every tiny router nearly uniform.
-    A wider spread gives the tests routing decisions that are far from ties."""
+    A wider spread gives the tests routing decisions that are far from ties. Correction biases start at
+    zero, where a trained model's are not: they get a spread too, so that the tests exercise them."""
     with torch.no_grad():
         for p in model.parameters():
             if p.shape == (NUM_EXPERTS, HIDDEN):
                 p.normal_(0.0, 0.3)
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if name.endswith("correction_bias") and t.shape[-1:] == (NUM_EXPERTS,):
+                t.normal_(0.0, 0.05)
 
 
 def example_inputs(family: str, batch: int = 2, seq: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -47,7 +47,7 @@ _TRANSPARENT = {
     aten.to, aten._to_copy, aten.view, aten.reshape, aten.clone, aten.contiguous, aten.detach, aten.alias,
     aten.type_as, aten._assert_tensor_metadata, aten.flatten, aten.lift_fresh_copy,
 }  # fmt: skip
-_WEIGHT_VIEWS = _TRANSPARENT | {aten.t, aten.transpose, aten.permute}
+_WEIGHT_VIEWS = _TRANSPARENT | {aten.t, aten.transpose, aten.permute, aten.squeeze, aten.unsqueeze}
 _SELECTIONS = {aten.topk, aten.argmax, aten.max}
 _MATMULS = {aten.linear, aten.mm, aten.bmm, aten.matmul, aten.addmm, aten.baddbmm, aten.einsum, aten._grouped_mm}
 _ROUTING_DEPTH = 16
@@ -182,7 +182,8 @@ def _read_routing(graph: _Graph, linear: fx.Node, selection: fx.Node, block: str
         if packet in (aten.add, aten.add_):
             for arg in node.args:
                 found = graph.attr(arg)
-                if found and found[1].ndim == 1 and found[1].shape[0] == num_experts:
+                # one value per expert, stored [E] or with unit leading dimensions ([1, E]: Ernie 4.5)
+                if found and found[1].shape[-1:] == (num_experts,) and found[1].numel() == num_experts:
                     correction_bias = _relative(found[0], block)
         shape = _shape(node)
         # experts viewed as [tokens, groups, experts per group]; one group (many families' default) limits nothing
@@ -206,19 +207,21 @@ def _read_routing(graph: _Graph, linear: fx.Node, selection: fx.Node, block: str
                 for user in _reach(node, 3):
                     if _packet(user) in (aten.le, aten.lt) and isinstance(user.args[1], (int, float)):
                         capacity = int(user.args[1]) - (1 if _packet(user) is aten.lt else 0)
-    normalize, norm_eps, scale = _read_weight_transform(selection, scoring_node, top_k)
+    normalize, norm_eps, norm_min, scale = _read_weight_transform(selection, scoring_node, top_k)
     spec = RoutingSpec(
-        top_k=top_k, scoring=scoring, normalize=normalize, norm_eps=norm_eps, scale=scale,
+        top_k=top_k, scoring=scoring, normalize=normalize, norm_eps=norm_eps, norm_min=norm_min, scale=scale,
         has_correction_bias=correction_bias is not None, n_group=n_group, topk_group=topk_group,
         group_topk=group_topk, capacity=capacity,
     )  # fmt: skip
     return spec, correction_bias
 
 
-def _read_weight_transform(selection: fx.Node, scoring_node: fx.Node | None, top_k: int) -> tuple[bool, float, float]:
-    """Renormalisation (with its epsilon) and scaling applied to the k selected weights."""
+def _read_weight_transform(
+    selection: fx.Node, scoring_node: fx.Node | None, top_k: int
+) -> tuple[bool, float, float, float]:
+    """Renormalisation (with its epsilon and floor) and scaling applied to the k selected weights."""
     starts = [selection] + ([scoring_node] if scoring_node is not None else [])
-    normalize, eps, scale = False, 0.0, 1.0
+    normalize, eps, floor, scale = False, 0.0, 0.0, 1.0
     seen = set()
     for start in starts:
         for node in _reach(start, 8):
@@ -229,13 +232,15 @@ def _read_weight_transform(selection: fx.Node, scoring_node: fx.Node | None, top
             packet = _packet(node)
             if packet in (aten.div, aten.div_) and isinstance(node.args[1], fx.Node):
                 divisor = _strip(node.args[1], _TRANSPARENT)
+                if _packet(divisor) in (aten.clamp, aten.clamp_min) and isinstance(divisor.args[1], (int, float)):
+                    floor, divisor = float(divisor.args[1]), _strip(divisor.args[0], _TRANSPARENT)  # Ernie 4.5
                 if _packet(divisor) in (aten.add, aten.add_) and isinstance(divisor.args[1], (int, float)):
                     eps, divisor = float(divisor.args[1]), _strip(divisor.args[0], _TRANSPARENT)
                 if _packet(divisor) is aten.sum:
                     normalize = True
             elif packet in (aten.mul, aten.mul_) and isinstance(node.args[1], (int, float)):
                 scale = float(node.args[1])
-    return normalize, eps, scale
+    return normalize, eps, floor, scale
 
 
 def _find_experts(model: nn.Module, router_owner: str, num_experts: int) -> tuple[str, list[str], str | None]:
@@ -386,6 +391,24 @@ def _shared_children(graph: _Graph, model: nn.Module, block: str, skip: set[str]
     return experts, gates
 
 
+def _output_scale(graph: _Graph, block: str, hidden: int, out_weights: list[fx.Node], shared: list[str]) -> float:
+    """The constant factor the block applies to its routed experts' summed output after the experts (Beam's
+    routed scaling factor), 1.0 where there is none: the product of the multiplications by a number, inside
+    the block, of ``[..., H]`` values computed from the experts' output weights but not from a shared
+    expert's. (A factor on the shared experts' output too is not this; verification rejects that reading.)"""
+    shared_weights = [n for path in shared for n in graph.attr_nodes(_join(block, path))]
+    scale = 1.0
+    for node in sorted(descendants(out_weights) - descendants(shared_weights), key=graph.order.get):
+        if (
+            _packet(node) in (aten.mul, aten.mul_)
+            and isinstance(node.args[1], (int, float))
+            and _last_dim(node) == hidden
+            and _inside(_owner(node), block)
+        ):
+            scale *= float(node.args[1])
+    return scale
+
+
 def _block_input(graph: _Graph, block: str) -> fx.Node:
     region = {n for n in graph.nodes if n.op == "call_function" and _inside(_owner(n), block)}
     region |= {n for n in graph.nodes if n.op == "call_module" and _inside(n.target, block)}
@@ -431,10 +454,16 @@ def _describe_block(graph: _Graph, model: nn.Module, linear: fx.Node, selection:
         intermediate = experts[0].get_submodule(out_linear).in_features
         sources, gated = [source], len(in_linears) == 2
         top_children.add(container.split(".")[0])
+        out_weight = f".{out_linear}.weight"
+        out_weights = [n for n in graph.attr_nodes(_join(block, container)) if n.target.endswith(out_weight)]
     else:
         sources, intermediate, gated = _fused_sources(graph, block, fused_names, hidden, num_experts)
         top_children.add(fused_names[0].split(".")[0])
+        out_weights = graph.attr_nodes(_join(block, sources[0].out_proj))
     shared, gates = _shared_children(graph, model, block, top_children)
+    scale = _output_scale(graph, block, hidden, out_weights, shared)
+    if scale != 1.0:
+        common["routing"] = dataclasses.replace(spec, scale=spec.scale * scale)
     ndim = len(_shape(block_input))
     with torch.no_grad():
         probe = float32_reference(module)(torch.randn(2, 3, hidden) if ndim == 3 else torch.randn(6, hidden))

@@ -112,7 +112,7 @@ class PruneRouter(PassBase):
         selection.kwargs = kwargs
         if isinstance(selection.args[1], fx.Node):  # the correction bias of the kept experts
             representatives = torch.tensor([g[0] for g in self.plan.groups])
-            graph_module.correction_bias = graph_module.correction_bias[representatives].clone()
+            graph_module.correction_bias = graph_module.correction_bias[..., representatives].clone()
         graph.lint()
         graph_module.recompile()
         return PassResult(graph_module, True)

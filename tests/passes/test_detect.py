@@ -169,3 +169,28 @@ def test_unknown_routing_variant_is_reported_not_approximated(scores_of, weights
     with pytest.raises(moefx.DetectionError, match=message) as info:
         find_moe_blocks(torch.nn.Sequential(ToyMoE(scores_of, weights_of)), torch.randn(2, 5, 8))
     assert "\n" not in str(info.value)
+
+
+class ScaledAfterExperts(ToyMoE):
+    """Beam's and Ernie 4.5's variants: weights renormalised by a sum floored with ``clamp``, and a
+    constant applied to the summed routed output (with a shared expert, to everything)."""
+
+    def __init__(self, shared: bool):
+        super().__init__(lambda logits: torch.softmax(logits, -1), lambda w: w / w.sum(-1, keepdim=True).clamp(1e-12))
+        self.shared = torch.nn.Linear(8, 8) if shared else None
+
+    def forward(self, x):
+        out = super().forward(x)
+        return 2.5 * (out if self.shared is None else out + self.shared(x))
+
+
+def test_a_constant_after_the_experts_is_read_as_routing_scale():
+    (block,) = find_moe_blocks(torch.nn.Sequential(ScaledAfterExperts(shared=False)), torch.randn(2, 5, 8))
+    routing = block.routing
+    assert (routing.scale, routing.normalize, routing.norm_min) == (2.5, True, 1e-12)  # verified numerically
+
+
+def test_a_constant_on_the_shared_expert_too_is_reported_not_approximated():
+    with pytest.raises(moefx.DetectionError, match="does not reproduce its outputs") as info:
+        find_moe_blocks(torch.nn.Sequential(ScaledAfterExperts(shared=True)), torch.randn(2, 5, 8))
+    assert "\n" not in str(info.value)
