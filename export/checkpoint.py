@@ -325,11 +325,13 @@ def _transformers_state(
         for child, expert in zip(expert_names, bank.experts, strict=True):
             for name, tensor in expert.state_dict().items():
                 state[f"{prefix}{src.container}.{child}.{name}"] = tensor
-    for i, path in enumerate(block.shared_experts):
-        for name, tensor in graph.get_submodule(f"shared_expert_{i}").state_dict().items():
-            state[f"{prefix}{path}.{name}"] = tensor
-    for i, path in enumerate(block.shared_expert_gates):
-        for name, tensor in graph.get_submodule(f"shared_expert_gate_{i}").state_dict().items():
+    kept_as_they_are = [  # (the canonical block's child, the original block's child)
+        *((f"shared_expert_{i}", path) for i, path in enumerate(block.shared_experts)),
+        *((f"shared_expert_gate_{i}", path) for i, path in enumerate(block.shared_expert_gates)),
+        *([("output_norm", block.output_norm)] if block.output_norm is not None else []),
+    ]
+    for child, path in kept_as_they_are:
+        for name, tensor in graph.get_submodule(child).state_dict().items():
             state[f"{prefix}{path}.{name}"] = tensor
     return state
 

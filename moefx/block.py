@@ -75,6 +75,7 @@ class MoEBlock:
     gated: bool
     shared_experts: list[str] = field(default_factory=list)
     shared_expert_gates: list[str] = field(default_factory=list)
+    output_norm: str | None = None  # a module applied to the summed output (A.X-K1's post-MLP norm)
     route_on_sequence: bool = False  # the router sees [batch, seq, H] (capacity is counted per sequence)
     returns_weights: bool = False  # the block returns (hidden, routing weights) rather than hidden
     mask_key: str = "attention_mask"  # the model input that marks this block's padding tokens
@@ -123,6 +124,7 @@ class MoEBlock:
             "intermediate": self.intermediate_size,
             "shared_experts": len(self.shared_experts),
             "shared_expert_gate": bool(self.shared_expert_gates),
+            "output_norm": self.output_norm is not None,
         }
 
     @property
@@ -187,6 +189,8 @@ def build_block(module: nn.Module, block: MoEBlock) -> torch.fx.GraphModule:
         root.add_module(f"shared_expert_{i}", module.get_submodule(path))
     for i, path in enumerate(block.shared_expert_gates):
         root.add_module(f"shared_expert_gate_{i}", module.get_submodule(path))
+    if block.output_norm is not None:
+        root.add_module("output_norm", module.get_submodule(block.output_norm))
 
     g = torch.fx.Graph()
     hidden_states = g.placeholder("hidden_states")
@@ -203,6 +207,8 @@ def build_block(module: nn.Module, block: MoEBlock) -> torch.fx.GraphModule:
             gate = g.call_function(torch.sigmoid, (g.call_module(f"shared_expert_gate_{i}", (tokens,)),))
             shared = g.call_function(operator.mul, (gate, shared))
         routed = g.call_function(operator.add, (routed, shared))
+    if block.output_norm is not None:
+        routed = g.call_module("output_norm", (routed,))
     out = g.call_method("view_as", (routed, hidden_states))
     g.output((out, weights) if block.returns_weights else out)
     gm = torch.fx.GraphModule(root, g, class_name="CanonicalMoEBlock")

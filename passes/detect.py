@@ -373,22 +373,29 @@ def _fused_sources(
     return sources, inter, sources[0].layout is not None
 
 
-def _shared_children(graph: _Graph, model: nn.Module, block: str, skip: set[str]) -> tuple[list[str], list[str]]:
-    """Parameterised children of the block used in its forward: shared experts and shared-expert gates."""
+def _shared_children(
+    graph: _Graph, model: nn.Module, block: str, skip: set[str], routed: set[fx.Node]
+) -> tuple[list[str], list[str], list[str]]:
+    """Parameterised children of the block used in its forward: shared experts and shared-expert gates
+    (which read the block's input), and the children applied to the routed experts' output (``routed``:
+    the nodes computed from it)."""
     module = model.get_submodule(block)
     used = {_owner(n) for n in graph.nodes} | {n.target for n in graph.nodes if n.op in ("get_attr", "call_module")}
-    experts, gates = [], []
+    owners_after = {_owner(n) for n in routed}
+    experts, gates, after = [], [], []
     for name, child in module.named_children():
         path = _join(block, name)
         if name in skip or not any(True for _ in child.parameters()):
             continue
         if not any(_inside(u, path) for u in used):
             continue
-        if isinstance(child, nn.Linear) and child.out_features == 1:
+        if any(_inside(owner, path) for owner in owners_after):
+            after.append(name)
+        elif isinstance(child, nn.Linear) and child.out_features == 1:
             gates.append(name)
         else:
             experts.append(name)
-    return experts, gates
+    return experts, gates, after
 
 
 def _output_scale(graph: _Graph, block: str, hidden: int, out_weights: list[fx.Node], shared: list[str]) -> float:
@@ -460,7 +467,10 @@ def _describe_block(graph: _Graph, model: nn.Module, linear: fx.Node, selection:
         sources, intermediate, gated = _fused_sources(graph, block, fused_names, hidden, num_experts)
         top_children.add(fused_names[0].split(".")[0])
         out_weights = graph.attr_nodes(_join(block, sources[0].out_proj))
-    shared, gates = _shared_children(graph, model, block, top_children)
+    shared, gates, after = _shared_children(graph, model, block, top_children, descendants(out_weights))
+    if len(after) > 1:
+        raise DetectionError(f"{block}: modules {after} are applied to the experts' output; moefx reads one at most")
+    common["output_norm"] = after[0] if after else None
     scale = _output_scale(graph, block, hidden, out_weights, shared)
     if scale != 1.0:
         common["routing"] = dataclasses.replace(spec, scale=spec.scale * scale)

@@ -194,3 +194,22 @@ def test_a_constant_on_the_shared_expert_too_is_reported_not_approximated():
     with pytest.raises(moefx.DetectionError, match="does not reproduce its outputs") as info:
         find_moe_blocks(torch.nn.Sequential(ScaledAfterExperts(shared=True)), torch.randn(2, 5, 8))
     assert "\n" not in str(info.value)
+
+
+class NormedAfterExperts(ToyMoE):
+    """A.X-K1's variant: a norm applied to the sum of the routed and shared experts' outputs."""
+
+    def __init__(self):
+        super().__init__(lambda logits: torch.softmax(logits, -1), lambda w: w)
+        self.shared = torch.nn.Linear(8, 8)
+        self.norm = torch.nn.LayerNorm(8)
+
+    def forward(self, x):
+        return self.norm(super().forward(x) + self.shared(x))
+
+
+def test_a_norm_after_the_experts_is_read_as_the_output_norm():
+    (block,) = find_moe_blocks(torch.nn.Sequential(NormedAfterExperts()), torch.randn(2, 5, 8))
+    assert (block.output_norm, block.shared_experts) == ("norm", ["shared"])  # verified numerically
+    canonical = build_block(block.module, block)
+    assert [n.target for n in canonical.graph.nodes if n.op == "call_module"][-1] == "output_norm"
