@@ -398,14 +398,14 @@ def _shared_children(
     return experts, gates, after
 
 
-def _output_scale(graph: _Graph, block: str, hidden: int, out_weights: list[fx.Node], shared: list[str]) -> float:
+def _output_scale(graph: _Graph, block: str, hidden: int, routed: set[fx.Node], shared: list[str]) -> float:
     """The constant factor the block applies to its routed experts' summed output after the experts (Beam's
     routed scaling factor), 1.0 where there is none: the product of the multiplications by a number, inside
-    the block, of ``[..., H]`` values computed from the experts' output weights but not from a shared
-    expert's. (A factor on the shared experts' output too is not this; verification rejects that reading.)"""
+    the block, of ``[..., H]`` values computed from the experts' output weights (``routed``) but not from a
+    shared expert's. (A factor on the shared experts' output too is not this; verification rejects that reading.)"""
     shared_weights = [n for path in shared for n in graph.attr_nodes(_join(block, path))]
     scale = 1.0
-    for node in sorted(descendants(out_weights) - descendants(shared_weights), key=graph.order.get):
+    for node in sorted(routed - descendants(shared_weights), key=graph.order.get):
         if (
             _packet(node) in (aten.mul, aten.mul_)
             and isinstance(node.args[1], (int, float))
@@ -467,11 +467,12 @@ def _describe_block(graph: _Graph, model: nn.Module, linear: fx.Node, selection:
         sources, intermediate, gated = _fused_sources(graph, block, fused_names, hidden, num_experts)
         top_children.add(fused_names[0].split(".")[0])
         out_weights = graph.attr_nodes(_join(block, sources[0].out_proj))
-    shared, gates, after = _shared_children(graph, model, block, top_children, descendants(out_weights))
+    routed = descendants(out_weights)  # everything computed from the experts' output
+    shared, gates, after = _shared_children(graph, model, block, top_children, routed)
     if len(after) > 1:
         raise DetectionError(f"{block}: modules {after} are applied to the experts' output; moefx reads one at most")
     common["output_norm"] = after[0] if after else None
-    scale = _output_scale(graph, block, hidden, out_weights, shared)
+    scale = _output_scale(graph, block, hidden, routed, shared)
     if scale != 1.0:
         common["routing"] = dataclasses.replace(spec, scale=spec.scale * scale)
     ndim = len(_shape(block_input))
