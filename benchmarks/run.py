@@ -9,7 +9,7 @@ data (``lm``: the whole validation split, ``cls``: test.tsv). ``--quick`` calibr
 scores ``lm`` on 256 validation windows, serves only ``lm`` and skips the ablations and the switch-base-shaped
 compile cost.
 
-Serving: each model is exported to ONNX (fused MoE operator where it applies) and run by ONNX Runtime on
+Serving: each model is exported to ONNX (the portable form, the export's default) and run by ONNX Runtime on
 the CPU in a fresh process per model (so peak resident memory is the session's own), batch 1 x 128 and
 16 x 128 tokens, median latency; eager PyTorch latency alongside. Ratios are measured in the same run.
 """

@@ -4,12 +4,13 @@
 """
 
 from moefx.export.checkpoint import checkpoint_inputs, load, load_report, save, save_pretrained, to_transformers
-from moefx.export.onnx import onnx
+from moefx.export.onnx import fused_blocks, onnx
 from moefx.export.pt2 import pt2
 from moefx.export.torchscript import torchscript
 
 __all__ = [
     "checkpoint_inputs",
+    "fused_blocks",
     "load",
     "load_report",
     "onnx",

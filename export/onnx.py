@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import warnings
@@ -16,10 +17,20 @@ from torch import nn
 from torch.fx.passes.infra.pass_manager import PassManager
 
 from moefx.errors import MoefxError, first_line
-from moefx.export.serving import atomic_output, check_parity, dynamic_shapes_for, is_canonical_block, serving_model
-from moefx.passes.lower import ONNX_TRANSLATIONS, LowerToFusedMoE
+from moefx.export.serving import (
+    ParityReference,
+    ServingModule,
+    atomic_output,
+    check_parity,
+    dynamic_shapes_for,
+    is_canonical_block,
+    serving_model,
+)
+from moefx.passes.lower import ONNX_TRANSLATIONS, LowerToFusedMoE, fused_moe_blocker
 
+logger = logging.getLogger(__name__)
 EXTERNAL_DATA_BYTES = 1 << 30  # weights beyond this go to a separate data file (protobuf caps files at 2 GiB)
+FUSED_BLOCKS_KEY = "moefx.fused_blocks"  # metadata: block name -> None (fused) or why it is portable
 
 
 @contextlib.contextmanager
@@ -34,13 +45,32 @@ def _quiet_exporter() -> Iterator[None]:
         registration.setLevel(level)
 
 
-def lower_fused(serving: nn.Module) -> list[str]:
-    """Lower every canonical block that the fused MoE operator can compute; returns their names."""
-    lowered = []
-    for name, module in list(serving.named_modules()):
-        if is_canonical_block(module) and PassManager([LowerToFusedMoE()])(module).modified:
-            lowered.append(name)
-    return lowered
+def lower_blocks(serving: ServingModule, fused: bool) -> dict[str, str | None]:
+    """With ``fused``, lower every canonical block whose experts the fused MoE operator can run. Returns each
+    block's name, with None where it was lowered and otherwise why not."""
+    outcome = {}
+    for name, module in list(serving.served.named_modules()):
+        if is_canonical_block(module):
+            outcome[name] = fused_moe_blocker(module) if fused else "not asked (fused=False)"
+            if outcome[name] is None:
+                PassManager([LowerToFusedMoE()])(module)
+    return outcome
+
+
+def describe_lowering(blocks: dict[str, str | None]) -> str:
+    """One line: how many blocks are fused, and why each other one is portable."""
+    portable = "".join(f"; {name} portable: {reason}" for name, reason in blocks.items() if reason is not None)
+    fused = sum(r is None for r in blocks.values())
+    return f"{fused} of {len(blocks)} MoE blocks fused into com.microsoft.MoE{portable}"
+
+
+def fused_blocks(path: str | os.PathLike) -> dict[str, str | None]:
+    """The MoE blocks of an ONNX file :func:`onnx` wrote: each block's name, with None where it runs as one
+    fused ``com.microsoft.MoE`` node and otherwise why it is in the portable form."""
+    import onnx as onnx_pkg
+
+    props = {p.key: p.value for p in onnx_pkg.load(str(path), load_external_data=False).metadata_props}
+    return json.loads(props.get(FUSED_BLOCKS_KEY, "{}"))
 
 
 def onnx(
@@ -48,7 +78,7 @@ def onnx(
     path: str | os.PathLike,
     example_inputs: Any,
     dynamic: bool = True,
-    fused: bool = True,
+    fused: bool = False,
     verify: bool = True,
     external_data: bool | None = None,
     dtype: torch.dtype | None = torch.float32,
@@ -56,14 +86,20 @@ def onnx(
     """Export ``model`` to an ONNX file that ONNX Runtime runs; returns the path.
 
     The graph takes the example inputs' tensors (by name) and returns the logits, with dynamic batch and
-    sequence axes unless ``dynamic=False``. With ``fused``, each MoE block the fused ``com.microsoft.MoE``
-    operator can compute becomes one such node (others keep the portable standard-ONNX form, which runs
-    each expert once on its routed tokens). Weights go to ``<name>.data`` beside the file when
-    ``external_data`` (default: when they exceed 1 GiB). Floating-point weights (and inputs) are written in
-    ``dtype``, float32 unless asked: ONNX Runtime's CPU provider has no bfloat16 kernels for common
-    operators, so a bf16 or fp16 model exports in float32 (``dtype=None`` keeps the model's dtypes). With
-    ``verify``, ONNX Runtime runs the file on inputs of a new shape and must match eager (the model in
-    ``dtype``) within 1e-4. The file appears only once everything succeeded; ``model`` is not changed.
+    sequence axes unless ``dynamic=False``. MoE blocks take the portable standard-ONNX form, which runs each
+    expert once on its routed tokens (a MatMul each, which ONNX Runtime prepacks and spreads over its
+    threads). With ``fused``, each MoE block whose experts the ``com.microsoft.MoE`` operator can run
+    becomes one such node instead, whatever its routing (routing the operator cannot compute itself runs
+    before the node); blocks it cannot run (LoSparse experts, or an activation it lacks) stay portable.
+    ONNX Runtime 1.32's CPU kernel of that operator runs each expert's GEMM on one thread and repacks its
+    weights on every call, so on the CPU the portable form is usually the faster one. The file's metadata
+    says which blocks are fused (:func:`fused_blocks`), and the ``moefx.export.onnx`` logger logs it.
+    Weights go to ``<name>.data`` beside the file when ``external_data`` (default: when they exceed 1 GiB).
+    Floating-point weights (and inputs) are written in ``dtype``, float32 unless asked: ONNX Runtime's CPU
+    provider has no bfloat16 kernels for common operators, so a bf16 or fp16 model exports in float32
+    (``dtype=None`` keeps the model's dtypes). With ``verify``, ONNX Runtime runs the file on inputs of a
+    new shape and must match eager (the model in ``dtype``, before lowering) within 1e-4. The file appears
+    only once everything succeeded; ``model`` is not changed.
     """
     import onnxruntime
 
@@ -71,8 +107,9 @@ def onnx(
     if dtype is not None:  # the serving model is a copy
         serving.to(dtype)
         inputs = tuple(t.to(dtype) if t.is_floating_point() else t for t in inputs)
-    if fused:
-        lower_fused(serving)
+    reference = ParityReference.of(serving, inputs) if verify else None  # before lowering: the check covers it
+    lowering = lower_blocks(serving, fused)
+    logger.info(describe_lowering(lowering))
     size = sum(t.numel() * t.element_size() for t in [*serving.parameters(), *serving.buffers()])
     shapes = dynamic_shapes_for(inputs) if dynamic else None
     with atomic_output(path) as scratch:
@@ -88,6 +125,7 @@ def onnx(
             while cause.__cause__ is not None:
                 cause = cause.__cause__
             raise MoefxError(f"ONNX export of {type(model).__name__} failed: {first_line(cause)}") from exc
+        program.model.metadata_props[FUSED_BLOCKS_KEY] = json.dumps(lowering)
         program.save(str(scratch), external_data=size > EXTERNAL_DATA_BYTES if external_data is None else external_data)
         if verify:
             session = onnxruntime.InferenceSession(str(scratch), providers=["CPUExecutionProvider"])
@@ -103,5 +141,5 @@ def onnx(
                         f"{first_line(exc)}; export with dynamic=False and verify=False for the example's shape only"
                     ) from exc
 
-            check_parity("ONNX", serving, run, inputs)
+            check_parity("ONNX", reference, run)
     return Path(path)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from moefx.errors import MoefxError, first_line
-from moefx.export.serving import atomic_output, check_parity, dynamic_shapes_for, serving_model
+from moefx.export.serving import ParityReference, atomic_output, check_parity, dynamic_shapes_for, serving_model
 
 
 def pt2(
@@ -32,5 +32,5 @@ def pt2(
         torch.export.save(program, str(scratch))
         if verify:
             loaded = torch.export.load(str(scratch)).module()
-            check_parity("pt2", serving, lambda feed: loaded(*feed), inputs)
+            check_parity("pt2", ParityReference.of(serving, inputs), lambda feed: loaded(*feed))
     return Path(path)

@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,11 @@ class ServingModule(nn.Module):
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         return logits_of(self.model(**dict(zip(self.input_names, inputs, strict=True))))
+
+    @property
+    def served(self) -> nn.Module:
+        """The copy of the user's model inside (its module names are the user's)."""
+        return self.model.model if isinstance(self.model, _PositionalAdapter) else self.model
 
 
 def serving_model(model: nn.Module, example_inputs: Any) -> tuple[ServingModule, tuple[torch.Tensor, ...]]:
@@ -141,17 +147,32 @@ def eager_with_routing_ties(
     return output, tied
 
 
-def check_parity(
-    kind: str, serving: ServingModule, run_artifact: Callable[[tuple[torch.Tensor, ...]], Any], example: tuple
-) -> float:
-    """Run the artifact on new-shape inputs and compare with eager; raise naming the worst output.
+@dataclass
+class ParityReference:
+    """What an artifact is checked against: new-shape inputs, eager's output on them, and which batch rows
+    have a routing near-tie (see :func:`eager_with_routing_ties`)."""
 
-    Batch rows in which eager routing has a near-tie (see :func:`eager_with_routing_ties`) are not compared.
+    inputs: tuple[torch.Tensor, ...]
+    expected: torch.Tensor
+    tied: torch.Tensor
+
+    @staticmethod
+    def of(serving: ServingModule, example: tuple[torch.Tensor, ...]) -> ParityReference:
+        """Eager's reference for ``serving``: computed before any lowering, so the check covers it too."""
+        inputs = new_shape_inputs(example, serving.input_names)
+        return ParityReference(inputs, *eager_with_routing_ties(serving, inputs))
+
+
+def check_parity(
+    kind: str, reference: ParityReference, run_artifact: Callable[[tuple[torch.Tensor, ...]], Any]
+) -> float:
+    """Run the artifact on the reference's inputs and compare with eager; raise naming the worst output.
+
+    Batch rows in which eager routing has a near-tie are not compared.
     """
-    inputs = new_shape_inputs(example, serving.input_names)
-    expected, tied = eager_with_routing_ties(serving, inputs)
+    expected, tied = reference.expected, reference.tied
     with torch.no_grad():
-        got = run_artifact(inputs)
+        got = run_artifact(reference.inputs)
     got = torch.as_tensor(got[0] if isinstance(got, (tuple, list)) else got)
     if got.shape != expected.shape:
         raise MoefxError(f"the {kind} artifact returned shape {tuple(got.shape)}, eager {tuple(expected.shape)}")

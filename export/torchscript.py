@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from moefx.errors import MoefxError, first_line
-from moefx.export.serving import atomic_output, check_parity, serving_model
+from moefx.export.serving import ParityReference, atomic_output, check_parity, serving_model
 
 
 def torchscript(model: nn.Module, path: str | os.PathLike, example_inputs: Any, verify: bool = True) -> Path:
@@ -33,5 +33,5 @@ def torchscript(model: nn.Module, path: str | os.PathLike, example_inputs: Any, 
         if verify:
             loaded = torch.jit.load(str(scratch))
             with torch.no_grad():
-                check_parity("TorchScript", serving, lambda feed: loaded(*feed), inputs)
+                check_parity("TorchScript", ParityReference.of(serving, inputs), lambda feed: loaded(*feed))
     return Path(path)

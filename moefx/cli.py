@@ -282,9 +282,16 @@ def _export(args: argparse.Namespace) -> None:
     if path.exists():
         raise CheckpointError(f"{path} already exists: remove it or give another --path")
     model = moefx.export.load(directory)
+    if args.fused and args.format != "onnx":
+        raise ConfigError(f"--fused applies to --format onnx only, not {args.format}")
     exporter = getattr(moefx.export, args.format)
-    exporter(model, path, moefx.export.checkpoint_inputs(directory), verify=args.verify)
+    fused = {"fused": True} if args.fused else {}
+    exporter(model, path, moefx.export.checkpoint_inputs(directory), verify=args.verify, **fused)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    if args.format == "onnx":
+        from moefx.export.onnx import describe_lowering
+
+        print(describe_lowering(moefx.export.fused_blocks(path)))
 
 
 def _report(args: argparse.Namespace) -> None:
@@ -537,6 +544,12 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="run the artifact on inputs of a new shape and compare with PyTorch (default: on)",
+    )
+    export.add_argument(
+        "--fused",
+        action="store_true",
+        help="onnx only: each MoE block whose experts ONNX Runtime's com.microsoft.MoE operator can run becomes "
+        "one such node (default: the portable form, faster on ONNX Runtime's CPU provider)",
     )
     export.set_defaults(run=_export)
 

@@ -1,17 +1,24 @@
 """Lower: rewrite canonical MoE blocks into ONNX Runtime's fused ``com.microsoft.MoE`` operator.
 
-:class:`LowerToFusedMoE` matches a canonical block whose routing the operator computes (softmax over the
-router's logits, top-k, optionally renormalised, or a softmax over the top-k logits, which is the same
-thing renormalised; no capacity, correction bias, group limit or scaling), whose router has one output per
-expert (no ``combine_by_group``), and whose experts are dense FFNs with an activation the operator has
-(relu, silu, identity, or SwiGLU ``G * sigmoid(alpha * G) * (L + beta)`` with an optional clamp).
-It replaces the selection and the experts with one ``moefx::ort_moe`` call on weights stored in the
-operator's layout (``(E, out, in)``, gate and up rows interleaved), which ``torch.onnx.export`` translates to
-``com.microsoft.MoE``. :func:`fused_moe_blocker` says why a block is left to the portable lowering, which is
-the canonical graph itself (standard ONNX ops, each expert run once on its routed tokens).
+:class:`LowerToFusedMoE` matches a canonical block whose experts are dense FFNs with an activation the
+operator has (relu, silu, identity, or SwiGLU ``G * sigmoid(alpha * G) * (L + beta)`` with an optional
+clamp). It replaces the experts with one ``moefx::ort_moe`` call on weights stored in the operator's layout
+(``(E, out, in)``, gate and up rows interleaved), which ``torch.onnx.export`` translates to
+``com.microsoft.MoE``.
+
+The operator routes by itself: a softmax over its router input's columns, top-k, optionally renormalised.
+Where that is the block's routing (softmax top-k over one router output per expert, no capacity,
+correction bias, group limit or scaling), the router's logits feed it directly and the block's selection
+goes away. Any other routing (merged experts behind the exact router, sigmoid scores, correction biases,
+group-limited selection, routed scaling, capacity) stays in the graph: its weights ``w`` per expert enter
+the operator as ``log w``, whose softmax is ``w / sum(w)``, and the operator's output is multiplied back by
+``sum(w)``. :func:`fused_moe_blocker` says why a block is left to the portable lowering, which is the
+canonical graph itself (standard ONNX ops, each expert run once on its routed tokens).
 """
 
 from __future__ import annotations
+
+import operator
 
 import onnx
 import onnxscript
@@ -162,20 +169,36 @@ def ort_activation(bank: nn.Module) -> dict | None:
     return None
 
 
-def fused_moe_blocker(graph_module: fx.GraphModule) -> str | None:
-    """Why the MoE operator cannot compute this canonical block, or None if it can."""
+def routing_as_logits(
+    weights: torch.Tensor, index: torch.Tensor, num_experts: int, like: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A routing (``weights``, ``index``: ``[T, k]``, index -1 with weight 0 for no expert) as the operator's
+    router input: ``log w`` per expert (``[T, E]``, a tiny floor for experts not chosen), whose softmax is
+    ``w / sum(w)``, and the per-token ``sum(w)`` (``[T, 1]``) that multiplies the operator's output back.
+    Both in ``like``'s dtype."""
+    dense = torch.zeros(index.shape[0], num_experts, dtype=weights.dtype, device=weights.device)
+    dense = dense.scatter_add(1, index.clamp(min=0), weights)
+    total = dense.sum(dim=-1, keepdim=True)
+    logits = dense.clamp(min=torch.finfo(dense.dtype).tiny).log()
+    return logits.to(like.dtype), total.to(like.dtype)
+
+
+def operator_computes_routing(graph_module: fx.GraphModule) -> bool:
+    """Whether the operator's own routing (softmax top-k over the router's logits) is the block's."""
     selection, _, _ = selection_nodes(graph_module.graph)
     routing = selection.kwargs
-    if routing["scoring"] not in ("softmax", "softmax_topk"):
-        return f"{routing['scoring']} routing"
-    if routing.get("capacity") is not None:
-        return "capacity-limited routing"
-    if routing.get("n_group") is not None or isinstance(selection.args[1], fx.Node):
-        return "group-limited or bias-corrected routing"
-    if routing.get("scale", 1.0) != 1.0:
-        return "scaled routing weights"
-    if any(n.target is combine_by_group for n in graph_module.graph.nodes):
-        return "merged experts behind the original router (use router='pruned')"
+    return (
+        routing["scoring"] in ("softmax", "softmax_topk")
+        and routing.get("capacity") is None
+        and routing.get("n_group") is None
+        and not isinstance(selection.args[1], fx.Node)  # a correction bias
+        and routing.get("scale", 1.0) == 1.0
+        and not any(n.target is combine_by_group for n in graph_module.graph.nodes)
+    )
+
+
+def fused_moe_blocker(graph_module: fx.GraphModule) -> str | None:
+    """Why the MoE operator cannot compute this canonical block's experts, or None if it can."""
     bank = graph_module.get_submodule("experts")
     if not isinstance(bank, (FusedExperts, ModuleExperts)):
         return f"{type(bank).__name__} experts"
@@ -185,11 +208,14 @@ def fused_moe_blocker(graph_module: fx.GraphModule) -> str | None:
 
 
 class LowerToFusedMoE(PassBase):
-    """Replace a canonical block's selection and experts with one ``moefx::ort_moe`` call.
+    """Replace a canonical block's experts with one ``moefx::ort_moe`` call.
 
     Matches: a canonical block that :func:`fused_moe_blocker` accepts. Rewrites: registers ``fc1``/``fc2``
-    (and bias) buffers in the operator's layout, inserts ``ort_moe(tokens, logits, ...)`` where the
-    experts were called, and removes the experts module and the selection if nothing else reads it.
+    (and bias) buffers in the operator's layout and inserts ``ort_moe`` where the experts were called, then
+    removes the experts module. Its router input is the router's logits where
+    :func:`operator_computes_routing` (the selection is then removed if nothing else reads it); otherwise a
+    :func:`routing_as_logits` call on the selected weights and indices, with the output multiplied by their
+    per-token sum.
     """
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
@@ -217,15 +243,26 @@ class LowerToFusedMoE(PassBase):
         for name, tensor in buffers.items():
             graph_module.register_buffer(name, tensor.detach().clone())
         experts = next(n for n in graph.nodes if n.op == "call_module" and n.target == "experts")
+        tokens, index, weights = experts.args
+        native = operator_computes_routing(graph_module)
         with graph.inserting_before(experts):
             attrs = {name: graph.get_attr(name) for name in ("fc1", "fc1_bias", "fc2", "fc2_bias") if name in buffers}
+            if native:
+                router_input = selection.args[0]
+                normalize = routing["normalize"] or routing["scoring"] == "softmax_topk"
+            else:
+                as_logits = graph.call_function(routing_as_logits, (weights, index, bank.num_experts, tokens))
+                router_input = graph.call_function(operator.getitem, (as_logits, 0))
+                normalize = False
             fused = graph.call_function(
                 torch.ops.moefx.ort_moe.default,
-                (experts.args[0], selection.args[0], attrs["fc1"], attrs.get("fc1_bias"), attrs["fc2"],
-                 attrs.get("fc2_bias"), routing["top_k"],
-                 routing["normalize"] or routing["scoring"] == "softmax_topk", activation["activation"],
-                 activation["alpha"], activation["beta"], activation["limit"]),
+                (tokens, router_input, attrs["fc1"], attrs.get("fc1_bias"), attrs["fc2"], attrs.get("fc2_bias"),
+                 min(routing["top_k"], bank.num_experts), normalize, activation["activation"], activation["alpha"],
+                 activation["beta"], activation["limit"]),
             )  # fmt: skip
+            if not native:
+                total = graph.call_function(operator.getitem, (as_logits, 1))
+                fused = graph.call_function(operator.mul, (fused, total))
         experts.replace_all_uses_with(fused)
         graph.erase_node(experts)
         graph_module.delete_submodule("experts")

@@ -63,9 +63,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def compressed(files) -> Path:
-    """The directory ``moefx compress`` wrote for the tiny Mixtral (shared: do not modify).
-
-    The pruned router lets the ONNX export use the fused MoE operator, which exports fastest."""
+    """The directory ``moefx compress`` wrote for the tiny Mixtral (shared: do not modify)."""
     out = files["root"] / "out"
     argv = ["compress", str(files["model"]), "--calib", str(files["calib"]), "--out", str(out), "--experts", "0.5",
             "--router", "pruned", "--eval", str(files["eval"]), "--num-eval-seqs", "4", *FAST]  # fmt: skip
@@ -118,10 +116,14 @@ def test_quality_check_measures_the_models_it_names(compressed, files):
     assert report.quality.after == pytest.approx(loss(moefx.load(compressed)), rel=1e-5)
 
 
-def test_export_onnx_runs_in_onnxruntime(compressed, tmp_path, capsys):
+@pytest.mark.parametrize("fused", [False, True])
+def test_export_onnx_runs_in_onnxruntime(compressed, tmp_path, capsys, fused):
     path = tmp_path / "compressed.onnx"
-    assert cli.main(["export", str(compressed), "--format", "onnx", "--path", str(path), "--no-verify"]) == 0
-    assert str(path) in capsys.readouterr().out
+    argv = ["export", str(compressed), "--format", "onnx", "--path", str(path), "--no-verify"]
+    assert cli.main(argv + (["--fused"] if fused else [])) == 0
+    out = capsys.readouterr().out
+    assert str(path) in out
+    assert f"{2 if fused else 0} of 2 MoE blocks fused into com.microsoft.MoE" in out
     inputs = checkpoint_inputs(compressed)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = {i.name for i in session.get_inputs()}
@@ -129,6 +131,11 @@ def test_export_onnx_runs_in_onnxruntime(compressed, tmp_path, capsys):
     with torch.no_grad():
         expected = moefx.load(compressed)(**inputs).logits
     np.testing.assert_allclose(logits, expected.numpy(), atol=1e-4)
+
+
+def test_fused_applies_to_onnx_only(compressed, tmp_path, capsys):
+    assert cli.main(["export", str(compressed), "--format", "pt2", "--path", str(tmp_path / "m.pt2"), "--fused"]) == 2
+    assert "--fused applies to --format onnx only" in _one_error_line(capsys)
 
 
 def test_export_refuses_to_overwrite(compressed, tmp_path, capsys):

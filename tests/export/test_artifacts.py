@@ -16,12 +16,13 @@ import torch
 import moefx
 import moefx.export
 from moefx.export.serving import (
+    ParityReference,
     check_parity,
-    eager_with_routing_ties,
     is_canonical_block,
     new_shape_inputs,
     serving_model,
 )
+from moefx.passes.lower import LowerToFusedMoE
 from moefx.zoo import FAMILIES, example_inputs, tiny_model
 
 VARIANTS = {
@@ -44,7 +45,8 @@ def _model(family: str, variant: str):
         return moefx.compile(model, calib, **VARIANTS[variant])
 
 
-FUSABLE = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"]  # routing and activation ORT's MoE computes
+SWIGLU = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss"]  # ORT's MoE activation
+FUSABLE = [*SWIGLU, "switch"]  # every method but MC-SMoE (LoSparse experts) lowers to the fused operator
 NAMES = list(VARIANTS)
 
 
@@ -58,7 +60,7 @@ def _matrix(default_variants):
     return cases
 
 
-ONNX_DEFAULT = {  # one variant per family by default: the fused lowering on the families it applies to
+ONNX_DEFAULT = {  # one variant per family by default: the fused lowering after each method
     "mixtral": "original",
     "qwen2_moe": "m-smoe pruned",
     "qwen3_moe": "mc-smoe",
@@ -75,17 +77,21 @@ def _onnx_default(i, family):
 
 
 @pytest.mark.parametrize("family, variant", _matrix(_onnx_default))
-def test_onnx_export_matches_eager(family, variant, tmp_path):
-    path = moefx.export.onnx(_model(family, variant), tmp_path / "model.onnx", example_inputs(family))
+def test_fused_onnx_export_matches_eager(family, variant, tmp_path):
+    path = moefx.export.onnx(_model(family, variant), tmp_path / "model.onnx", example_inputs(family), fused=True)
     assert path.is_file() and [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
     moe = [n for n in onnx_pkg.load(str(path)).graph.node if n.op_type == "MoE" and n.domain == "com.microsoft"]
-    if family in FUSABLE and variant in ("original", "m-smoe pruned"):
-        assert len(moe) == 2  # one fused node per MoE block of the tiny model
+    blocks = moefx.export.fused_blocks(path)
+    num_blocks = 4 if family == "switch" else 2  # the tiny models' MoE blocks
+    assert len(blocks) == num_blocks and all(name in dict(_model(family, variant).named_modules()) for name in blocks)
+    if family in FUSABLE and variant != "mc-smoe":
+        assert len(moe) == num_blocks and set(blocks.values()) == {None}  # one fused node per MoE block
         attributes = {a.name: onnx_pkg.helper.get_attribute_value(a) for a in moe[0].attribute}
-        assert attributes["activation_type"] == b"swiglu" and attributes["swiglu_fusion"] == 1
-        assert attributes["k"] == 2
-    else:  # exact routers over merged experts, LoSparse experts, or routing the operator lacks: portable
-        assert moe == []
+        if family in SWIGLU:
+            assert attributes["activation_type"] == b"swiglu" and attributes["swiglu_fusion"] == 1
+        assert attributes["k"] == (1 if family == "switch" else 2)
+    else:  # LoSparse experts, or an activation the operator lacks: portable, with the reason in the metadata
+        assert moe == [] and all(reason is not None for reason in blocks.values())
 
 
 PT2_DEFAULT = {  # torch.export is what the ONNX exporter runs too: five families, each variant once, suffice
@@ -132,9 +138,11 @@ def test_a_half_precision_model_exports_float32_onnx_that_passes_parity(dtype, t
 
 def test_portable_onnx_is_standard_onnx(tmp_path):
     model = _model("mixtral", "m-smoe pruned")
-    path = moefx.export.onnx(model, tmp_path / "p.onnx", example_inputs("mixtral"), fused=False)
+    path = moefx.export.onnx(model, tmp_path / "p.onnx", example_inputs("mixtral"))  # portable by default
     domains = {n.domain for n in onnx_pkg.load(str(path)).graph.node}
     assert domains <= {"", "ai.onnx"}
+    assert moefx.export.fused_blocks(path) == {"model.layers.0.mlp": "not asked (fused=False)",
+                                               "model.layers.1.mlp": "not asked (fused=False)"}  # fmt: skip
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
     assert [o.name for o in session.get_outputs()] == ["logits"]
@@ -161,11 +169,10 @@ def test_static_export_runs_on_the_example_shape(tmp_path):
 
 def test_parity_check_skips_only_rows_whose_routing_is_tied():
     serving, inputs = serving_model(_model("mixtral", "merge-refit exact"), example_inputs("mixtral"))
-    check = new_shape_inputs(inputs, serving.input_names)
-    expected, tied = eager_with_routing_ties(serving, check)
-    assert not tied.any()  # random routers: no near-ties
+    reference = ParityReference.of(serving, inputs)
+    assert not reference.tied.any()  # random routers: no near-ties
 
-    def differs_in_row(row):
+    def differs_in_row(row, expected):
         def run(_):
             out = expected.clone()
             out[row] += 1.0
@@ -174,14 +181,34 @@ def test_parity_check_skips_only_rows_whose_routing_is_tied():
         return run
 
     with pytest.raises(moefx.MoefxError, match="differs from eager"):
-        check_parity("test", serving, differs_in_row(0), inputs)
+        check_parity("test", reference, differs_in_row(0, reference.expected))
     for m in serving.modules():  # duplicate each router's top logit: every token is tied at the k boundary
         if is_canonical_block(m):
             with torch.no_grad():
                 m.router.weight[:] = m.router.weight[0]
-    assert eager_with_routing_ties(serving, check)[1].all()
+    tied = ParityReference.of(serving, inputs)
+    assert tied.tied.all()
     with pytest.raises(moefx.MoefxError, match="every row of the check inputs has a routing tie"):
-        check_parity("test", serving, differs_in_row(0), inputs)
+        check_parity("test", tied, differs_in_row(0, tied.expected))
+
+
+def test_onnx_parity_is_checked_against_the_model_before_lowering(monkeypatch, tmp_path):
+    """A wrong lowering cannot pass: the reference is eager before the fused rewrite."""
+    original = LowerToFusedMoE.call
+
+    def twice_the_output(self, graph_module):  # a broken lowering: the block's output doubled
+        result = original(self, graph_module)
+        output = next(n for n in graph_module.graph.nodes if n.op == "output")
+        with graph_module.graph.inserting_before(output):
+            doubled = graph_module.graph.call_function(torch.mul, (output.args[0], 2.0))
+        output.args = (doubled,)
+        graph_module.recompile()
+        return result
+
+    monkeypatch.setattr(LowerToFusedMoE, "call", twice_the_output)
+    with pytest.raises(moefx.MoefxError, match="differs from eager"):
+        moefx.export.onnx(_model("mixtral", "original"), tmp_path / "m.onnx", example_inputs("mixtral"), fused=True)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_exporter_failure_names_its_cause_and_writes_nothing(monkeypatch, tmp_path):

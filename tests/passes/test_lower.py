@@ -1,0 +1,77 @@
+"""LowerToFusedMoE: one ``ort_moe`` node (ONNX Runtime's MoE operator, emulated in PyTorch) per block, which
+computes what the canonical block computes, whatever its routing."""
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.fx.passes.infra.pass_manager import PassManager
+
+from moefx.block import build_block
+from moefx.methods import merge_coefficients
+from moefx.passes.lower import LowerToFusedMoE, fused_moe_blocker, operator_computes_routing, routing_as_logits
+from moefx.passes.merge import BlockPlan, MergeExperts
+
+GROUPS = [[0, 4, 5], [1, 2], [3, 6, 7]]
+
+
+def _merged_behind_the_exact_router(block):
+    table = [next(g for g, members in enumerate(GROUPS) if e in members) for e in range(8)]
+    coefficients = merge_coefficients(GROUPS, torch.ones(8), False)
+    plan = BlockPlan("b", 8, GROUPS, coefficients, table, True, "exact")
+    return PassManager([MergeExperts(plan)])(build_block(block.module, block)).graph_module
+
+
+CASES = {  # family, merged: whether the operator's own softmax top-k routing is the block's
+    ("mixtral", False): True,
+    ("mixtral", True): False,  # merged experts behind the exact router: summed weights per group
+    ("gpt_oss", False): True,  # softmax over the top-k logits, router bias, clamped SwiGLU with biases
+    ("deepseek_v3", False): False,  # sigmoid, correction bias, group limit, scaling
+    ("deepseek_v3", True): False,
+    ("switch", True): False,  # top-1 with capacity, ReLU experts
+}
+
+
+@pytest.mark.parametrize("family, merged", list(CASES), ids=[f"{f}-{'merged' if m else 'original'}" for f, m in CASES])
+def test_lowered_block_computes_what_the_canonical_block_computes(zoo, family, merged):
+    block = zoo(family)[3][0]
+    canonical = _merged_behind_the_exact_router(block) if merged else build_block(block.module, block)
+    assert fused_moe_blocker(canonical) is None
+    assert operator_computes_routing(canonical) is CASES[family, merged]
+    lowered = PassManager([LowerToFusedMoE()])(copy.deepcopy(canonical)).graph_module
+    fused = [n for n in lowered.graph.nodes if n.target is torch.ops.moefx.ort_moe.default]
+    assert len(fused) == 1 and not hasattr(lowered, "experts")
+    assert lowered.fc1.shape[0] == (len(GROUPS) if merged else 8)
+    rerouted = any(n.target is routing_as_logits for n in lowered.graph.nodes)
+    assert rerouted is not CASES[family, merged]
+    for seed, (batch, seq) in enumerate([(2, 5), (1, 9), (3, 1)]):
+        x = torch.randn(batch, seq, block.hidden_size, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            torch.testing.assert_close(lowered(x), canonical(x), atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    tokens=st.integers(1, 6),
+    k=st.integers(1, 4),
+    num_experts=st.integers(4, 9),
+    seed=st.integers(0, 2**16),
+    dropped=st.booleans(),
+)
+def test_routing_as_logits_gives_the_weights_back_through_a_softmax(tokens, k, num_experts, seed, dropped):
+    g = torch.Generator().manual_seed(seed)
+    index = torch.stack([torch.randperm(num_experts, generator=g)[:k] for _ in range(tokens)])
+    weights = torch.rand(tokens, k, generator=g)
+    if dropped:  # a token routed nowhere (capacity) and a slot merged into an earlier one: index -1, weight 0
+        index[0], weights[0] = -1, 0.0
+        index[-1, -1], weights[-1, -1] = -1, 0.0
+    logits, total = routing_as_logits(weights, index, num_experts, torch.empty(0))
+    dense = torch.zeros(tokens, num_experts)
+    for t in range(tokens):
+        for slot in range(k):
+            if index[t, slot] >= 0:
+                dense[t, index[t, slot]] += weights[t, slot]
+    torch.testing.assert_close(total[:, 0], dense.sum(-1))
+    torch.testing.assert_close(torch.softmax(logits, dim=-1) * total, dense, atol=1e-6, rtol=1e-5)
