@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.fx.passes.infra.pass_manager import PassManager
 
-from moefx.errors import MoefxError, first_line
+from moefx.errors import ConfigError, MoefxError, first_line
 from moefx.export.serving import (
     ParityReference,
     ServingModule,
@@ -26,7 +26,12 @@ from moefx.export.serving import (
     is_canonical_block,
     serving_model,
 )
-from moefx.passes.lower import ONNX_TRANSLATIONS, LowerToFusedMoE, fused_moe_blocker
+from moefx.passes.lower import (
+    ONNX_TRANSLATIONS,
+    LowerToFusedMoE,
+    fused_moe_blocker,
+    quantize_experts,
+)
 
 logger = logging.getLogger(__name__)
 EXTERNAL_DATA_BYTES = 1 << 30  # weights beyond this go to a separate data file (protobuf caps files at 2 GiB)
@@ -45,15 +50,21 @@ def _quiet_exporter() -> Iterator[None]:
         registration.setLevel(level)
 
 
-def lower_blocks(serving: ServingModule, fused: bool) -> dict[str, str | None]:
-    """With ``fused``, lower every canonical block whose experts the fused MoE operator can run. Returns each
-    block's name, with None where it was lowered and otherwise why not."""
+def lower_blocks(serving: ServingModule, fused: bool, expert_bits: int | None = None) -> dict[str, str | None]:
+    """With ``fused``, lower every canonical block whose experts the fused MoE operator can run (QMoE with
+    ``expert_bits``, which needs every block). Returns each block's name, with None where it was lowered
+    and otherwise why not."""
     outcome = {}
     for name, module in list(serving.served.named_modules()):
         if is_canonical_block(module):
             outcome[name] = fused_moe_blocker(module) if fused else "not asked (fused=False)"
             if outcome[name] is None:
-                PassManager([LowerToFusedMoE()])(module)
+                PassManager([LowerToFusedMoE(expert_bits)])(module)
+            elif expert_bits is not None:
+                raise ConfigError(
+                    f"expert_bits={expert_bits} puts every MoE block in ONNX Runtime's QMoE operator, which cannot "
+                    f"run {name}: {outcome[name]}; export it without expert_bits"
+                )
     return outcome
 
 
@@ -82,6 +93,7 @@ def onnx(
     verify: bool = True,
     external_data: bool | None = None,
     dtype: torch.dtype | None = torch.float32,
+    expert_bits: int | None = None,
 ) -> Path:
     """Export ``model`` to an ONNX file that ONNX Runtime runs; returns the path.
 
@@ -93,7 +105,10 @@ def onnx(
     before the node); blocks it cannot run (LoSparse experts, or an activation it lacks) stay portable.
     ONNX Runtime 1.32's CPU kernel of that operator runs each expert's GEMM on one thread and repacks its
     weights on every call, so on the CPU the portable form is usually the faster one. The file's metadata
-    says which blocks are fused (:func:`fused_blocks`), and the ``moefx.export.onnx`` logger logs it.
+    says which blocks are fused (:func:`fused_blocks`), and the ``moefx.export.onnx`` logger logs it. With
+    ``expert_bits`` (8 or 4), every block becomes one ``com.microsoft.QMoE`` node on symmetrically
+    quantized expert weights (4-bit: a scale per 32 input columns where the sizes allow, otherwise and for
+    8-bit a scale per row), and the parity check compares with eager on the same quantized weights.
     Weights go to ``<name>.data`` beside the file when ``external_data`` (default: when they exceed 1 GiB).
     Floating-point weights (and inputs) are written in ``dtype``, float32 unless asked: ONNX Runtime's CPU
     provider has no bfloat16 kernels for common operators, so a bf16 or fp16 model exports in float32
@@ -107,8 +122,14 @@ def onnx(
     if dtype is not None:  # the serving model is a copy
         serving.to(dtype)
         inputs = tuple(t.to(dtype) if t.is_floating_point() else t for t in inputs)
+    if expert_bits not in (None, 8, 4):
+        raise ConfigError(f"expert_bits must be 8 or 4 (or None for float experts), not {expert_bits!r}")
+    if expert_bits is not None:  # eager on the rounded weights is what the file must match
+        for module in serving.served.modules():
+            if is_canonical_block(module) and fused_moe_blocker(module) is None:
+                quantize_experts(module.get_submodule("experts"), expert_bits)
     reference = ParityReference.of(serving, inputs) if verify else None  # before lowering: the check covers it
-    lowering = lower_blocks(serving, fused)
+    lowering = lower_blocks(serving, fused or expert_bits is not None, expert_bits)
     logger.info(describe_lowering(lowering))
     size = sum(t.numel() * t.element_size() for t in [*serving.parameters(), *serving.buffers()])
     shapes = dynamic_shapes_for(inputs) if dynamic else None

@@ -282,11 +282,12 @@ def _export(args: argparse.Namespace) -> None:
     if path.exists():
         raise CheckpointError(f"{path} already exists: remove it or give another --path")
     model = moefx.export.load(directory)
-    if args.fused and args.format != "onnx":
-        raise ConfigError(f"--fused applies to --format onnx only, not {args.format}")
+    onnx_options = {"fused": args.fused, "expert_bits": args.expert_bits}
+    if args.format != "onnx" and (args.fused or args.expert_bits is not None):
+        raise ConfigError(f"--fused and --expert-bits apply to --format onnx only, not {args.format}")
     exporter = getattr(moefx.export, args.format)
-    fused = {"fused": True} if args.fused else {}
-    exporter(model, path, moefx.export.checkpoint_inputs(directory), verify=args.verify, **fused)
+    options = onnx_options if args.format == "onnx" else {}
+    exporter(model, path, moefx.export.checkpoint_inputs(directory), verify=args.verify, **options)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
     if args.format == "onnx":
         from moefx.export.onnx import describe_lowering
@@ -550,6 +551,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="onnx only: each MoE block whose experts ONNX Runtime's com.microsoft.MoE operator can run becomes "
         "one such node (default: the portable form, faster on ONNX Runtime's CPU provider)",
+    )
+    export.add_argument(
+        "--expert-bits",
+        type=int,
+        choices=(8, 4),
+        default=None,
+        help="onnx only: experts as 8- or 4-bit weights in ONNX Runtime's com.microsoft.QMoE operator (default: float)",
     )
     export.set_defaults(run=_export)
 

@@ -79,53 +79,154 @@ def _(tokens, logits, fc1, fc1_bias, fc2, fc2_bias, k, normalize, activation, al
     return torch.empty_like(tokens)
 
 
-def _register_moe_schema() -> None:
-    """Describe ``com.microsoft.MoE`` to ``onnx.defs`` so the exporter can build the node (once)."""
-    if onnx.defs.has("MoE", "com.microsoft"):
+QUANTIZED_BLOCK = 32  # 4-bit experts: one scale per 32 input columns where every input dimension divides by it
+
+
+def quantization_block_size(bits: int, in_features: list[int]) -> int:
+    """QMoE's ``block_size`` for experts whose matrices have ``in_features`` columns: 4-bit weights get one
+    scale per 32 columns where every count divides by 32, otherwise (and 8-bit weights always) one per row
+    (0). ONNX Runtime's CPU kernel multiplies block-wise 8-bit weights with 8-bit activations, which would
+    no longer compute what the dequantized experts compute."""
+    blockwise = bits == 4 and all(n % QUANTIZED_BLOCK == 0 for n in in_features)
+    return QUANTIZED_BLOCK if blockwise else 0
+
+
+def quantize(weight: torch.Tensor, bits: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric quantization of ``weight`` (``[..., N, K]``) in QMoE's layout: unsigned codes with zero point
+    ``2^(bits-1)`` (two 4-bit codes a byte, the even column in the low nibble) and float scales, one per row
+    (``block_size`` 0: ``[..., N]``) or per ``block_size`` columns (``[..., N, K / block_size]``)."""
+    *lead, n, k = weight.shape
+    blocks = weight.detach().float().reshape(*lead, n, k // (block_size or k), block_size or k)
+    largest = 2 ** (bits - 1) - 1
+    scales = (blocks.abs().amax(dim=-1) / largest).clamp(min=torch.finfo(torch.float32).tiny)
+    codes = (blocks / scales[..., None]).round().clamp(-largest - 1, largest) + 2 ** (bits - 1)
+    codes = codes.reshape(*lead, n, k).to(torch.uint8)
+    if bits == 4:
+        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return codes, scales[..., 0] if block_size == 0 else scales
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int, block_size: int) -> torch.Tensor:
+    """The float32 weights that :func:`quantize`'s ``codes`` and ``scales`` stand for."""
+    if bits == 4:
+        codes = torch.stack([codes & 15, codes >> 4], dim=-1).flatten(-2)
+    values = codes.float() - 2 ** (bits - 1)
+    *lead, n, k = values.shape
+    per_block = scales[..., None] if block_size == 0 else scales.repeat_interleave(block_size, dim=-1)
+    return values * per_block.reshape(*lead, n, -1).expand(*lead, n, k)
+
+
+def fake_quantize(weight: torch.Tensor, bits: int, block_size: int) -> torch.Tensor:
+    """``weight`` rounded to what its QMoE codes stand for, in its own dtype."""
+    return dequantize(*quantize(weight, bits, block_size), bits, block_size).to(weight.dtype)
+
+
+def quantize_experts(bank: nn.Module, bits: int) -> None:
+    """Round an expert bank's weights in place to what their ``bits``-bit codes stand for: the experts a
+    QMoE node lowered from the bank computes (quantizing the rounded weights gives the same codes)."""
+    for ffn in map(bank.ffn, range(bank.num_experts)):
+        block_size = quantization_block_size(bits, [ffn.in_weights[0].shape[1], ffn.out_weight.shape[1]])
+        with torch.no_grad():
+            for weight in (*ffn.in_weights, ffn.out_weight):
+                weight.copy_(fake_quantize(weight, bits, block_size))
+
+
+@torch.library.custom_op("moefx::ort_qmoe", mutates_args=())
+def ort_qmoe(
+    tokens: torch.Tensor,
+    logits: torch.Tensor,
+    fc1: torch.Tensor,
+    fc1_scales: torch.Tensor,
+    fc1_bias: torch.Tensor | None,
+    fc2: torch.Tensor,
+    fc2_scales: torch.Tensor,
+    fc2_bias: torch.Tensor | None,
+    k: int,
+    activation: str,
+    alpha: float,
+    beta: float,
+    limit: float | None,
+    bits: int,
+    block_size: int,
+) -> torch.Tensor:
+    """ONNX Runtime's QMoE operator in PyTorch: the top k logits, a softmax over them, dequantized experts."""
+    fc1, fc2 = (dequantize(w, s, bits, block_size).to(tokens.dtype) for w, s in ((fc1, fc1_scales), (fc2, fc2_scales)))
+    return ort_moe(tokens, logits, fc1, fc1_bias, fc2, fc2_bias, k, True, activation, alpha, beta, limit)
+
+
+@ort_qmoe.register_fake
+def _(tokens, logits, fc1, fc1_scales, fc1_bias, fc2, fc2_scales, fc2_bias, k, activation, alpha, beta, limit, bits,
+      block_size):  # fmt: skip
+    return torch.empty_like(tokens)
+
+
+def _register_schema(name: str) -> None:
+    """Describe ``com.microsoft.MoE`` or ``QMoE`` to ``onnx.defs`` so the exporter can build the node (once)."""
+    if onnx.defs.has(name, "com.microsoft"):
         return
     p, optional, attr = OpSchema.FormalParameter, OpSchema.FormalParameterOption.Optional, OpSchema.AttrType
-    inputs = [
-        p("input", "T"),
-        p("router_probs", "T"),
-        p("fc1_experts_weights", "T"),
-        p("fc1_experts_bias", "T", param_option=optional),
-        p("fc2_experts_weights", "T"),
-        p("fc2_experts_bias", "T", param_option=optional),
-        p("fc3_experts_weights", "T", param_option=optional),
-        p("fc3_experts_bias", "T", param_option=optional),
-    ]
+    quantized = name == "QMoE"
+    inputs = [p("input", "T"), p("router_probs", "T")]
+    for fc in ("fc1", "fc2", "fc3"):
+        needed = {} if fc != "fc3" else {"param_option": optional}
+        inputs.append(p(f"{fc}_experts_weights", "T1" if quantized else "T", **needed))
+        if quantized:
+            inputs.append(p(f"{fc}_scales", "T", **needed))
+        inputs.append(p(f"{fc}_experts_bias", "T", param_option=optional))
     attributes = [OpSchema.Attribute(name, kind, "") for name, kind in (
         ("activation_type", attr.STRING), ("k", attr.INT), ("normalize_routing_weights", attr.INT),
         ("swiglu_fusion", attr.INT), ("activation_alpha", attr.FLOAT), ("activation_beta", attr.FLOAT),
         ("swiglu_limit", attr.FLOAT), ("use_sparse_mixer", attr.INT),
+        *((("expert_weight_bits", attr.INT), ("block_size", attr.INT)) if quantized else ()),
     )]  # fmt: skip
-    floats = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+    types = [("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "")]
+    if quantized:
+        types.append(("T1", ["tensor(uint8)"], ""))
     onnx.defs.register_schema(
         OpSchema(
-            "MoE",
+            name,
             "com.microsoft",
             1,
             inputs=inputs,
             outputs=[p("output", "T")],
-            type_constraints=[("T", floats, "")],
+            type_constraints=types,
             attributes=attributes,
         )  # fmt: skip
     )
 
 
-def ort_moe_to_onnx(tokens, logits, fc1, fc1_bias, fc2, fc2_bias, k, normalize, activation, alpha, beta, limit):
-    """The ONNX translation of :func:`ort_moe`: one ``com.microsoft.MoE`` node."""
-    _register_moe_schema()
-    msft = onnxscript.values.Opset("com.microsoft", 1)
-    attributes = {"k": k, "normalize_routing_weights": int(normalize), "activation_type": activation}
+def _activation_attributes(activation: str, alpha: float, beta: float, limit: float | None) -> dict:
+    attributes = {"activation_type": activation}
     if activation == "swiglu":
         attributes |= {"swiglu_fusion": 1, "activation_alpha": alpha, "activation_beta": beta}
         if limit is not None:
             attributes["swiglu_limit"] = limit
+    return attributes
+
+
+def ort_moe_to_onnx(tokens, logits, fc1, fc1_bias, fc2, fc2_bias, k, normalize, activation, alpha, beta, limit):
+    """The ONNX translation of :func:`ort_moe`: one ``com.microsoft.MoE`` node."""
+    _register_schema("MoE")
+    msft = onnxscript.values.Opset("com.microsoft", 1)
+    attributes = {"k": k, "normalize_routing_weights": int(normalize)}
+    attributes |= _activation_attributes(activation, alpha, beta, limit)
     return msft.MoE(tokens, logits, fc1, fc1_bias, fc2, fc2_bias, **attributes)
 
 
-ONNX_TRANSLATIONS = {torch.ops.moefx.ort_moe.default: ort_moe_to_onnx}
+def ort_qmoe_to_onnx(tokens, logits, fc1, fc1_scales, fc1_bias, fc2, fc2_scales, fc2_bias, k, activation, alpha,
+                     beta, limit, bits, block_size):  # fmt: skip
+    """The ONNX translation of :func:`ort_qmoe`: one ``com.microsoft.QMoE`` node."""
+    _register_schema("QMoE")
+    msft = onnxscript.values.Opset("com.microsoft", 1)
+    attributes = {"k": k, "normalize_routing_weights": 1, "expert_weight_bits": bits, "block_size": block_size}
+    attributes |= _activation_attributes(activation, alpha, beta, limit)
+    return msft.QMoE(tokens, logits, fc1, fc1_scales, fc1_bias, fc2, fc2_scales, fc2_bias, **attributes)
+
+
+ONNX_TRANSLATIONS = {
+    torch.ops.moefx.ort_moe.default: ort_moe_to_onnx,
+    torch.ops.moefx.ort_qmoe.default: ort_qmoe_to_onnx,
+}
 
 
 def _constants(graph: fx.Graph, targets: set) -> list[float]:
@@ -208,15 +309,21 @@ def fused_moe_blocker(graph_module: fx.GraphModule) -> str | None:
 
 
 class LowerToFusedMoE(PassBase):
-    """Replace a canonical block's experts with one ``moefx::ort_moe`` call.
+    """Replace a canonical block's experts with one ``moefx::ort_moe`` call (``moefx::ort_qmoe`` with
+    ``expert_bits``).
 
     Matches: a canonical block that :func:`fused_moe_blocker` accepts. Rewrites: registers ``fc1``/``fc2``
-    (and bias) buffers in the operator's layout and inserts ``ort_moe`` where the experts were called, then
-    removes the experts module. Its router input is the router's logits where
-    :func:`operator_computes_routing` (the selection is then removed if nothing else reads it); otherwise a
+    (and bias) buffers in the operator's layout, with ``expert_bits`` as :func:`quantize` codes and their
+    ``fc1_scales``/``fc2_scales``, and inserts the operator where the experts were called, then removes the
+    experts module. Its router input is the router's logits where :func:`operator_computes_routing` and the
+    weights are not quantized (the selection is then removed if nothing else reads it); otherwise a
     :func:`routing_as_logits` call on the selected weights and indices, with the output multiplied by their
-    per-token sum.
+    per-token sum (QMoE takes a softmax over the top k logits, which on log weights is their share).
     """
+
+    def __init__(self, expert_bits: int | None = None) -> None:
+        super().__init__()
+        self.expert_bits = expert_bits
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         if fused_moe_blocker(graph_module) is not None:
@@ -240,13 +347,20 @@ class LowerToFusedMoE(PassBase):
             buffers["fc1_bias"] = torch.stack([fc1_rows(f.in_biases) for f in ffns])
         if ffns[0].out_bias is not None:
             buffers["fc2_bias"] = torch.stack([f.out_bias for f in ffns])
+        bits = self.expert_bits
+        if bits is not None:
+            block_size = quantization_block_size(bits, [buffers["fc1"].shape[-1], buffers["fc2"].shape[-1]])
+            for fc in ("fc1", "fc2"):
+                buffers[fc], buffers[f"{fc}_scales"] = quantize(buffers[fc], bits, block_size)
         for name, tensor in buffers.items():
             graph_module.register_buffer(name, tensor.detach().clone())
         experts = next(n for n in graph.nodes if n.op == "call_module" and n.target == "experts")
         tokens, index, weights = experts.args
-        native = operator_computes_routing(graph_module)
+        native = bits is None and operator_computes_routing(graph_module)
+        k = min(routing["top_k"], bank.num_experts)
+        act = (activation["activation"], activation["alpha"], activation["beta"], activation["limit"])
         with graph.inserting_before(experts):
-            attrs = {name: graph.get_attr(name) for name in ("fc1", "fc1_bias", "fc2", "fc2_bias") if name in buffers}
+            attrs = {name: graph.get_attr(name) for name in buffers}
             if native:
                 router_input = selection.args[0]
                 normalize = routing["normalize"] or routing["scoring"] == "softmax_topk"
@@ -254,12 +368,18 @@ class LowerToFusedMoE(PassBase):
                 as_logits = graph.call_function(routing_as_logits, (weights, index, bank.num_experts, tokens))
                 router_input = graph.call_function(operator.getitem, (as_logits, 0))
                 normalize = False
-            fused = graph.call_function(
-                torch.ops.moefx.ort_moe.default,
-                (tokens, router_input, attrs["fc1"], attrs.get("fc1_bias"), attrs["fc2"], attrs.get("fc2_bias"),
-                 min(routing["top_k"], bank.num_experts), normalize, activation["activation"], activation["alpha"],
-                 activation["beta"], activation["limit"]),
-            )  # fmt: skip
+            if bits is None:
+                fused = graph.call_function(
+                    torch.ops.moefx.ort_moe.default,
+                    (tokens, router_input, attrs["fc1"], attrs.get("fc1_bias"), attrs["fc2"], attrs.get("fc2_bias"), k,
+                     normalize, *act),
+                )  # fmt: skip
+            else:
+                fused = graph.call_function(
+                    torch.ops.moefx.ort_qmoe.default,
+                    (tokens, router_input, attrs["fc1"], attrs["fc1_scales"], attrs.get("fc1_bias"), attrs["fc2"],
+                     attrs["fc2_scales"], attrs.get("fc2_bias"), k, *act, bits, block_size),
+                )  # fmt: skip
             if not native:
                 total = graph.call_function(operator.getitem, (as_logits, 1))
                 fused = graph.call_function(operator.mul, (fused, total))

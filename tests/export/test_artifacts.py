@@ -22,7 +22,7 @@ from moefx.export.serving import (
     new_shape_inputs,
     serving_model,
 )
-from moefx.passes.lower import LowerToFusedMoE
+from moefx.passes.lower import LowerToFusedMoE, quantization_block_size
 from moefx.zoo import FAMILIES, example_inputs, tiny_model
 
 VARIANTS = {
@@ -92,6 +92,42 @@ def test_fused_onnx_export_matches_eager(family, variant, tmp_path):
         assert attributes["k"] == (1 if family == "switch" else 2)
     else:  # LoSparse experts, or an activation the operator lacks: portable, with the reason in the metadata
         assert moe == [] and all(reason is not None for reason in blocks.values())
+
+
+@pytest.mark.parametrize("bits", [pytest.param(8, marks=pytest.mark.slow), 4])
+@pytest.mark.parametrize("family", ["mixtral", pytest.param("deepseek_v3", marks=pytest.mark.slow)])
+def test_quantized_experts_export_to_qmoe_and_match_eager_on_the_same_quantized_weights(family, bits, tmp_path):
+    model = _model(family, "merge-refit exact")
+    path = moefx.export.onnx(model, tmp_path / "q.onnx", example_inputs(family), expert_bits=bits)  # parity inside
+    graph = onnx_pkg.load(str(path)).graph
+    qmoe = [n for n in graph.node if n.op_type == "QMoE" and n.domain == "com.microsoft"]
+    assert len(qmoe) == 2 and not [n for n in graph.node if n.op_type == "MoE"]
+    attributes = {a.name: onnx_pkg.helper.get_attribute_value(a) for a in qmoe[0].attribute}
+    codes = {i.name: i for i in graph.initializer if i.name.endswith(("fc1", "fc2"))}
+    assert len(codes) == 4 and {i.data_type for i in codes.values()} == {onnx_pkg.TensorProto.UINT8}
+    _, hidden, packed = next(i.dims for name, i in codes.items() if name.endswith("fc2"))  # [E, H, I * bits / 8]
+    assert attributes["expert_weight_bits"] == bits
+    assert attributes["block_size"] == quantization_block_size(bits, [hidden, packed * 8 // bits])
+    float_path = moefx.export.onnx(model, tmp_path / "f.onnx", example_inputs(family), fused=True)
+
+    def expert_weight_bytes(file):
+        initializers = onnx_pkg.load(str(file)).graph.initializer
+        return sum(onnx_pkg.numpy_helper.to_array(i).nbytes for i in initializers if i.name.endswith(("fc1", "fc2")))
+
+    assert expert_weight_bytes(path) * 32 // bits == expert_weight_bytes(float_path)  # 4 or 8 times fewer bytes
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {k: v.numpy() for k, v in example_inputs(family).items()})[0]
+    with torch.no_grad():
+        float_logits = model(**example_inputs(family)).logits
+    assert (torch.from_numpy(logits) - float_logits).abs().max() > 1e-4  # the weights really are quantized
+
+
+def test_quantized_export_refuses_what_qmoe_cannot_run(tmp_path):
+    with pytest.raises(moefx.ConfigError, match="expert_bits must be 8 or 4"):
+        moefx.export.onnx(_model("mixtral", "original"), tmp_path / "m.onnx", example_inputs("mixtral"), expert_bits=3)
+    with pytest.raises(moefx.ConfigError, match="QMoE operator, which cannot run model.layers.0.mlp: LoSparseExperts"):
+        moefx.export.onnx(_model("mixtral", "mc-smoe"), tmp_path / "m.onnx", example_inputs("mixtral"), expert_bits=4)
+    assert list(tmp_path.iterdir()) == []
 
 
 PT2_DEFAULT = {  # torch.export is what the ONNX exporter runs too: five families, each variant once, suffice

@@ -11,7 +11,17 @@ from torch.fx.passes.infra.pass_manager import PassManager
 
 from moefx.block import build_block
 from moefx.methods import merge_coefficients
-from moefx.passes.lower import LowerToFusedMoE, fused_moe_blocker, operator_computes_routing, routing_as_logits
+from moefx.passes.lower import (
+    LowerToFusedMoE,
+    dequantize,
+    fake_quantize,
+    fused_moe_blocker,
+    operator_computes_routing,
+    quantization_block_size,
+    quantize,
+    quantize_experts,
+    routing_as_logits,
+)
 from moefx.passes.merge import BlockPlan, MergeExperts
 
 GROUPS = [[0, 4, 5], [1, 2], [3, 6, 7]]
@@ -34,18 +44,24 @@ CASES = {  # family, merged: whether the operator's own softmax top-k routing is
 }
 
 
+@pytest.mark.parametrize("bits", [None, 4, pytest.param(8, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("family, merged", list(CASES), ids=[f"{f}-{'merged' if m else 'original'}" for f, m in CASES])
-def test_lowered_block_computes_what_the_canonical_block_computes(zoo, family, merged):
+def test_lowered_block_computes_what_the_canonical_block_computes(zoo, family, merged, bits):
+    """Float experts: the canonical block; quantized ones: the canonical block on the rounded weights."""
     block = zoo(family)[3][0]
     canonical = _merged_behind_the_exact_router(block) if merged else build_block(block.module, block)
     assert fused_moe_blocker(canonical) is None
     assert operator_computes_routing(canonical) is CASES[family, merged]
-    lowered = PassManager([LowerToFusedMoE()])(copy.deepcopy(canonical)).graph_module
-    fused = [n for n in lowered.graph.nodes if n.target is torch.ops.moefx.ort_moe.default]
+    lowered = PassManager([LowerToFusedMoE(bits)])(copy.deepcopy(canonical)).graph_module
+    op = torch.ops.moefx.ort_moe.default if bits is None else torch.ops.moefx.ort_qmoe.default
+    fused = [n for n in lowered.graph.nodes if n.target is op]
     assert len(fused) == 1 and not hasattr(lowered, "experts")
     assert lowered.fc1.shape[0] == (len(GROUPS) if merged else 8)
+    assert lowered.fc1.dtype == (torch.float32 if bits is None else torch.uint8)
     rerouted = any(n.target is routing_as_logits for n in lowered.graph.nodes)
-    assert rerouted is not CASES[family, merged]
+    assert rerouted is (bits is not None or not CASES[family, merged])  # QMoE always takes log weights
+    if bits is not None:
+        quantize_experts(canonical.experts, bits)
     for seed, (batch, seq) in enumerate([(2, 5), (1, 9), (3, 1)]):
         x = torch.randn(batch, seq, block.hidden_size, generator=torch.Generator().manual_seed(seed))
         with torch.no_grad():
@@ -75,3 +91,26 @@ def test_routing_as_logits_gives_the_weights_back_through_a_softmax(tokens, k, n
                 dense[t, index[t, slot]] += weights[t, slot]
     torch.testing.assert_close(total[:, 0], dense.sum(-1))
     torch.testing.assert_close(torch.softmax(logits, dim=-1) * total, dense, atol=1e-6, rtol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    bits=st.sampled_from([4, 8]),
+    rows=st.integers(1, 5),
+    blocks=st.integers(1, 3),
+    ragged=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_quantization_rounds_each_weight_to_its_nearest_code_and_is_idempotent(bits, rows, blocks, ragged, seed):
+    columns = 32 * blocks + (2 if ragged else 0)  # ragged: not a multiple of 32, so one scale per row
+    weight = torch.randn(2, rows, columns, generator=torch.Generator().manual_seed(seed))
+    block_size = quantization_block_size(bits, [columns])
+    assert block_size == (32 if bits == 4 and not ragged else 0)
+    codes, scales = quantize(weight, bits, block_size)
+    assert codes.dtype == torch.uint8 and codes.shape == (2, rows, columns * bits // 8)
+    assert scales.shape == ((2, rows) if block_size == 0 else (2, rows, blocks))
+    rounded = dequantize(codes, scales, bits, block_size)
+    per_column = scales[..., None] if block_size == 0 else scales.repeat_interleave(32, dim=-1)
+    assert ((rounded - weight).abs() <= per_column / 2 * (1 + 1e-5)).all()  # the nearest code
+    assert ((rounded / per_column).round() - rounded / per_column).abs().max() < 1e-4  # on the code grid
+    torch.testing.assert_close(fake_quantize(rounded, bits, block_size), rounded, atol=1e-6, rtol=1e-5)

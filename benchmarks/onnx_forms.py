@@ -1,14 +1,15 @@
-"""ONNX Runtime latency of the two ONNX forms of MoE blocks, measured in the same run.
+"""ONNX Runtime latency of the ONNX forms of MoE blocks, measured in the same run.
 
-    python benchmarks/fused_vs_portable.py [--out benchmarks] [--threads 2]
+    python benchmarks/onnx_forms.py [--out benchmarks] [--threads 2]
 
-Exports each model twice with ``moefx.export.onnx``: the portable form (standard ONNX ops, each expert's
-MatMul on its routed tokens) and ``fused=True`` (one ``com.microsoft.MoE`` node per block). Each file is
-timed in a fresh process on the CPU provider (median of 10 runs after 2 warm-ups) at 1 x 128 and 16 x 128
-tokens. Models: the LM fixture (original; the default at 50%; M-SMoE with a pruned router at 50%) and one
-randomly initialised OLMoE-1B-7B-shaped layer (64 experts, hidden 2048, width 1024, top-8; a 256-token
-vocabulary so the experts dominate), original and the default at 25%, calibrated on random tokens.
-Writes ``fused_vs_portable.md``.
+Exports each model four times with ``moefx.export.onnx``: the portable form (standard ONNX ops, each
+expert's MatMul on its routed tokens), ``fused=True`` (one ``com.microsoft.MoE`` node per block) and
+``expert_bits=8`` and ``4`` (one ``com.microsoft.QMoE`` node per block). Each file is timed in a fresh
+process on the CPU provider (median of 10 runs after 2 warm-ups) at 1 x 128 and 16 x 128 tokens. Models:
+the LM fixture (original; the default at 50%; M-SMoE with a pruned router at 50%) and one randomly
+initialised OLMoE-1B-7B-shaped layer (64 experts, hidden 2048, width 1024, top-8; a 256-token vocabulary
+so the experts dominate), original and the default at 25%, calibrated on random tokens. Writes
+``onnx_forms.md``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from benchmarks import models  # noqa: E402
 from moefx.demo import onnx_latency_ms  # noqa: E402
 
 SHAPES = [(1, 128), (16, 128)]
+FORMS = {"portable": {}, "fused": {"fused": True}, "fused int8": {"expert_bits": 8}, "fused int4": {"expert_bits": 4}}
 
 
 def token_batch(vocab_size: int, batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -89,31 +91,31 @@ def main() -> None:
         print(json.dumps([onnx_latency_ms(path, token_batch(int(vocab), b, s), 10, int(threads)) for b, s in SHAPES]))
         return
     lines = [
-        "# ONNX Runtime: portable against fused MoE blocks",
+        "# ONNX Runtime: the ONNX forms of MoE blocks",
         "",
-        f"`python benchmarks/fused_vs_portable.py`, ONNX Runtime CPU provider, {args.threads} threads, median ms of "
-        "10 runs after 2 warm-ups, each file in a fresh process. The last two columns are the fused file's time "
-        "over the portable file's (above 1: fused is slower).",
+        f"`python benchmarks/onnx_forms.py`, ONNX Runtime CPU provider, {args.threads} threads, median ms of 10 "
+        "runs after 2 warm-ups, each file in a fresh process. The last two columns are each file's time over the "
+        "portable file's (above 1: slower than portable).",
         "",
-        "| model | variant | form | fused blocks | ms 1x128 | ms 16x128 | fused / portable 1x128 | "
-        "fused / portable 16x128 |",
+        "| model | variant | form | file MB | ms 1x128 | ms 16x128 | / portable 1x128 | / portable 16x128 |",
         "|---|---|---|---|---|---|---|---|",
     ]
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, label, model, vocab) in enumerate(cases()):
             timings = {}
-            for fused in (False, True):
-                path = Path(tmp) / f"{i}-{fused}.onnx"
-                moefx.export.onnx(model, path, token_batch(vocab, 2, 16), fused=fused)
-                blocks = moefx.export.fused_blocks(path)
+            for form, options in FORMS.items():
+                path = Path(tmp) / f"{i}-{form}.onnx"
+                moefx.export.onnx(model, path, token_batch(vocab, 2, 16), **options)
+                size = sum(f.stat().st_size for f in Path(tmp).glob(f"{path.name}*"))
                 command = [sys.executable, __file__, "--probe", str(path), str(vocab), str(args.threads), "-"]
-                timings[fused] = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
-                fused_count = f"{sum(r is None for r in blocks.values())} / {len(blocks)}"
-                ratios = " | ".join(f"{f / p:.2f}" for f, p in zip(timings[fused], timings[False], strict=True))
-                lines.append(f"| {name} | {label} | {'fused' if fused else 'portable'} | {fused_count} | "
-                             + " | ".join(f"{t:.1f}" for t in timings[fused]) + f" | {ratios} |")  # fmt: skip
+                timings[form] = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+                ratios = " | ".join(f"{t / p:.2f}" for t, p in zip(timings[form], timings["portable"], strict=True))
+                lines.append(f"| {name} | {label} | {form} | {size / 1e6:.1f} | "
+                             + " | ".join(f"{t:.1f}" for t in timings[form]) + f" | {ratios} |")  # fmt: skip
                 print(lines[-1], flush=True)
-    (args.out / "fused_vs_portable.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+                for produced in Path(tmp).glob(f"{path.name}*"):
+                    produced.unlink()
+    (args.out / "onnx_forms.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
