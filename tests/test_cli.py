@@ -117,7 +117,7 @@ def test_quality_check_measures_the_models_it_names(compressed, files):
     assert report.quality.after == pytest.approx(loss(moefx.load(compressed)), rel=1e-5)
 
 
-@pytest.mark.parametrize("form", [[], ["--fused"], ["--expert-bits", "8"]])
+@pytest.mark.parametrize("form", [[], pytest.param(["--fused"], marks=pytest.mark.slow), ["--expert-bits", "8"]])
 def test_export_onnx_runs_in_onnxruntime(compressed, tmp_path, capsys, form):
     path = tmp_path / "compressed.onnx"
     argv = ["export", str(compressed), "--format", "onnx", "--path", str(path), "--no-verify"]

@@ -66,7 +66,7 @@ ONNX_DEFAULT = {  # one variant per family by default: the fused lowering after 
     "qwen3_moe": "mc-smoe",
     "olmoe": "original",
     "deepseek_v3": "merge-refit exact",
-    "switch": "mc-smoe",
+    "switch": "merge-refit exact",  # the default's merged experts behind top-1 capacity routing
     "gpt_oss": "m-smoe pruned",
     "hand_written": "merge-refit exact",
 }
