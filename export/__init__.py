@@ -4,11 +4,13 @@
 """
 
 from moefx.export.checkpoint import checkpoint_inputs, load, load_report, save, save_pretrained, to_transformers
-from moefx.export.onnx import fused_blocks, onnx
+from moefx.export.generation import OnnxGenerator
+from moefx.export.onnx import fused_blocks, onnx, with_quantized_experts
 from moefx.export.pt2 import pt2
 from moefx.export.torchscript import torchscript
 
 __all__ = [
+    "OnnxGenerator",
     "checkpoint_inputs",
     "fused_blocks",
     "load",
@@ -19,4 +21,5 @@ __all__ = [
     "save_pretrained",
     "to_transformers",
     "torchscript",
+    "with_quantized_experts",
 ]

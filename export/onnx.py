@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -17,12 +18,12 @@ from torch import nn
 from torch.fx.passes.infra.pass_manager import PassManager
 
 from moefx.errors import ConfigError, MoefxError, first_line
+from moefx.export.generation import GENERATION_KEY, cached_decoder
 from moefx.export.serving import (
     ParityReference,
-    ServingModule,
     atomic_output,
+    canonicalize,
     check_parity,
-    dynamic_shapes_for,
     is_canonical_block,
     serving_model,
 )
@@ -50,22 +51,42 @@ def _quiet_exporter() -> Iterator[None]:
         registration.setLevel(level)
 
 
-def lower_blocks(serving: ServingModule, fused: bool, expert_bits: int | None = None) -> dict[str, str | None]:
-    """With ``fused``, lower every canonical block whose experts the fused MoE operator can run (QMoE with
-    ``expert_bits``, which needs every block). Returns each block's name, with None where it was lowered
+def block_lowering(served: nn.Module, fused: bool) -> dict[str, str | None]:
+    """Every canonical block of ``served`` by name, with None where it will be lowered to the fused operator
     and otherwise why not."""
-    outcome = {}
-    for name, module in list(serving.served.named_modules()):
-        if is_canonical_block(module):
-            outcome[name] = fused_moe_blocker(module) if fused else "not asked (fused=False)"
-            if outcome[name] is None:
-                PassManager([LowerToFusedMoE(expert_bits)])(module)
-            elif expert_bits is not None:
-                raise ConfigError(
-                    f"expert_bits={expert_bits} puts every MoE block in ONNX Runtime's QMoE operator, which cannot "
-                    f"run {name}: {outcome[name]}; export it without expert_bits"
-                )
-    return outcome
+    return {name: fused_moe_blocker(module) if fused else "not asked (fused=False)"
+            for name, module in served.named_modules() if is_canonical_block(module)}  # fmt: skip
+
+
+def quantize_blocks(served: nn.Module, lowering: dict[str, str | None], bits: int) -> None:
+    """Round the experts of every block in ``lowering`` as ``expert_bits=bits`` writes them, refusing with
+    one line (before changing anything) where the QMoE operator cannot run a block."""
+    if bits not in (8, 4):
+        raise ConfigError(f"expert_bits must be 8 or 4 (or None for float experts), not {bits!r}")
+    blocked = next(((name, reason) for name, reason in lowering.items() if reason is not None), None)
+    if blocked is not None:
+        raise ConfigError(
+            f"expert_bits={bits} puts every MoE block in ONNX Runtime's QMoE operator, which cannot run "
+            f"{blocked[0]}: {blocked[1]}; export it without expert_bits"
+        )
+    for name in lowering:
+        quantize_experts(served.get_submodule(name).get_submodule("experts"), bits)
+
+
+def with_quantized_experts(model: nn.Module, example_inputs: Any, bits: int) -> nn.Module:
+    """A copy of ``model`` whose MoE blocks (in moefx's canonical form) compute with their experts' weights
+    rounded as ``onnx(..., expert_bits=bits)`` writes them: the eager model such a file matches, to measure
+    what quantization costs (loss, accuracy, generated text) in PyTorch. ``model`` is not changed."""
+    copied = canonicalize(copy.deepcopy(model), example_inputs)
+    quantize_blocks(copied, block_lowering(copied, fused=True), bits)
+    return copied
+
+
+def lower_blocks(served: nn.Module, lowering: dict[str, str | None], expert_bits: int | None = None) -> None:
+    """Lower each block ``lowering`` maps to None to one fused MoE node (QMoE with ``expert_bits``)."""
+    for name, reason in lowering.items():
+        if reason is None:
+            PassManager([LowerToFusedMoE(expert_bits)])(served.get_submodule(name))
 
 
 def describe_lowering(blocks: dict[str, str | None]) -> str:
@@ -94,6 +115,7 @@ def onnx(
     external_data: bool | None = None,
     dtype: torch.dtype | None = torch.float32,
     expert_bits: int | None = None,
+    kv_cache: bool = False,
 ) -> Path:
     """Export ``model`` to an ONNX file that ONNX Runtime runs; returns the path.
 
@@ -115,30 +137,34 @@ def onnx(
     (``dtype=None`` keeps the model's dtypes). With ``verify``, ONNX Runtime runs the file on inputs of a
     new shape and must match eager (the model in ``dtype``, before lowering) within 1e-4. The file appears
     only once everything succeeded; ``model`` is not changed.
+
+    With ``kv_cache``, a causal LM is written as one decoding step with its attention key/value cache
+    (``past_key_values.*`` in, ``present.*`` out; see :mod:`moefx.export.generation`), which
+    :class:`~moefx.export.generation.OnnxGenerator` decodes greedily; the parity check then covers the
+    logits and the cache.
     """
     import onnxruntime
 
     serving, inputs = serving_model(model, example_inputs)
+    lowering = block_lowering(serving.served, fused or expert_bits is not None)
+    if kv_cache:
+        serving, inputs = cached_decoder(serving.model, serving.input_names, inputs)
     if dtype is not None:  # the serving model is a copy
         serving.to(dtype)
         inputs = tuple(t.to(dtype) if t.is_floating_point() else t for t in inputs)
-    if expert_bits not in (None, 8, 4):
-        raise ConfigError(f"expert_bits must be 8 or 4 (or None for float experts), not {expert_bits!r}")
     if expert_bits is not None:  # eager on the rounded weights is what the file must match
-        for module in serving.served.modules():
-            if is_canonical_block(module) and fused_moe_blocker(module) is None:
-                quantize_experts(module.get_submodule("experts"), expert_bits)
+        quantize_blocks(serving.served, lowering, expert_bits)
     reference = ParityReference.of(serving, inputs) if verify else None  # before lowering: the check covers it
-    lowering = lower_blocks(serving, fused or expert_bits is not None, expert_bits)
+    lower_blocks(serving.served, lowering, expert_bits)
     logger.info(describe_lowering(lowering))
     size = sum(t.numel() * t.element_size() for t in [*serving.parameters(), *serving.buffers()])
-    shapes = dynamic_shapes_for(inputs) if dynamic else None
+    shapes = serving.dynamic_shapes(inputs) if dynamic else None
     with atomic_output(path) as scratch:
         try:
             with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_exporter():
                 warnings.simplefilter("ignore")
                 program = torch.onnx.export(
-                    serving, inputs, input_names=serving.input_names, output_names=["logits"],
+                    serving, inputs, input_names=serving.input_names, output_names=serving.output_names,
                     dynamic_shapes=shapes, dynamo=True, custom_translation_table=ONNX_TRANSLATIONS, verbose=False,
                 )  # fmt: skip
         except Exception as exc:  # torch.onnx's own message is a generic step; the cause names the operator
@@ -147,6 +173,8 @@ def onnx(
                 cause = cause.__cause__
             raise MoefxError(f"ONNX export of {type(model).__name__} failed: {first_line(cause)}") from exc
         program.model.metadata_props[FUSED_BLOCKS_KEY] = json.dumps(lowering)
+        if kv_cache:
+            program.model.metadata_props[GENERATION_KEY] = serving.generation_metadata()
         program.save(str(scratch), external_data=size > EXTERNAL_DATA_BYTES if external_data is None else external_data)
         if verify:
             session = onnxruntime.InferenceSession(str(scratch), providers=["CPUExecutionProvider"])

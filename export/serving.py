@@ -49,6 +49,8 @@ def canonicalize(model: nn.Module, example_inputs: Any) -> nn.Module:
 class ServingModule(nn.Module):
     """Calls the model with named tensors given positionally and returns its logits tensor."""
 
+    output_names = ["logits"]
+
     def __init__(self, model: nn.Module, input_names: list[str]) -> None:
         super().__init__()
         self.model = model
@@ -56,6 +58,14 @@ class ServingModule(nn.Module):
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         return logits_of(self.model(**dict(zip(self.input_names, inputs, strict=True))))
+
+    def check_inputs(self, example: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Inputs of a shape unlike ``example``'s, for the parity check."""
+        return new_shape_inputs(example, self.input_names)
+
+    def dynamic_shapes(self, example: tuple[torch.Tensor, ...]) -> tuple[tuple[dict, ...]]:
+        """The exporters' ``dynamic_shapes``: every input's batch and sequence axes."""
+        return dynamic_shapes_for(example)
 
     @property
     def served(self) -> nn.Module:
@@ -115,9 +125,9 @@ def new_shape_inputs(inputs: tuple[torch.Tensor, ...], names: list[str]) -> tupl
 
 
 def eager_with_routing_ties(
-    serving: ServingModule, inputs: tuple[torch.Tensor, ...]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run eager on ``inputs``: its output, and a boolean per batch row saying whether some token of it has a
+    serving: nn.Module, inputs: tuple[torch.Tensor, ...]
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """Run eager on ``inputs``: its outputs, and a boolean per batch row saying whether some token of it has a
     near-tie between its k-th and (k+1)-th router logit in some block. Rounding legitimately flips the choice
     of expert there, so an artifact may differ from eager at that token and, through attention, after it."""
     rows = inputs[0].shape[0]
@@ -144,52 +154,65 @@ def eager_with_routing_ties(
     finally:
         for h in hooks:
             h.remove()
-    return output, tied
+    return _as_outputs(output), tied
+
+
+def _as_outputs(output: Any) -> tuple[torch.Tensor, ...]:
+    outputs = output if isinstance(output, (tuple, list)) else (output,)
+    return tuple(torch.as_tensor(o) for o in outputs)
 
 
 @dataclass
 class ParityReference:
-    """What an artifact is checked against: new-shape inputs, eager's output on them, and which batch rows
-    have a routing near-tie (see :func:`eager_with_routing_ties`)."""
+    """What an artifact is checked against: new-shape inputs, eager's outputs on them (named), and which
+    batch rows have a routing near-tie (see :func:`eager_with_routing_ties`)."""
 
     inputs: tuple[torch.Tensor, ...]
-    expected: torch.Tensor
+    expected: tuple[torch.Tensor, ...]
     tied: torch.Tensor
+    names: tuple[str, ...] = ("logits",)
 
     @staticmethod
-    def of(serving: ServingModule, example: tuple[torch.Tensor, ...]) -> ParityReference:
-        """Eager's reference for ``serving``: computed before any lowering, so the check covers it too."""
-        inputs = new_shape_inputs(example, serving.input_names)
-        return ParityReference(inputs, *eager_with_routing_ties(serving, inputs))
+    def of(serving: nn.Module, example: tuple[torch.Tensor, ...]) -> ParityReference:
+        """Eager's reference for ``serving`` (a :class:`ServingModule` or a
+        :class:`~moefx.export.generation.CachedDecoder`): computed before any lowering, so the check covers
+        it too."""
+        inputs = serving.check_inputs(example)
+        return ParityReference(inputs, *eager_with_routing_ties(serving, inputs), tuple(serving.output_names))
 
 
 def check_parity(
     kind: str, reference: ParityReference, run_artifact: Callable[[tuple[torch.Tensor, ...]], Any]
 ) -> float:
-    """Run the artifact on the reference's inputs and compare with eager; raise naming the worst output.
-
-    Batch rows in which eager routing has a near-tie are not compared.
-    """
-    expected, tied = reference.expected, reference.tied
+    """Run the artifact on the reference's inputs and compare every output with eager's; raise naming the
+    worst element. Batch rows in which eager routing has a near-tie are not compared. Returns the largest
+    difference."""
+    tied = reference.tied
     with torch.no_grad():
-        got = run_artifact(reference.inputs)
-    got = torch.as_tensor(got[0] if isinstance(got, (tuple, list)) else got)
-    if got.shape != expected.shape:
-        raise MoefxError(f"the {kind} artifact returned shape {tuple(got.shape)}, eager {tuple(expected.shape)}")
-    diff = (got.float() - expected.float()).abs()
-    if diff.ndim >= 1 and diff.shape[0] == len(tied):
-        if bool(tied.all()):
-            raise MoefxError(f"cannot check the {kind} artifact: every row of the check inputs has a routing tie")
-        diff[tied] = 0.0
-    worst = float(diff.max()) if diff.numel() else 0.0
-    if not worst <= PARITY_TOLERANCE:
-        where = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
-        raise MoefxError(
-            f"the {kind} artifact differs from eager on new input shapes: logits{list(where)} is "
-            f"{float(got.flatten()[diff.argmax()]):.6g} vs {float(expected.flatten()[diff.argmax()]):.6g} "
-            f"(max abs diff {worst:.3g} > {PARITY_TOLERANCE}); pass verify=False to keep it anyway"
-        )
-    return worst
+        outputs = _as_outputs(run_artifact(reference.inputs))
+    if len(outputs) != len(reference.expected):
+        raise MoefxError(f"the {kind} artifact returned {len(outputs)} outputs, eager {len(reference.expected)}")
+    largest = 0.0
+    for name, got, expected in zip(reference.names, outputs, reference.expected, strict=True):
+        if got.shape != expected.shape:
+            raise MoefxError(
+                f"the {kind} artifact returned {name} of shape {tuple(got.shape)}, eager {tuple(expected.shape)}"
+            )
+        diff = (got.float() - expected.float()).abs()
+        if diff.ndim >= 1 and diff.shape[0] == len(tied):
+            if bool(tied.all()):
+                raise MoefxError(f"cannot check the {kind} artifact: every row of the check inputs has a routing tie")
+            diff[tied] = 0.0
+        worst = float(diff.max()) if diff.numel() else 0.0
+        if not worst <= PARITY_TOLERANCE:
+            where = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
+            raise MoefxError(
+                f"the {kind} artifact differs from eager on new input shapes: {name}{list(where)} is "
+                f"{float(got.flatten()[diff.argmax()]):.6g} vs {float(expected.flatten()[diff.argmax()]):.6g} "
+                f"(max abs diff {worst:.3g} > {PARITY_TOLERANCE}); pass verify=False to keep it anyway"
+            )
+        largest = max(largest, worst)
+    return largest
 
 
 def dynamic_shapes_for(inputs: tuple[torch.Tensor, ...]) -> tuple[tuple[dict, ...]]:

@@ -282,12 +282,12 @@ def _export(args: argparse.Namespace) -> None:
     if path.exists():
         raise CheckpointError(f"{path} already exists: remove it or give another --path")
     model = moefx.export.load(directory)
-    onnx_options = {"fused": args.fused, "expert_bits": args.expert_bits}
-    if args.format != "onnx" and (args.fused or args.expert_bits is not None):
-        raise ConfigError(f"--fused and --expert-bits apply to --format onnx only, not {args.format}")
-    exporter = getattr(moefx.export, args.format)
-    options = onnx_options if args.format == "onnx" else {}
-    exporter(model, path, moefx.export.checkpoint_inputs(directory), verify=args.verify, **options)
+    onnx_only = {"fused": args.fused, "expert_bits": args.expert_bits, "kv_cache": args.kv_cache}
+    if args.format != "onnx" and any(v not in (False, None) for v in onnx_only.values()):
+        raise ConfigError(f"--fused, --expert-bits and --kv-cache apply to --format onnx only, not {args.format}")
+    options = onnx_only if args.format == "onnx" else {}
+    getattr(moefx.export, args.format)(model, path, moefx.export.checkpoint_inputs(directory), verify=args.verify,
+                                       **options)  # fmt: skip
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
     if args.format == "onnx":
         from moefx.export.onnx import describe_lowering
@@ -558,6 +558,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=(8, 4),
         default=None,
         help="onnx only: experts as 8- or 4-bit weights in ONNX Runtime's com.microsoft.QMoE operator (default: float)",
+    )
+    export.add_argument(
+        "--kv-cache",
+        action="store_true",
+        help="onnx only: a causal LM's decoding step with its key/value cache (past_key_values.* in, present.* "
+        "out), for moefx.export.OnnxGenerator (default: full-sequence logits)",
     )
     export.set_defaults(run=_export)
 

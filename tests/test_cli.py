@@ -138,9 +138,18 @@ def test_export_onnx_runs_in_onnxruntime(compressed, tmp_path, capsys, form):
     np.testing.assert_allclose(logits, expected.numpy(), atol=1e-4)
 
 
+@pytest.mark.slow  # its decoding is tested on every family in tests/export; this is the CLI's plumbing
+def test_export_kv_cache_writes_a_decoder_that_generates_what_the_checkpoint_generates(compressed, tmp_path):
+    path = tmp_path / "decoder.onnx"
+    assert cli.main(["export", str(compressed), "--format", "onnx", "--path", str(path), "--kv-cache"]) == 0
+    prompt = checkpoint_inputs(compressed)["input_ids"]
+    expected = moefx.load(compressed).generate(input_ids=prompt, max_new_tokens=8, do_sample=False)
+    assert torch.equal(moefx.export.OnnxGenerator(path).generate(prompt, 8), expected)
+
+
 def test_fused_applies_to_onnx_only(compressed, tmp_path, capsys):
     assert cli.main(["export", str(compressed), "--format", "pt2", "--path", str(tmp_path / "m.pt2"), "--fused"]) == 2
-    assert "--fused and --expert-bits apply to --format onnx only" in _one_error_line(capsys)
+    assert "--fused, --expert-bits and --kv-cache apply to --format onnx only" in _one_error_line(capsys)
 
 
 def test_export_refuses_to_overwrite(compressed, tmp_path, capsys):

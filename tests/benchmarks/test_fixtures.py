@@ -220,6 +220,30 @@ def test_lm_fixture_matches_its_log(lm_fixture):
     assert log["final"]["val_loss"] < 2.0
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["original", "default fused", "default int4"])
+def test_lm_fixture_generates_in_onnx_runtime_what_transformers_generates(lm_fixture, variant, tmp_path):
+    """Greedy text from the kv-cache ONNX file equals transformers' generate, token for token (an int4 file
+    against the eager model with the same rounded expert weights)."""
+    import moefx
+    import moefx.export
+    from benchmarks.data import lm_calibration
+
+    _require_data()
+    _, model, vocab, _ = lm_fixture
+    train, val = shakespeare_splits(vocab)
+    if variant != "original":
+        model = moefx.compile(model, lm_calibration(train, 64), experts=0.25)
+    example = {"input_ids": val[None, :16], "attention_mask": torch.ones(1, 16, dtype=torch.long)}
+    options = {"fused": True} if variant == "default fused" else {"expert_bits": 4} if variant == "default int4" else {}
+    path = moefx.export.onnx(model, tmp_path / "lm.onnx", example, kv_cache=True, **options)
+    reference = moefx.export.with_quantized_experts(model, example, 4) if variant == "default int4" else model
+    prompts = torch.stack([vocab.encode("ROMEO:\nBut soft, what "), vocab.encode("KING HENRY:\nOnce more ")])
+    expected = reference.generate(input_ids=prompts, max_new_tokens=16, do_sample=False)
+    got = moefx.export.OnnxGenerator(path).generate(prompts, 16)
+    assert torch.equal(got, expected), (vocab.decode(got[0]), vocab.decode(expected[0]))
+
+
 @pytest.fixture(scope="module")
 def cls_fixture():
     path = _require_fixture("cls")

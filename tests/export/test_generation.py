@@ -1,0 +1,93 @@
+"""ONNX export with a key/value cache, and greedy decoding of it in ONNX Runtime against transformers' generate."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import onnx as onnx_pkg
+import pytest
+import torch
+
+import moefx
+import moefx.export
+from moefx.export.generation import OnnxGenerator
+from moefx.zoo import example_inputs, tiny_model
+
+DECODERS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss"]
+NEW_TOKENS = 16
+
+
+@functools.cache
+def _model(family: str, compressed: bool):
+    model = tiny_model(family)
+    if not compressed:
+        return model
+    calib = [example_inputs(family, batch=4, seq=16, seed=s) for s in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", moefx.MoefxWarning)
+        return moefx.compile(model, calib, experts=0.5)  # the default method
+
+
+def _prompt() -> tuple[torch.Tensor, torch.Tensor]:
+    """Three prompts of 9 tokens, the first left-padded by 3."""
+    ids = torch.randint(3, 96, (3, 9), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    return ids, mask
+
+
+def _cases():
+    cases = []
+    for family in DECODERS:
+        for variant in ("original", "default fused", "default int4"):
+            default = (family, variant) == ("mixtral", "default fused")
+            cases.append(pytest.param(family, variant, marks=[] if default else [pytest.mark.slow],
+                                      id=f"{family}-{variant}"))  # fmt: skip
+    return cases
+
+
+@pytest.mark.parametrize("family, variant", _cases())
+def test_greedy_onnx_generation_equals_transformers_generate(family, variant, tmp_path):
+    model = _model(family, compressed=variant != "original")
+    options = {"default fused": {"fused": True}, "default int4": {"expert_bits": 4}}.get(variant, {})
+    path = moefx.export.onnx(model, tmp_path / "decoder.onnx", example_inputs(family), kv_cache=True, **options)
+    graph = onnx_pkg.load(str(path)).graph
+    layers = model.config.num_hidden_layers
+    cache = [f"{layer}.{part}" for layer in range(layers) for part in ("key", "value")]
+    assert [i.name for i in graph.input] == ["input_ids", "attention_mask", "position_ids",
+                                             *(f"past_key_values.{c}" for c in cache)]  # fmt: skip
+    assert [o.name for o in graph.output] == ["logits", *(f"present.{c}" for c in cache)]
+    fused = [n for n in graph.node if n.domain == "com.microsoft" and n.op_type in ("MoE", "QMoE")]
+    assert len(fused) == (0 if variant == "original" else len(moefx.export.fused_blocks(path)))
+    # the eager reference of a quantized file computes with the same rounded expert weights
+    reference = moefx.export.with_quantized_experts(model, example_inputs(family), 4) if "int4" in variant else model
+    ids, mask = _prompt()
+    generator = OnnxGenerator(path)
+    expected = reference.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
+    got = generator.generate(ids, NEW_TOKENS, attention_mask=mask)
+    assert got.shape == (3, 9 + NEW_TOKENS) and torch.equal(got, expected)
+    # stopping: a row that reaches the end-of-sequence token continues with padding, as in transformers
+    eos = int(expected[1, 9 + 2])
+    expected = reference.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+                                  eos_token_id=eos, pad_token_id=0)  # fmt: skip
+    assert torch.equal(generator.generate(ids, NEW_TOKENS, attention_mask=mask, eos_token_id=eos, pad_token_id=0),
+                       expected)  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["switch", "hand_written"])  # encoder-decoder; no transformers cache
+def test_kv_cache_export_refuses_a_model_that_is_not_a_cached_decoder(family, tmp_path):
+    with pytest.raises(moefx.ConfigError, match="kv_cache=True exports a decoder-only causal LM.*not one") as error:
+        moefx.export.onnx(tiny_model(family), tmp_path / "m.onnx", example_inputs(family), kv_cache=True)
+    assert "\n" not in str(error.value) and list(tmp_path.iterdir()) == []
+
+
+def test_the_generator_refuses_a_file_without_a_cache(tmp_path):
+    ids = onnx_pkg.helper.make_tensor_value_info("input_ids", onnx_pkg.TensorProto.INT64, ["batch", "seq"])
+    logits = onnx_pkg.helper.make_tensor_value_info("logits", onnx_pkg.TensorProto.INT64, ["batch", "seq"])
+    graph = onnx_pkg.helper.make_graph([onnx_pkg.helper.make_node("Identity", ["input_ids"], ["logits"])], "g",
+                                       [ids], [logits])  # fmt: skip
+    path = tmp_path / "full_sequence.onnx"
+    onnx_pkg.save(onnx_pkg.helper.make_model(graph, opset_imports=[onnx_pkg.helper.make_opsetid("", 17)]), path)
+    with pytest.raises(moefx.ConfigError, match="takes no key/value cache: export it with .*kv_cache=True"):
+        OnnxGenerator(path)
