@@ -9,6 +9,9 @@ data (``lm``: the whole validation split, ``cls``: test.tsv). ``--quick`` calibr
 scores ``lm`` on 256 validation windows, serves only ``lm`` and skips the ablations and the switch-base-shaped
 compile cost.
 
+Quantized experts: the original and the default, exported with 8- and 4-bit experts (ONNX Runtime's QMoE),
+their quality (on the eager model with the file's rounded weights) against float32 experts, and file bytes.
+
 Serving: each model is exported to ONNX (the portable form, the export's default) and run by ONNX Runtime on
 the CPU in a fresh process per model (so peak resident memory is the session's own), batch 1 x 128 and
 16 x 128 tokens, median latency; eager PyTorch latency alongside. Ratios are measured in the same run.
@@ -95,6 +98,7 @@ class Settings:
     serving_repeats: int = 20
     serving_fixtures: tuple[str, ...] = ("lm", "cls")
     compile_cost_model: bool = True
+    expert_bits: tuple[int, ...] = (8, 4)  # QMoE expert weights measured on the original and the default
     threads: int = 2
     labels: tuple[str, ...] | None = None  # only these rows (by label); None: all
 
@@ -106,6 +110,7 @@ QUICK = Settings(
     serving_repeats=5,
     serving_fixtures=("lm",),
     compile_cost_model=False,
+    expert_bits=(4,),
 )
 
 
@@ -331,18 +336,40 @@ def environment(settings: Settings) -> dict[str, Any]:
             "threads": settings.threads}  # fmt: skip
 
 
+def quantized_rows(task: Task, settings: Settings, compressed: dict[tuple[str, float], nn.Module]) -> list[dict]:
+    """Quality and ONNX file bytes of the original and the default with ``settings.expert_bits`` experts (QMoE), each
+    against the same model with float32 experts. Quality is measured on the eager model with the rounded
+    weights the file holds, which the export's parity check ties to ONNX Runtime's output."""
+    served = [("original", 1.0, task.model)]
+    served += [(label, r, m) for (label, r), m in compressed.items() if label.startswith(DEFAULT)]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, ratio, model in served if settings.expert_bits else []:
+            float_scores = task.evaluate(model)
+            for bits in settings.expert_bits:
+                path = moefx.export.onnx(model, Path(tmp) / f"{len(rows)}.onnx", task.example, expert_bits=bits)
+                size = sum(f.stat().st_size for f in Path(tmp).glob(f"{path.name}*"))
+                scores = task.evaluate(moefx.export.with_quantized_experts(model, task.example, bits))
+                rows.append({"fixture": task.name, "label": label, "experts": ratio, "bits": bits, **scores,
+                             "float": float_scores, "onnx_bytes": size})  # fmt: skip
+                print(f"{task.name} {label} {ratio} int{bits}: {task.metric} {scores[task.metric]:.4f} "
+                      f"(float32 experts {float_scores[task.metric]:.4f})", flush=True)  # fmt: skip
+    return rows
+
+
 def run(settings: Settings, out_dir: Path) -> dict[str, Any]:
     """Run the benchmark with ``settings`` and write ``results.json``, ``results.md`` and the plot to ``out_dir``."""
     torch.set_num_threads(settings.threads)
     started = time.perf_counter()
     results: dict[str, Any] = {"settings": asdict(settings), "environment": environment(settings),
-                               "quality": [], "serving": []}  # fmt: skip
+                               "quality": [], "serving": [], "quantized": []}  # fmt: skip
     for name in settings.fixtures:
         task = TASKS[name](settings)
         served: dict[tuple[str, float], nn.Module] = {}
         results["quality"] += quality_rows(task, settings, served)
         if name in settings.serving_fixtures:
             results["serving"] += serving_rows(task, settings, served)
+        results["quantized"] += quantized_rows(task, settings, served)
     results["compile_cost"] = compile_cost(settings, results["quality"])
     results["wall_s"] = time.perf_counter() - started
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -438,6 +465,23 @@ def render_markdown(results: dict[str, Any]) -> str:
                 f"{r['ort_ms_1x128']:.2f} | {r['ort_ms_16x128']:.2f} | {r['ort_speedup_1x128']:.2f} | "
                 f"{r['ort_speedup_16x128']:.2f} | {r['ort_peak_rss_mib_16x128']:.0f} | {r['eager_ms_1x128']:.2f} | "
                 f"{r['eager_ms_16x128']:.2f} | {r['eager_speedup_16x128']:.2f} |"
+            )
+        lines.append("")
+    if results["quantized"]:
+        lines += ["## Quantized experts: ONNX Runtime's QMoE", "",
+                  "`moefx.export.onnx(..., expert_bits=8 | 4)`: symmetric 8-bit (a scale per row) or 4-bit (a scale "
+                  "per 32 input columns) expert weights. Quality is that of the eager model with the file's rounded "
+                  "expert weights (`moefx.export.with_quantized_experts`; the export's parity check ties ONNX "
+                  "Runtime's output to it), against the same model with float32 experts. ONNX MiB is the whole "
+                  "file.", "",
+                  "| fixture | model | experts | expert bits | metric | float32 experts | quantized | change | "
+                  "ONNX MiB |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in results["quantized"]:
+            metric = "val_loss" if r["fixture"] == "lm" else "test_acc"
+            lines.append(
+                f"| {r['fixture']} | {r['label']} | {r['experts']:g} | {r['bits']} | {metric} | "
+                f"{r['float'][metric]:.4f} | {r[metric]:.4f} | {r[metric] - r['float'][metric]:+.4f} | "
+                f"{_mib(r['onnx_bytes'])} |"
             )
         lines.append("")
     cost = results["compile_cost"]

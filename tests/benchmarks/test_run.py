@@ -12,11 +12,13 @@ from benchmarks.run import DEFAULT, Settings, headline, run
 
 
 def _smoke_run(tmp_path, serving: bool) -> dict:
+    """``serving``: also the ONNX measurements (serving and 4-bit experts)."""
     if not (data_dir() / "sst2").is_dir():
         pytest.skip(f"benchmark data not found at {data_dir()} (set MOEFX_DATA)")
     settings = Settings(
         ratios=(0.5,), fixtures=("cls",), calib_sequences=32, ablations=False, serving_repeats=1,
         serving_fixtures=("cls",) if serving else (), compile_cost_model=False, threads=1,
+        expert_bits=(4,) if serving else (),
         labels=(f"{DEFAULT} (default)", "prune-frequency"),
     )  # fmt: skip
     return run(settings, tmp_path)
@@ -39,10 +41,15 @@ def test_benchmark_smoke_run_writes_results(tmp_path):
     assert (tmp_path / "quality_vs_memory.png").stat().st_size > 0
 
 
-@pytest.mark.slow  # two ONNX exports of the fixture with parity checks: minutes
+@pytest.mark.slow  # four ONNX exports of the fixture with parity checks: minutes
 def test_benchmark_smoke_run_measures_serving(tmp_path):
     results = _smoke_run(tmp_path, serving=True)
     assert [r["label"] for r in results["serving"]] == ["original", f"{DEFAULT} (default)"]
     assert all(r["ort_ms_16x128"] > 0 and r["onnx_bytes"] > 0 for r in results["serving"])
     assert results["serving"][1]["onnx_bytes"] < results["serving"][0]["onnx_bytes"]
     assert "ort_ms_16x128" in json.loads((tmp_path / "results.json").read_text())["serving"][0]
+    quantized = results["quantized"]
+    assert [(r["label"], r["bits"]) for r in quantized] == [("original", 4), (f"{DEFAULT} (default)", 4)]
+    for row, served in zip(quantized, results["serving"], strict=True):
+        assert 0.0 < row["test_acc"] <= 1.0 and row["onnx_bytes"] < served["onnx_bytes"]  # 4-bit experts
+    assert "## Quantized experts" in (tmp_path / "results.md").read_text()
