@@ -148,7 +148,7 @@ def onnx(
     serving, inputs = serving_model(model, example_inputs)
     lowering = block_lowering(serving.served, fused or expert_bits is not None)
     if kv_cache:
-        serving, inputs = cached_decoder(serving.model, serving.input_names, inputs)
+        serving, inputs = cached_decoder(serving.served, serving.input_names, inputs)
     if dtype is not None:  # the serving model is a copy
         serving.to(dtype)
         inputs = tuple(t.to(dtype) if t.is_floating_point() else t for t in inputs)

@@ -47,11 +47,24 @@ def _cases():
     return cases
 
 
+@pytest.fixture(scope="session")
+def decoder_file(tmp_path_factory):
+    """``decoder_file(family, variant)``: the kv-cache ONNX file of that model (exported once a session)."""
+
+    @functools.cache
+    def export(family: str, variant: str):
+        model = _model(family, compressed=variant != "original")
+        options = {"default fused": {"fused": True}, "default int4": {"expert_bits": 4}}.get(variant, {})
+        path = tmp_path_factory.mktemp("decoders") / f"{family}-{variant.replace(' ', '-')}.onnx"
+        return moefx.export.onnx(model, path, example_inputs(family), kv_cache=True, **options)
+
+    return export
+
+
 @pytest.mark.parametrize("family, variant", _cases())
-def test_greedy_onnx_generation_equals_transformers_generate(family, variant, tmp_path):
+def test_greedy_onnx_generation_equals_transformers_generate(family, variant, decoder_file):
     model = _model(family, compressed=variant != "original")
-    options = {"default fused": {"fused": True}, "default int4": {"expert_bits": 4}}.get(variant, {})
-    path = moefx.export.onnx(model, tmp_path / "decoder.onnx", example_inputs(family), kv_cache=True, **options)
+    path = decoder_file(family, variant)
     graph = onnx_pkg.load(str(path)).graph
     layers = model.config.num_hidden_layers
     cache = [f"{layer}.{part}" for layer in range(layers) for part in ("key", "value")]
@@ -73,6 +86,54 @@ def test_greedy_onnx_generation_equals_transformers_generate(family, variant, tm
                                   eos_token_id=eos, pad_token_id=0)  # fmt: skip
     assert torch.equal(generator.generate(ids, NEW_TOKENS, attention_mask=mask, eos_token_id=eos, pad_token_id=0),
                        expected)  # fmt: skip
+
+
+def test_without_a_mask_padding_tokens_mark_padding_as_in_transformers(decoder_file):
+    model, path = _model("mixtral", compressed=True), decoder_file("mixtral", "default fused")
+    ids, _ = _prompt()
+    ids[0, :3] = model.generation_config.pad_token_id  # left padding, given without an attention mask
+    expected = model.generate(input_ids=ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+    assert torch.equal(OnnxGenerator(path).generate(ids, NEW_TOKENS), expected)
+
+
+def test_several_end_tokens_and_no_padding_token_as_in_transformers(decoder_file):
+    model, path = _model("mixtral", compressed=True), decoder_file("mixtral", "default fused")
+    ids, mask = _prompt()
+    free = OnnxGenerator(path).generate(ids, NEW_TOKENS, attention_mask=mask, eos_token_id=[])  # never stops
+    eos = [int(free[0, 9 + 1]), int(free[2, 9 + 4])]  # rows 0 and 2 end early
+    pad = model.generation_config.pad_token_id
+    model.generation_config.pad_token_id = None  # transformers then pads with the first end token
+    try:
+        expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+                                  eos_token_id=eos)  # fmt: skip
+    finally:
+        model.generation_config.pad_token_id = pad
+    generator = OnnxGenerator(path)
+    generator.pad_token_id = None
+    assert torch.equal(generator.generate(ids, NEW_TOKENS, attention_mask=mask, eos_token_id=eos), expected)
+
+
+def test_the_steps_are_the_pieces_of_generate(decoder_file):
+    generator = OnnxGenerator(decoder_file("mixtral", "default fused"))
+    ids, mask = _prompt()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits, cache = generator.step(ids, mask, positions, generator.empty_cache(3))
+    assert logits.shape == (3, 9, 96) and all(v.shape[2] == 9 for v in cache.values())
+    token = logits[:, -1:].argmax(dim=-1)
+    logits, cache = generator.step(token, torch.cat([mask, torch.ones_like(token)], 1), positions[:, -1:] + 1, cache)
+    assert logits.shape == (3, 1, 96) and all(v.shape[2] == 10 for v in cache.values())
+    two = generator.generate(ids, 2, attention_mask=mask, eos_token_id=[])
+    assert torch.equal(logits[:, -1].argmax(-1), two[:, -1])
+
+
+def test_a_one_row_example_exports_a_decoder_for_any_batch_and_warns_of_ignored_generation_settings(tmp_path):
+    model = tiny_model("mixtral")
+    model.generation_config.repetition_penalty = 1.05  # changes greedy tokens in transformers' generate
+    path = moefx.export.onnx(model, tmp_path / "m.onnx", example_inputs("mixtral", batch=1), kv_cache=True)
+    with pytest.warns(moefx.MoefxWarning, match="does not apply the model's generation settings.*repetition_penalty"):
+        generator = OnnxGenerator(path)
+    ids, mask = _prompt()
+    assert generator.generate(ids, 2, attention_mask=mask).shape == (3, 11)  # three rows, from a one-row example
 
 
 @pytest.mark.parametrize("family", ["switch", "hand_written"])  # encoder-decoder; no transformers cache
