@@ -24,7 +24,6 @@ import itertools
 import json
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,7 +44,7 @@ if __package__ in (None, ""):
 
 import moefx  # noqa: E402
 from benchmarks import data, models  # noqa: E402
-from moefx.demo import onnx_latency_ms  # noqa: E402
+from moefx.demo import median_ms, onnx_latency_ms  # noqa: E402
 from moefx.export.serving import atomic_output  # noqa: E402
 from moefx.objective import LossFn  # noqa: E402
 
@@ -237,14 +236,8 @@ def probe_onnx(path: str, vocab_size: int, batch: int, seq: int, repeats: int, t
 def _eager_latency_ms(model: nn.Module, vocab_size: int, batch: int, seq: int, repeats: int) -> float:
     ids = torch.randint(4, vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    times = []
     with torch.no_grad():
-        for i in range(repeats + 3):
-            start = time.perf_counter()
-            model(**inputs)
-            if i >= 3:
-                times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+        return median_ms(lambda: model(**inputs), repeats, warmup=3)
 
 
 def serving_rows(task: Task, settings: Settings, compressed: dict[tuple[str, float], nn.Module]) -> list[dict]:

@@ -42,7 +42,9 @@ if __package__ in (None, ""):
 
 import moefx  # noqa: E402
 import moefx.export  # noqa: E402
+from benchmarks.onnx_forms import token_batch  # noqa: E402
 from benchmarks.scale import SHAPES  # noqa: E402
+from moefx.demo import median_ms  # noqa: E402
 
 VOCAB = 256
 PREFILL, THROUGHPUT, PROMPT, DECODE_STEPS = (1, 128), (16, 128), 512, 32
@@ -73,8 +75,7 @@ def random_model(name: str, layers: int) -> torch.nn.Module:
 
 
 def tokens(batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    ids = torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return token_batch(VOCAB, batch, seq, seed)
 
 
 def _resident_bytes(field: str) -> int:
@@ -88,19 +89,13 @@ def probe(path: str, threads: int) -> dict[str, float]:
     before = _resident_bytes("VmRSS")
     generator = moefx.export.OnnxGenerator(path, threads=threads)
 
-    def first_step_seconds(batch: int, seq: int, repeats: int) -> float:
+    def first_step_ms(batch: int, seq: int, repeats: int) -> float:
         ids = tokens(batch, seq)["input_ids"]
         mask, positions = torch.ones_like(ids), torch.arange(seq).expand(batch, -1)
-        times = []
-        for i in range(repeats + 2):  # two warm-ups
-            start = time.perf_counter()
-            generator.step(ids, mask, positions, generator.empty_cache(batch))
-            if i >= 2:
-                times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return median_ms(lambda: generator.step(ids, mask, positions, generator.empty_cache(batch)), repeats, 2)
 
-    prefill = first_step_seconds(*PREFILL, repeats=10)
-    throughput = first_step_seconds(*THROUGHPUT, repeats=3)
+    prefill_ms = first_step_ms(*PREFILL, repeats=10)
+    throughput_ms = first_step_ms(*THROUGHPUT, repeats=3)
     ids = tokens(1, PROMPT, seed=1)["input_ids"]
     mask, positions = torch.ones_like(ids), torch.arange(PROMPT)[None]
     logits, cache = generator.step(ids, mask, positions, generator.empty_cache(1))
@@ -111,7 +106,7 @@ def probe(path: str, threads: int) -> dict[str, float]:
         start = time.perf_counter()
         logits, cache = generator.step(token, mask, positions, cache)
         steps.append(time.perf_counter() - start)
-    return {"prefill_ms": 1e3 * prefill, "throughput_tok_s": THROUGHPUT[0] * THROUGHPUT[1] / throughput,
+    return {"prefill_ms": prefill_ms, "throughput_tok_s": 1e3 * THROUGHPUT[0] * THROUGHPUT[1] / throughput_ms,
             "decode_tok_s": 1.0 / statistics.median(steps),
             "session_bytes": _resident_bytes("VmHWM") - before}  # fmt: skip
 

@@ -156,12 +156,9 @@ class OnnxGenerator:
     """
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
-        import onnxruntime
+        from moefx.export.onnx import cpu_session  # onnx imports this module
 
-        options = onnxruntime.SessionOptions()
-        if threads is not None:
-            options.intra_op_num_threads = threads
-        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = cpu_session(path, threads)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.past = [i for i in self.session.get_inputs() if i.name.startswith(f"{_PAST}.")]
         if not self.past:

@@ -51,6 +51,17 @@ def _quiet_exporter() -> Iterator[None]:
         registration.setLevel(level)
 
 
+def cpu_session(path: str | os.PathLike, threads: int | None = None) -> Any:
+    """An ONNX Runtime session on the CPU provider, on ``threads`` intra-op threads (default: ONNX Runtime's)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 def block_lowering(served: nn.Module, fused: bool) -> dict[str, str | None]:
     """Every canonical block of ``served`` by name, with None where it will be lowered to the fused operator
     and otherwise why not."""
@@ -143,8 +154,6 @@ def onnx(
     :class:`~moefx.export.generation.OnnxGenerator` decodes greedily; the parity check then covers the
     logits and the cache.
     """
-    import onnxruntime
-
     serving, inputs = serving_model(model, example_inputs)
     lowering = block_lowering(serving.served, fused or expert_bits is not None)
     if kv_cache:
@@ -177,7 +186,7 @@ def onnx(
             program.model.metadata_props[GENERATION_KEY] = serving.generation_metadata()
         program.save(str(scratch), external_data=size > EXTERNAL_DATA_BYTES if external_data is None else external_data)
         if verify:
-            session = onnxruntime.InferenceSession(str(scratch), providers=["CPUExecutionProvider"])
+            session = cpu_session(scratch)
 
             def run(feed: tuple[torch.Tensor, ...]) -> Any:
                 names = [i.name for i in session.get_inputs()]

@@ -25,7 +25,7 @@ from torch import nn
 from moefx.api import compile
 from moefx.config import CompressionConfig
 from moefx.errors import MoefxError, first_line
-from moefx.export.onnx import onnx
+from moefx.export.onnx import cpu_session, onnx
 from moefx.report import expert_bytes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -69,20 +69,20 @@ def onnx_latency_ms(
 ) -> float:
     """Median wall time (ms) of an ONNX Runtime run on ``feed`` after ``warmup`` runs, on ``threads`` intra-op
     threads (default: as many as torch uses)."""
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads or torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = cpu_session(path, threads or torch.get_num_threads())
     names = {i.name for i in session.get_inputs()}
     arrays = {k: v.numpy() for k, v in feed.items() if k in names}
+    return median_ms(lambda: session.run(None, arrays), runs, warmup)
+
+
+def median_ms(call: Callable[[], Any], runs: int, warmup: int) -> float:
+    """Median wall time (ms) of ``call()`` over ``runs`` calls after ``warmup`` untimed ones."""
     for _ in range(warmup):
-        session.run(None, arrays)
+        call()
     times = []
     for _ in range(runs):
         start = time.perf_counter()
-        session.run(None, arrays)
+        call()
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
 
