@@ -278,11 +278,29 @@ def _load_shards(target: nn.Module, directory: Path, shards: list[str]) -> None:
 
 
 def _config_field(config: Any, value: int, accept: Any) -> str:
-    """The config field equal to ``value`` that ``accept(key, trial_config)`` confirms."""
-    for key, current in config.to_dict().items():
+    """The config field equal to ``value`` that ``accept(key, trial_config)`` confirms; a field of a nested
+    config (DBRX's ``ffn_config.moe_num_experts``) is named by its dotted path."""
+
+    def fields(owner: Any, prefix: str) -> Iterator[tuple[str, Any]]:
+        for key, current in owner.to_dict().items():
+            nested = getattr(owner, key, None)
+            if isinstance(current, dict) and hasattr(nested, "to_dict"):
+                yield from fields(nested, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", current
+
+    for key, current in fields(config, ""):
         if current == value and not isinstance(current, bool) and accept(key, config):
             return key
     raise MoefxError(f"cannot find the field of {type(config).__name__} that holds {value}")
+
+
+def _set_field(config: Any, path: str, value: Any) -> None:
+    """Set the (possibly nested, dotted) config field ``path``."""
+    *owners, key = path.split(".")
+    for name in owners:
+        config = getattr(config, name)
+    setattr(config, key, value)
 
 
 def _changes_router(cls: type, block: MoEBlock, groups: int) -> Any:
@@ -290,7 +308,7 @@ def _changes_router(cls: type, block: MoEBlock, groups: int) -> Any:
 
     def accept(key: str, config: Any) -> bool:
         trial = copy.deepcopy(config)
-        setattr(trial, key, groups)
+        _set_field(trial, key, groups)
         with torch.device("meta"):
             probe = cls(trial)
         return probe.get_submodule(block.name).get_parameter(block.router_weight_path).shape[0] == groups
@@ -313,10 +331,15 @@ def _transformers_state(
     bank = graph.experts
     src = block.experts_source
     if isinstance(src, FusedExpertsSource):
-        in_proj = bank.in_proj.transpose(1, 2) if src.in_transposed else bank.in_proj
-        out_proj = bank.out_proj.transpose(1, 2) if src.out_transposed else bank.out_proj
-        state[f"{prefix}{src.in_proj}"] = in_proj.detach()
-        state[f"{prefix}{src.out_proj}"] = out_proj.detach()
+
+        def stored(stack: torch.Tensor, transposed: bool) -> torch.Tensor:  # [E, out, in] in the source's layout
+            stack = stack.detach().transpose(1, 2) if transposed else stack.detach()
+            return stack.reshape(-1, stack.shape[2]) if src.flat else stack
+
+        in_projs = bank.in_proj.chunk(2, dim=1) if src.up_proj is not None else (bank.in_proj,)
+        for path, stack in zip((src.in_proj, src.up_proj), in_projs, strict=False):
+            state[f"{prefix}{path}"] = stored(stack, src.in_transposed)
+        state[f"{prefix}{src.out_proj}"] = stored(bank.out_proj, src.out_transposed)
         if src.in_bias is not None:
             state[f"{prefix}{src.in_bias}"] = bank.in_bias.detach()
         if src.out_bias is not None:
@@ -352,11 +375,11 @@ def transformers_config(cls: type, config: Any, name: str, graph: fx.GraphModule
     groups = graph.experts.num_experts
     new_config = copy.deepcopy(config)
     if groups != block.num_experts:
-        setattr(new_config, _config_field(config, block.num_experts, _changes_router(cls, block, groups)), groups)
+        _set_field(new_config, _config_field(config, block.num_experts, _changes_router(cls, block, groups)), groups)
     capacity = selection_nodes(graph.graph)[0].kwargs.get("capacity")
     if capacity is not None and capacity != block.routing.capacity:
         field = _config_field(config, block.routing.capacity, lambda key, trial: "capacity" in key)
-        setattr(new_config, field, capacity)
+        _set_field(new_config, field, capacity)
     return new_config
 
 

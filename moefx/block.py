@@ -41,6 +41,8 @@ class FusedExpertsSource:
     out_transposed: bool
     act: nn.Module  # maps the input projection's output [n, U] to [n, I]
     layout: str | None  # "concat" / "interleaved" pairing of gate and up rows, None for a plain FFN
+    up_proj: str | None = None  # the up projection where it is stored apart (after the gate's rows: "concat")
+    flat: bool = False  # stored 2-D, the experts' matrices stacked along the first axis ([E*rows, cols])
 
 
 @dataclass
@@ -151,10 +153,14 @@ def build_experts(module: nn.Module, block: MoEBlock) -> FusedExperts | ModuleEx
 
     def linear_layout(path: str, transposed: bool) -> torch.Tensor:
         t = _get_tensor(module, path)
+        t = t.view(block.num_experts, -1, t.shape[1]) if src.flat else t
         return t.transpose(1, 2).contiguous() if transposed else t
 
+    in_proj = linear_layout(src.in_proj, src.in_transposed)
+    if src.up_proj is not None:
+        in_proj = torch.cat([in_proj, linear_layout(src.up_proj, src.in_transposed)], dim=1)
     return FusedExperts(
-        linear_layout(src.in_proj, src.in_transposed),
+        in_proj,
         linear_layout(src.out_proj, src.out_transposed),
         src.act,
         None if src.in_bias is None else _get_tensor(module, src.in_bias),

@@ -243,6 +243,19 @@ class ModuleExperts(nn.Module):
         return ModuleExperts(experts, self.in_linears, self.out_linear, self.act)
 
 
+class GatedActivation(nn.Module):
+    """``act(gate) * up`` on ``[n, 2I]`` holding the gate's I columns, then the up projection's: the activation
+    of a fused bank read from experts that store their gate and up projections apart."""
+
+    def __init__(self, act: nn.Module) -> None:
+        super().__init__()
+        self.act = act
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        gate, up = hidden.chunk(2, dim=-1)
+        return self.act(gate) * up
+
+
 def _as_parameter(t: torch.Tensor) -> nn.Parameter:
     return t if isinstance(t, nn.Parameter) else nn.Parameter(t.detach(), requires_grad=t.requires_grad)
 

@@ -221,13 +221,14 @@ def example_inputs(family: str, batch: int = 2, seq: int = 8, seed: int = 0) -> 
 
 
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-_TOP_K_KEYS = ("num_experts_per_tok", "num_experts_per_token", "top_k_experts", "moe_k", "moe_topk")
+_TOP_K_KEYS = ("num_experts_per_tok", "num_experts_per_token", "top_k_experts", "moe_k", "moe_topk", "moe_top_k")
 # Sizes every family's config is shrunk to, by attribute name; a config gets those it has.
 _TINY_SIZES = dict(
     vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=0,
-    hidden_size=HIDDEN, d_model=HIDDEN, intermediate_size=48, ffn_dim=48, d_ff=48, moe_intermediate_size=16,
+    hidden_size=HIDDEN, d_model=HIDDEN, intermediate_size=48, ffn_dim=48, d_ff=48, ffn_hidden_size=48,
+    moe_intermediate_size=16,
     shared_expert_intermediate_size=16, moe_shared_expert_intermediate_size=16, shared_intermediate_size=16,
-    num_attention_heads=4, num_heads=4, encoder_attention_heads=4, decoder_attention_heads=4,
+    num_attention_heads=4, num_heads=4, n_heads=4, encoder_attention_heads=4, decoder_attention_heads=4,
     num_key_value_heads=2, head_dim=8, d_kv=8, max_position_embeddings=128, sliding_window=16,
     kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, qk_head_dim=16, v_head_dim=8,
     linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
@@ -241,7 +242,14 @@ _TINY_SIZES = dict(
     expert_layer_period=1, expert_layer_offset=0, attn_layer_period=2, attn_layer_offset=1, mlp_only_layers=[],
     expert_capacity=64, enable_moe_block=True,
 )  # fmt: skip
-_LAYER_COUNT_KEYS = ("num_hidden_layers", "num_layers", "num_decoder_layers", "encoder_layers", "decoder_layers")
+_LAYER_COUNT_KEYS = (
+    "num_hidden_layers",
+    "num_layers",
+    "n_layers",
+    "num_decoder_layers",
+    "encoder_layers",
+    "decoder_layers",
+)
 _LAYER_KIND_KEYS = ("layer_types", "layers_block_type")
 _FAMILY_SIZES = {  # what a family's own validation demands beyond the rules
     "dots3_note_text": dict(num_key_value_heads=4),

@@ -36,7 +36,7 @@ from moefx.block import (
 )
 from moefx.capture import trace
 from moefx.errors import DetectionError
-from moefx.experts import GATED_LAYOUTS, FusedExperts, ffn_structure
+from moefx.experts import GATED_LAYOUTS, FusedExperts, GatedActivation, ffn_structure
 from moefx.graphs import ancestors, descendants, extract_subgraph
 from moefx.routing import RoutingSpec
 
@@ -236,7 +236,9 @@ def _read_weight_transform(
                     floor, divisor = float(divisor.args[1]), _strip(divisor.args[0], _TRANSPARENT)  # Ernie 4.5
                 if _packet(divisor) in (aten.add, aten.add_) and isinstance(divisor.args[1], (int, float)):
                     eps, divisor = float(divisor.args[1]), _strip(divisor.args[0], _TRANSPARENT)
-                if _packet(divisor) is aten.sum:
+                if _packet(divisor) is aten.sum or (
+                    _packet(divisor) is aten.linalg_vector_norm and divisor.args[1] == 1
+                ):  # DBRX: an L1 norm of the weights
                     normalize = True
             elif packet in (aten.mul, aten.mul_) and isinstance(node.args[1], (int, float)):
                 scale = float(node.args[1])
@@ -266,7 +268,25 @@ def _find_experts(model: nn.Module, router_owner: str, num_experts: int) -> tupl
                 and sum(1 for _ in children[0].parameters()) >= 2
             ):
                 return block, [], name
+        flat = _flat_stacks(module, block, router_owner, num_experts)
+        if len(flat) == 1:
+            return block, flat[0], None
     raise LookupError
+
+
+def _flat_stacks(module: nn.Module, block: str, router_owner: str, num_experts: int) -> list[list[str]]:
+    """The 2-D parameters of ``module`` that stack E matrices along their first axis (``[E*rows, cols]``, as
+    DBRX stores its experts), grouped by owner; only owners with two or more."""
+    by_owner: dict[str, list[str]] = {}
+    for name, p in module.named_parameters():
+        if (
+            p.ndim == 2
+            and p.shape[0] % num_experts == 0
+            and p.shape[0] > num_experts
+            and not _inside(_join(block, name), router_owner)
+        ):
+            by_owner.setdefault(name.rpartition(".")[0], []).append(name)
+    return [names for names in by_owner.values() if len(names) >= 2]
 
 
 def _join(base: str, name: str) -> str:
@@ -319,26 +339,37 @@ def _gated_layout(bank: FusedExperts) -> str | None:
 
 
 def _fused_sources(
-    graph: _Graph, block: str, names: list[str], hidden: int, num_experts: int
+    graph: _Graph, module: nn.Module, block: str, names: list[str], hidden: int, num_experts: int
 ) -> tuple[list[FusedExpertsSource], int, bool]:
-    """Candidate readings of a fused bank (several where shapes are ambiguous), its I, and whether it is gated."""
+    """Candidate readings of a fused bank (several where shapes are ambiguous), its I, and whether it is gated.
+
+    The stacked weights (``[E, rows, cols]``, or flat ``[E*rows, cols]``) are, in the order the block first
+    uses them: the input projection, the up projection where it is stored apart, the output projection."""
     owner = names[0].rpartition(".")[0]
     absolute = {n: _join(block, n) for n in names}
     nodes = {n.target: n for n in graph.attr_nodes(_join(block, owner))}
 
-    def first_use(name: str) -> int:
+    def first_use(name: str) -> int:  # registration order for weights no captured op uses (an opaque module's)
         node = nodes.get(absolute[name])
         return min((graph.order[u] for u in node.users), default=1 << 30) if node is not None else 1 << 30
 
-    if len(names) != 2:
-        raise DetectionError(f"{block}: fused experts with {len(names)} stacked weights (expected 2)")
-    in_name, out_name = sorted(names, key=first_use)
-    in_shape = graph.attr(nodes[absolute[in_name]])[1].shape
-    out_shape = graph.attr(nodes[absolute[out_name]])[1].shape
+    def stacked_shape(name: str) -> tuple[int, ...]:
+        shape = tuple(module.get_parameter(name).shape)
+        return (num_experts, shape[0] // num_experts, shape[1]) if len(shape) == 2 else shape
+
+    if len(names) not in (2, 3):
+        raise DetectionError(f"{block}: fused experts with {len(names)} stacked weights (expected 2 or 3)")
+    ordered = sorted(names, key=first_use)
+    in_name, up_name, out_name = ordered[0], ordered[1] if len(ordered) == 3 else None, ordered[-1]
+    in_shape, out_shape = stacked_shape(in_name), stacked_shape(out_name)
+    if up_name is not None and stacked_shape(up_name) != in_shape:
+        raise DetectionError(f"{block}: stacked expert weights {in_shape} and {stacked_shape(up_name)} do not form "
+                             "a gate and an up projection")  # fmt: skip
+    pair = 2 if up_name is not None else 1  # the up projection's rows follow the gate's
     out_options = [(False, out_shape[2])] if out_shape[1] == hidden else []
     out_options += [(True, out_shape[1])] if out_shape[2] == hidden else []
-    in_options = [(False, in_shape[1])] if in_shape[2] == hidden else []
-    in_options += [(True, in_shape[2])] if in_shape[1] == hidden else []
+    in_options = [(False, pair * in_shape[1])] if in_shape[2] == hidden else []
+    in_options += [(True, pair * in_shape[2])] if in_shape[1] == hidden else []
     biases = [
         n.target
         for n in nodes.values()
@@ -351,26 +382,42 @@ def _fused_sources(
     elif len(biases) == 1:
         only = graph.attr(nodes[biases[0]])[1]
         in_bias, out_bias = (None, biases[0]) if only.shape[1] == hidden else (biases[0], None)
-    act = _extract_activation(
-        graph, nodes[absolute[in_name]], nodes[absolute[out_name]], nodes[in_bias] if in_bias else None
-    )
+    in_node = nodes.get(absolute[in_name])
+    if in_node is not None and in_node.users:
+        act = _extract_activation(graph, in_node, nodes[absolute[out_name]], nodes[in_bias] if in_bias else None)
+    else:
+        act = _opaque_activation(module, block, owner)
     sources = []
     for in_t, units in in_options:
         for out_t, inter in out_options:
             if units not in (inter, 2 * inter):
                 continue
+            gated = units == 2 * inter
             sources.append(
                 FusedExpertsSource(
                     in_name, out_name, in_bias and _relative(in_bias, block), out_bias and _relative(out_bias, block),
-                    in_t, out_t, act, "concat" if units == 2 * inter else None,
+                    in_t, out_t, GatedActivation(act) if gated and up_name is not None else act,
+                    "concat" if gated else None, up_name, len(module.get_parameter(in_name).shape) == 2,
                 )
             )  # fmt: skip
     if not sources:
-        raise DetectionError(
-            f"{block}: stacked expert weights {tuple(in_shape)} and {tuple(out_shape)} do not form an FFN"
-        )
+        raise DetectionError(f"{block}: stacked expert weights {in_shape} and {out_shape} do not form an FFN")
     inter = out_shape[2] if not sources[0].out_transposed else out_shape[1]
     return sources, inter, sources[0].layout is not None
+
+
+def _opaque_activation(module: nn.Module, block: str, owner: str) -> nn.Module:
+    """The activation of fused experts that run inside a module capture kept opaque (its loop over experts
+    cannot be traced): the one module without parameters or buffers inside the weights' owner."""
+    leaves = [
+        m
+        for m in module.get_submodule(owner).modules()
+        if not any(True for _ in m.children()) and not any(True for _ in (*m.parameters(), *m.buffers()))
+    ]
+    if len(leaves) != 1:
+        raise DetectionError(f"{block}: fused experts whose loop moefx cannot trace, with {len(leaves)} candidate "
+                             "activation modules (expected 1)")  # fmt: skip
+    return leaves[0]
 
 
 def _shared_children(
@@ -463,11 +510,15 @@ def _describe_block(graph: _Graph, model: nn.Module, linear: fx.Node, selection:
         top_children.add(container.split(".")[0])
         out_weight = f".{out_linear}.weight"
         out_weights = [n for n in graph.attr_nodes(_join(block, container)) if n.target.endswith(out_weight)]
+        experts_path = _join(block, container)
     else:
-        sources, intermediate, gated = _fused_sources(graph, block, fused_names, hidden, num_experts)
+        sources, intermediate, gated = _fused_sources(graph, module, block, fused_names, hidden, num_experts)
         top_children.add(fused_names[0].split(".")[0])
         out_weights = graph.attr_nodes(_join(block, sources[0].out_proj))
-    routed = descendants(out_weights)  # everything computed from the experts' output
+        experts_path = _join(block, sources[0].out_proj)
+    # modules captured opaque (expert loops) compute the experts' output without using its weights' nodes
+    holders = [n for n in graph.nodes if n.op == "call_module" and _inside(experts_path, n.target)]
+    routed = descendants(out_weights + holders)  # everything computed from the experts' output
     shared, gates, after = _shared_children(graph, model, block, top_children, routed)
     if len(after) > 1:
         raise DetectionError(f"{block}: modules {after} are applied to the experts' output; moefx reads one at most")

@@ -258,7 +258,7 @@ def ort_activation(bank: nn.Module) -> dict | None:
             if torch.allclose(fn(parts[0]), expected, atol=1e-5):
                 return {"activation": name, "alpha": 1.0, "beta": 0.0, "limit": None}
         return None
-    graph = bank.act.graph
+    graph = getattr(bank.act, "graph", fx.Graph())  # a traced activation's constants are its candidate settings
     clamps = _constants(graph, {torch.ops.aten.clamp})
     limit = max(abs(c) for c in clamps if c is not None) if clamps else None
     alphas = [c for c in _constants(graph, {torch.ops.aten.mul}) if c != 1.0] or [1.0]

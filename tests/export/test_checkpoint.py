@@ -9,7 +9,7 @@ import torch
 import moefx
 import moefx.export
 from moefx.capture import max_output_diff
-from moefx.zoo import example_inputs, tiny_model
+from moefx.zoo import example_inputs, tiny_model, tiny_transformers_model
 
 
 def _compiled(family, **options):
@@ -96,6 +96,20 @@ def test_uniform_pruned_checkpoint_loads_with_plain_transformers(family, tmp_pat
     logits = torch.tensor(json.loads(run.stdout))
     with torch.no_grad():
         assert torch.allclose(logits, compressed(input_ids=ids).logits, atol=1e-5)
+
+
+def test_dbrx_checkpoint_keeps_its_2d_expert_layout_and_nested_expert_count(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_transformers_model("dbrx")
+    batches = [example_inputs("dbrx", seed=s) for s in range(2)]
+    compressed = moefx.compile(model, batches, experts=0.5, router="pruned")
+    moefx.export.save_pretrained(compressed, tmp_path / "hf", batches[0])
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert plain.config.ffn_config.moe_num_experts == 4
+    assert plain.transformer.blocks[0].ffn.experts.mlp.w1.shape == (4 * 48, 32)
+    with torch.no_grad():
+        assert max_output_diff(plain(**batches[0]).logits, compressed(**batches[0]).logits) <= 1e-5
 
 
 def test_save_pretrained_refuses_what_transformers_cannot_hold(tmp_path):

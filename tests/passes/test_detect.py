@@ -6,9 +6,10 @@ from torch.fx.passes.infra.pass_manager import PassManager
 
 import moefx
 from moefx.block import build_block, max_block_diff
+from moefx.experts import FusedExperts, GatedActivation
 from moefx.passes.detect import DetectMoEBlocks, find_moe_blocks
 from moefx.routing import select_experts
-from moefx.zoo import example_inputs, tiny_model
+from moefx.zoo import example_inputs, tiny_model, tiny_transformers_model
 
 EXPECTED = {
     # family: (block names, top_k, scoring, normalize, experts kind, gated, bias, shared, shared gate)
@@ -108,6 +109,32 @@ def test_small_capacity_drops_tokens_exactly_as_switch_does():
         _, index = select_experts(canonical.router(x), top_k=1, capacity=2)
         assert (index == -1).sum() > 0  # tokens really were dropped
         assert torch.allclose(canonical(x), b.module(x), atol=1e-6)
+
+
+def test_dbrx_experts_stacked_in_2d_with_gate_and_up_apart():
+    # DBRX: w1, v1, w2 are [E*I, H] (w2 holds each expert's down projection transposed); its experts loop
+    # is captured opaque, and its weights are renormalised by their L1 norm
+    model = tiny_transformers_model("dbrx")
+    x = example_inputs("dbrx")
+    blocks = find_moe_blocks(model, x)
+    assert [b.name for b in blocks] == ["transformer.blocks.0.ffn", "transformer.blocks.1.ffn"]
+    for b in blocks:
+        src = b.experts_source
+        assert (src.in_proj, src.up_proj, src.out_proj) == ("experts.mlp.w1", "experts.mlp.v1", "experts.mlp.w2")
+        assert src.flat and src.layout == "concat" and not src.in_transposed and src.out_transposed
+        assert (b.scoring, b.routing.normalize, b.top_k, b.intermediate_size) == ("softmax", True, 2, 48)
+        graph = build_block(b.module, b)
+        assert isinstance(graph.experts, FusedExperts) and isinstance(graph.experts.act, GatedActivation)
+        assert graph.experts.in_proj.shape == (8, 96, 32) and graph.experts.out_proj.shape == (8, 32, 48)
+        assert max_block_diff(b.module, graph, 32, b.input_ndim) <= 1e-5
+
+
+def test_dbrx_weights_normalised_by_another_norm_are_reported_not_approximated():
+    model = tiny_transformers_model("dbrx")
+    for block in model.transformer.blocks:
+        block.ffn.moe_normalize_expert_weights = 2.0  # an L2 norm of the top-k weights
+    with pytest.raises(moefx.DetectionError, match="does not reproduce"):
+        find_moe_blocks(model, example_inputs("dbrx"))
 
 
 def test_bfloat16_model_is_detected():
