@@ -9,7 +9,7 @@ attention masks and position embeddings the model itself computes for them), the
    what the configuration needs), the calibration batches, :func:`moefx.convert` (plan, second statistics,
    rewrite);
 3. runs the compressed layer on the cached hidden states to give the next layer's inputs;
-4. hands the layer back to its source (cast to the model's dtype), which may write and free it.
+4. hands the layer back to its source, which casts it to the model's dtype and may write and free it.
 
 Memory is one layer, the cached hidden states and one layer's statistics, whatever the depth. Planning is
 per layer, so every layer keeps the same share of its experts (no adaptive allocation across layers) and
@@ -211,13 +211,14 @@ def compress_layers(
     inputs: list[dict[str, Any]],
     config: CompressionConfig,
     load: Callable[[int], nn.Module],
-    done: Callable[[int, nn.Module], None],
+    done: Callable[[int, nn.Module, torch.dtype], None],
     progress: Callable[[int, LayerResult], None] | None = None,
 ) -> CompressionReport:
     """Compress every layer of ``layers`` in turn (see the module docstring).
 
-    ``load(i)`` gives layer ``i`` with real weights and ``done(i, layer)`` takes it back compressed, in the
-    model's dtype; ``progress(i, result)`` is told after each layer.
+    ``load(i)`` gives layer ``i`` with real weights and ``done(i, layer, dtype)`` takes it back compressed, in
+    float32, and casts it to ``dtype``, the dtype it was loaded in (before that, checks may run in float32
+    without copying it); ``progress(i, result)`` is told after each layer.
     """
     report = CompressionReport(config)
     stage = Stages(report.seconds)
@@ -232,8 +233,7 @@ def compress_layers(
         with stage("propagation"):
             inputs = run_layer(LayerCall(layer), inputs)
         with stage("writing layers"):
-            layer.to(dtype)
-            done(i, layer)
+            done(i, layer, dtype)
             del layer
             gc.collect()  # capture leaves reference cycles that hold the float32 layer until the collector runs
             _return_freed_memory()
@@ -285,6 +285,10 @@ def check_layerwise(config: CompressionConfig) -> None:
                           "with sequential")  # fmt: skip
 
 
+def _cast(_: int, layer: nn.Module, dtype: torch.dtype) -> None:
+    layer.to(dtype)
+
+
 def compile_layerwise(model: nn.Module, batches: list[Any], config: CompressionConfig) -> nn.Module:
     """``moefx.compile(model, batches, sequential=True)``: the layers of an in-memory model, one at a time."""
     check_layerwise(config)
@@ -293,7 +297,7 @@ def compile_layerwise(model: nn.Module, batches: list[Any], config: CompressionC
     start = time.perf_counter()
     inputs = first_layer_inputs(target, layers, batches)
     seconds = time.perf_counter() - start
-    report = compress_layers(layers, prefix, inputs, config, layers.__getitem__, lambda i, layer: None)
+    report = compress_layers(layers, prefix, inputs, config, layers.__getitem__, _cast)
     report.seconds["first layer inputs"] = seconds
     target.moefx_report = report
     return target

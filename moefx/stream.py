@@ -272,23 +272,25 @@ class _LayerSink:
         self.decided = False
         self.blocks: dict[str, dict] = {}
 
-    def __call__(self, i: int, layer: nn.Module) -> None:
+    def __call__(self, i: int, layer: nn.Module, dtype: torch.dtype) -> None:
         from transformers.core_model_loading import revert_weight_conversion
 
         prefix = f"{self.source.layers_path}.{i}"
         graphs = {f"{prefix}.{n}": m for n, m in layer.named_modules() if is_canonical_block(m)}
         if graphs and not self.decided:
             self._decide(graphs)
+        if self.plain is not None:  # checked in float32, before the cast: no float32 copy of the layer is made
+            for name, graph in graphs.items():
+                self._check_plain(name, graph)
+                self._check_same_function(name, graph, transformers_block_state(self.plain, name, graph))
+        layer.to(dtype)
         state = {f"{prefix}.{name}": tensor for name, tensor in layer.state_dict().items()}
         if self.plain is None:
             self.blocks.update({name: describe_block(graph) for name, graph in graphs.items()})
         else:
             state = {k: v for k, v in state.items() if not any(k.startswith(f"{b}.") for b in graphs)}
             for name, graph in graphs.items():
-                self._check_plain(name, graph)
-                block_state = transformers_block_state(self.plain, name, graph)
-                self._check_same_function(name, graph, block_state)
-                state.update(block_state)
+                state.update(transformers_block_state(self.plain, name, graph))
             state = revert_weight_conversion(self.plain, state)
         self.writer.add(state)
         self.writer.flush()  # a shard per layer (or more): nothing of it is held while the next is compressed
@@ -314,7 +316,7 @@ class _LayerSink:
 
     def _check_same_function(self, name: str, graph: fx.GraphModule, block_state: dict[str, torch.Tensor]) -> None:
         """Refuse to write a plain block that does not compute what moefx's block computes (both run in
-        float32 on the weights as written, on random hidden states)."""
+        float32 on the same weights, on random hidden states; the written ones are their cast)."""
         plain = copy.deepcopy(self.plain.get_submodule(name))  # on the meta device until its weights are assigned
         plain.load_state_dict({k.removeprefix(f"{name}."): v.float() for k, v in block_state.items()}, assign=True)
         block = graph.meta["moefx_block"]
@@ -374,7 +376,7 @@ def compress_checkpoint(
         if progress is not None:
             progress(i, len(source.layers), result)
 
-    def release(i: int, _: nn.Module) -> None:
+    def release(i: int, *_: Any) -> None:
         source.release_layer(i)
 
     with sharded(), contextlib.ExitStack() as stack:
