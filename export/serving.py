@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from moefx.block import build_block
 from moefx.capture import normalize_inputs
@@ -124,12 +125,33 @@ def new_shape_inputs(inputs: tuple[torch.Tensor, ...], names: list[str]) -> tupl
     return tuple(result)
 
 
+class TopkTiesToLowerIndex(TorchDispatchMode):
+    """``topk`` that breaks ties by the lower index, as ONNX's TopK specifies; PyTorch's CPU kernel leaves the
+    order of equal values unspecified. Exact ties are common where top-k ranks ReLU'd scores (the DeepSeek
+    sparse-attention indexer picks ``index_topk`` keys per query among scores that are often exactly 0), so
+    eager must break them as ONNX Runtime does for the file to be comparable with it. A dispatch mode, so
+    that it also covers the aten ops of captured graphs."""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if func is torch.ops.aten.topk.default:
+            return _topk_lower_index_first(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+def _topk_lower_index_first(
+    input: torch.Tensor, k: int, dim: int = -1, largest: bool = True, sorted: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    values, indices = torch.sort(input, dim=dim, descending=largest, stable=True)
+    return values.narrow(dim, 0, k), indices.narrow(dim, 0, k)
+
+
 def eager_with_routing_ties(
-    serving: nn.Module, inputs: tuple[torch.Tensor, ...]
+    serving: nn.Module, inputs: tuple[torch.Tensor, ...], onnx_topk: bool = False
 ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
     """Run eager on ``inputs``: its outputs, and a boolean per batch row saying whether some token of it has a
     near-tie between its k-th and (k+1)-th router logit in some block. Rounding legitimately flips the choice
-    of expert there, so an artifact may differ from eager at that token and, through attention, after it."""
+    of expert there, so an artifact may differ from eager at that token and, through attention, after it.
+    With ``onnx_topk``, eager's top-k breaks exact ties as ONNX's TopK does (:class:`TopkTiesToLowerIndex`)."""
     rows = inputs[0].shape[0]
     tied = torch.zeros(rows, dtype=torch.bool)
 
@@ -149,7 +171,7 @@ def eager_with_routing_ties(
         if is_canonical_block(m) and isinstance(getattr(m, "router", None), nn.Module)
     ]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), TopkTiesToLowerIndex() if onnx_topk else contextlib.nullcontext():
             output = serving(*inputs)
     finally:
         for h in hooks:
@@ -173,12 +195,13 @@ class ParityReference:
     names: tuple[str, ...] = ("logits",)
 
     @staticmethod
-    def of(serving: nn.Module, example: tuple[torch.Tensor, ...]) -> ParityReference:
+    def of(serving: nn.Module, example: tuple[torch.Tensor, ...], onnx_topk: bool = False) -> ParityReference:
         """Eager's reference for ``serving`` (a :class:`ServingModule` or a
         :class:`~moefx.export.generation.CachedDecoder`): computed before any lowering, so the check covers
-        it too."""
+        it too. ``onnx_topk``: break top-k ties as ONNX does (for an ONNX artifact)."""
         inputs = serving.check_inputs(example)
-        return ParityReference(inputs, *eager_with_routing_ties(serving, inputs), tuple(serving.output_names))
+        outputs, tied = eager_with_routing_ties(serving, inputs, onnx_topk)
+        return ParityReference(inputs, outputs, tied, tuple(serving.output_names))
 
 
 def check_parity(

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-SCORINGS = ("softmax", "sigmoid", "softmax_topk")
+SCORINGS = ("softmax", "sigmoid", "softmax_topk", "sparsemixer")
 
 
 @dataclass(frozen=True)
@@ -24,10 +24,13 @@ class RoutingSpec:
 
     * ``scoring``: ``"softmax"`` (softmax over all experts, then top-k), ``"sigmoid"`` (independent
       sigmoid scores, DeepSeek-V3), or ``"softmax_topk"`` (top-k of the logits, then softmax over the k,
-      GPT-OSS).
+      GPT-OSS), or ``"sparsemixer"`` (PhiMoE's sparse mixer, as in eval mode: each of the k slots takes the
+      best expert not yet taken, weighted by a softmax over the experts not yet taken whose logits are
+      within a relative ``2 * jitter_eps`` of its own).
     * ``normalize``: divide the k weights by their sum (plus ``norm_eps``, and at least ``norm_min`` when it
       is set); ``scale``: multiply them after.
-    * ``has_correction_bias``: a per-expert bias added to the scores for choosing only (DeepSeek-V3).
+    * ``has_correction_bias``: a per-expert bias added to the scores for choosing only (DeepSeek-V3), or to
+      the logits with ``bias_on_logits`` (Kolibri).
     * ``n_group`` / ``topk_group`` / ``group_topk``: group-limited selection: experts are split into
       ``n_group`` groups, each group scored by the sum of its ``group_topk`` best scores, and only the best
       ``topk_group`` groups are eligible.
@@ -46,6 +49,8 @@ class RoutingSpec:
     topk_group: int | None = None
     group_topk: int | None = None
     capacity: int | None = None
+    jitter_eps: float = 0.0
+    bias_on_logits: bool = False
 
     def as_kwargs(self) -> dict:
         kwargs = asdict(self)
@@ -67,6 +72,8 @@ def select_experts(
     topk_group: int | None = None,
     group_topk: int | None = None,
     capacity: int | None = None,
+    jitter_eps: float = 0.0,
+    bias_on_logits: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Route tokens: ``logits [..., E]`` to ``(weights [T, k] float32, index [T, k] int64)``.
 
@@ -80,9 +87,11 @@ def select_experts(
     if scoring == "softmax_topk":
         values, index = torch.topk(flat, top_k, dim=-1)
         weights = torch.softmax(values, dim=-1)
+    elif scoring == "sparsemixer":
+        weights, index = _sparse_mixer(flat, top_k, jitter_eps)
     else:
         scores = torch.softmax(flat, dim=-1) if scoring == "softmax" else torch.sigmoid(flat)
-        choice = scores if correction_bias is None else scores + correction_bias
+        choice = scores if correction_bias is None else (flat if bias_on_logits else scores) + correction_bias
         if n_group is not None:
             grouped = choice.view(-1, n_group, num_experts // n_group)
             group_scores = grouped.topk(group_topk or 1, dim=-1)[0].sum(dim=-1)
@@ -101,6 +110,19 @@ def select_experts(
     if scale != 1.0:
         weights = weights * scale
     return weights, index
+
+
+def _sparse_mixer(logits: torch.Tensor, top_k: int, jitter_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PhiMoE's ``sparsemixer`` without its training-time sampling: slot by slot, the best remaining expert,
+    weighted by the softmax of the remaining logits less than ``2 * jitter_eps`` (relative) below its own."""
+    remaining, weights, index = logits, [], []
+    for _ in range(top_k):
+        best, chosen = remaining.max(dim=-1, keepdim=True)
+        far = (best - logits) / logits.abs().clamp(min=best) > 2 * jitter_eps
+        weights.append(torch.softmax(remaining.masked_fill(far, float("-inf")), dim=-1).gather(-1, chosen))
+        index.append(chosen)
+        remaining = remaining.scatter(-1, chosen, float("-inf"))
+    return torch.cat(weights, dim=-1), torch.cat(index, dim=-1)
 
 
 def _top1_with_capacity(logits: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,6 +19,7 @@ original module. Rewrites nothing.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections import deque
 from typing import Any
 
@@ -143,23 +144,64 @@ def _router_weight(graph: _Graph, node: fx.Node) -> tuple[str, torch.Tensor] | N
 
 
 def _selection(linear: fx.Node, num_experts: int) -> fx.Node | None:
-    """The top-k / argmax node that chooses among the E outputs of ``linear``."""
+    """The top-k / argmax node that chooses among the E outputs of ``linear``; for a sparse mixer (PhiMoE),
+    whose choices come from max ops inside a no-grad region, its first masking of the logits with -inf."""
+    masking = None
     for node in _reach(linear, _ROUTING_DEPTH):
         packet = _packet(node)
         if packet in (aten.topk, aten.argmax) and _last_dim(node.args[0]) == num_experts:
             k = node.args[1] if packet is aten.topk else 1
             if isinstance(k, int) and k < num_experts:
                 return node
-    return None
+        if masking is None and _is_sparse_mixer_mask(node, linear):
+            masking = node
+    return masking
+
+
+def _is_sparse_mixer_mask(node: fx.Node, logits: fx.Node) -> bool:
+    """``node`` fills the logits (or the logits with experts already taken set to -inf) with -inf where a
+    comparison says, and a softmax of it is gathered at the chosen expert: one slot of a sparse mixer."""
+    if _packet(node) is not aten.masked_fill or node.args[2] != float("-inf"):
+        return False
+    source = _strip(node.args[0], _TRANSPARENT)
+    taken = _packet(source) is aten.scatter and source.args[-1] == float("-inf")
+    if source is not logits and not (taken and _strip(source.args[0], _TRANSPARENT) is logits):
+        return False
+    softmaxes = [u for u in node.users if _packet(u) in (aten.softmax, aten._softmax)]
+    return any(_packet(g) is aten.gather for s in softmaxes for g in s.users)
+
+
+def _sparse_mixer_routing(graph: _Graph, linear: fx.Node, first: fx.Node, block: str) -> RoutingSpec:
+    """The sparse mixer's k (one masked softmax per slot) and ``jitter_eps`` (half the constant the masks'
+    comparison uses: ``(best - logits) / max(|logits|, best) > 2 * jitter_eps``)."""
+    slots = [n for n in _reach(linear, 4) if _is_sparse_mixer_mask(n, linear)]
+    mask = first.args[1]
+    if _packet(mask) is operator.getitem:  # computed under no_grad: inside a higher-order op's subgraph
+        region = mask.args[0]
+        subgraph = graph.gm.get_submodule(region.args[1].target).graph
+        comparisons = [n for n in subgraph.nodes if _packet(n) is aten.gt]
+    else:
+        comparisons = [mask] if _packet(mask) is aten.gt else []
+    constants = {float(n.args[1]) for n in comparisons if isinstance(n.args[1], (int, float))}
+    if len(constants) != 1:
+        raise DetectionError(f"{block}: a sparse-mixer routing whose threshold moefx cannot read")
+    return RoutingSpec(top_k=len(slots), scoring="sparsemixer", jitter_eps=constants.pop() / 2)
 
 
 def _read_routing(graph: _Graph, linear: fx.Node, selection: fx.Node, block: str) -> tuple[RoutingSpec, str | None]:
     """Routing semantics between the router's logits and the selection; also the correction bias path."""
+    if _packet(selection) is aten.masked_fill:
+        return _sparse_mixer_routing(graph, linear, selection, block), None
     num_experts = _last_dim(linear)
     scoring_node = next(
         (n for n in _reach(linear, 4, _TRANSPARENT) if _packet(n) in (aten.softmax, aten._softmax, aten.sigmoid)),
         None,
     )
+    if scoring_node is None:  # a sigmoid of the selected logits (Kolibri): elementwise, so the sigmoid scoring
+        gathered = [
+            n for n in _reach(linear, 2) if _packet(n) is aten.gather and _strip(n.args[0], _TRANSPARENT) is linear
+        ]
+        scoring_node = next((u for g in gathered for u in g.users if _packet(u) is aten.sigmoid), None)
     selection_packet = _packet(selection)
     if selection_packet is aten.topk and _strip(selection.args[0], _TRANSPARENT) is linear:
         scoring = "softmax_topk"
@@ -174,8 +216,10 @@ def _read_routing(graph: _Graph, linear: fx.Node, selection: fx.Node, block: str
         )
     top_k = selection.args[1] if selection_packet is aten.topk else 1
 
-    between = set(_reach(scoring_node or linear, _ROUTING_DEPTH)) & ancestors(selection)
-    correction_bias = None
+    between = (set(_reach(scoring_node or linear, _ROUTING_DEPTH)) | set(_reach(linear, _ROUTING_DEPTH))) & ancestors(
+        selection
+    )
+    correction_bias, bias_on_logits = None, False
     n_group = topk_group = group_topk = None
     for node in sorted(between, key=graph.order.get):
         packet = _packet(node)
@@ -185,6 +229,7 @@ def _read_routing(graph: _Graph, linear: fx.Node, selection: fx.Node, block: str
                 # one value per expert, stored [E] or with unit leading dimensions ([1, E]: Ernie 4.5)
                 if found and found[1].shape[-1:] == (num_experts,) and found[1].numel() == num_experts:
                     correction_bias = _relative(found[0], block)
+                    bias_on_logits = any(_strip(a, _TRANSPARENT) is linear for a in node.args)
         shape = _shape(node)
         # experts viewed as [tokens, groups, experts per group]; one group (many families' default) limits nothing
         grouped = packet in (aten.view, aten.reshape) and shape and len(shape) == 3
@@ -211,7 +256,7 @@ def _read_routing(graph: _Graph, linear: fx.Node, selection: fx.Node, block: str
     spec = RoutingSpec(
         top_k=top_k, scoring=scoring, normalize=normalize, norm_eps=norm_eps, norm_min=norm_min, scale=scale,
         has_correction_bias=correction_bias is not None, n_group=n_group, topk_group=topk_group,
-        group_topk=group_topk, capacity=capacity,
+        group_topk=group_topk, capacity=capacity, bias_on_logits=bias_on_logits,
     )  # fmt: skip
     return spec, correction_bias
 

@@ -12,11 +12,14 @@ import onnx as onnx_pkg
 import onnxruntime
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import moefx
 import moefx.export
 from moefx.export.serving import (
     ParityReference,
+    TopkTiesToLowerIndex,
     check_parity,
     is_canonical_block,
     new_shape_inputs,
@@ -270,3 +273,25 @@ def test_a_file_onnx_runtime_cannot_run_on_a_new_shape_gets_one_line_and_is_not_
         moefx.export.onnx(_model("mixtral", "original"), tmp_path / "m.onnx", example_inputs("mixtral"))
     assert "\n" not in str(error.value)
     assert list(tmp_path.iterdir()) == []
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 4), width=st.integers(2, 9), seed=st.integers(0, 2**16), data=st.data())
+def test_the_onnx_reference_breaks_topk_ties_as_onnx_runtime_does(rows, width, seed, data):
+    # scores from {0, 1, 2}: ties everywhere, as a ReLU'd sparse-attention indexer gives
+    k = data.draw(st.integers(1, width))
+    scores = torch.randint(0, 3, (rows, width), generator=torch.Generator().manual_seed(seed)).float()
+    helper, tensor = onnx_pkg.helper, onnx_pkg.TensorProto
+    inputs = [helper.make_tensor_value_info("x", tensor.FLOAT, [rows, width]),
+              helper.make_tensor_value_info("k", tensor.INT64, [1])]  # fmt: skip
+    outputs = [helper.make_tensor_value_info("values", tensor.FLOAT, None),
+               helper.make_tensor_value_info("index", tensor.INT64, None)]  # fmt: skip
+    topk = helper.make_node("TopK", ["x", "k"], ["values", "index"], axis=-1)
+    graph = helper.make_graph([topk], "topk", inputs, outputs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    values, index = session.run(None, {"x": scores.numpy(), "k": torch.tensor([k]).numpy()})
+    with TopkTiesToLowerIndex():
+        eager_values, eager_index = torch.topk(scores, k)
+    assert eager_index.tolist() == index.tolist()
+    assert torch.equal(eager_values, torch.from_numpy(values))

@@ -2,6 +2,8 @@ import operator
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.fx.passes.infra.pass_manager import PassManager
 
 import moefx
@@ -135,6 +137,61 @@ def test_dbrx_weights_normalised_by_another_norm_are_reported_not_approximated()
         block.ffn.moe_normalize_expert_weights = 2.0  # an L2 norm of the top-k weights
     with pytest.raises(moefx.DetectionError, match="does not reproduce"):
         find_moe_blocks(model, example_inputs("dbrx"))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    tokens=st.integers(1, 9),
+    experts=st.integers(3, 12),
+    jitter_eps=st.sampled_from([0.0, 0.01, 0.1, 0.5]),
+    seed=st.integers(0, 2**16),
+)
+def test_sparse_mixer_routing_equals_phimoe_in_eval_mode(tokens, experts, jitter_eps, seed):
+    from transformers.models.phimoe.modeling_phimoe import sparsemixer
+
+    logits = torch.randn(tokens, experts, generator=torch.Generator().manual_seed(seed)) * 3
+    expected_weights, expected_index = sparsemixer(logits, jitter_eps=jitter_eps, training=False, top_k=2)
+    weights, index = select_experts(logits, top_k=2, scoring="sparsemixer", jitter_eps=jitter_eps)
+    assert torch.equal(index, expected_index)
+    assert torch.allclose(weights, expected_weights, atol=1e-6)
+
+
+def test_phimoe_sparse_mixer_routing_is_read():
+    model = tiny_transformers_model("phimoe")
+    blocks = find_moe_blocks(model, example_inputs("phimoe"))
+    assert [b.name for b in blocks] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    for b in blocks:
+        assert (b.top_k, b.scoring, b.routing.jitter_eps, b.routing.normalize) == (2, "sparsemixer", 0.01, False)
+        graph = build_block(b.module, b)
+        selection = next(n for n in graph.graph.nodes if n.target is select_experts)
+        assert selection.kwargs["scoring"] == "sparsemixer" and selection.kwargs["jitter_eps"] == 0.01
+
+
+def test_a_sparse_mixer_of_another_threshold_is_read_with_it():
+    model = tiny_transformers_model("phimoe")
+    for layer in model.model.layers:
+        layer.mlp.router.router_jitter_noise = 0.2
+    assert {b.routing.jitter_eps for b in find_moe_blocks(model, example_inputs("phimoe"))} == {0.2}
+
+
+def test_a_correction_bias_on_the_logits_is_read_apart_from_one_on_the_scores():
+    # Kolibri chooses by logits + bias and weights by the sigmoid of the chosen logits (DeepSeek-V3 adds its
+    # bias to the sigmoid scores): with a bias that changes choices, only the right reading reproduces it
+    model = tiny_transformers_model("kolibri1")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.e_score_correction_bias.copy_(torch.linspace(-2.0, 2.0, 8))
+    batches = [example_inputs("kolibri1", seed=s) for s in range(2)]
+    blocks = find_moe_blocks(model, batches[0])
+    assert {(b.scoring, b.routing.has_correction_bias, b.routing.bias_on_logits) for b in blocks} == {
+        ("sigmoid", True, True)}  # fmt: skip
+    logits, bias = torch.randn(16, 8, generator=torch.Generator().manual_seed(0)), torch.linspace(-2.0, 2.0, 8)
+    on_logits = select_experts(logits, bias, top_k=2, scoring="sigmoid", bias_on_logits=True)[1].sort().values
+    assert torch.equal(on_logits, torch.topk(logits + bias, 2).indices.sort().values)
+    assert not torch.equal(on_logits, select_experts(logits, bias, top_k=2, scoring="sigmoid")[1].sort().values)
+    kept_all = moefx.compile(model, batches, experts=1.0)
+    with torch.no_grad():
+        assert (kept_all(**batches[0]).logits - model(**batches[0]).logits).abs().max() <= 1e-5
 
 
 def test_bfloat16_model_is_detected():
