@@ -336,8 +336,8 @@ def _transformers_state(
             stack = stack.detach().transpose(1, 2) if transposed else stack.detach()
             return stack.reshape(-1, stack.shape[2]) if src.flat else stack
 
-        in_projs = bank.in_proj.chunk(2, dim=1) if src.up_proj is not None else (bank.in_proj,)
-        for path, stack in zip((src.in_proj, src.up_proj), in_projs, strict=False):
+        paths = (src.in_proj,) if src.up_proj is None else (src.in_proj, src.up_proj)
+        for path, stack in zip(paths, bank.in_proj.chunk(len(paths), dim=1), strict=True):
             state[f"{prefix}{path}"] = stored(stack, src.in_transposed)
         state[f"{prefix}{src.out_proj}"] = stored(bank.out_proj, src.out_transposed)
         if src.in_bias is not None:

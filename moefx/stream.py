@@ -376,7 +376,7 @@ def compress_checkpoint(
         if progress is not None:
             progress(i, len(source.layers), result)
 
-    def release(i: int, *_: Any) -> None:
+    def release(i: int, _: nn.Module, __: torch.dtype) -> None:
         source.release_layer(i)
 
     with sharded(), contextlib.ExitStack() as stack:

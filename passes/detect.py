@@ -3,15 +3,17 @@
 Matches, in the ATen graph that :func:`moefx.trace` captures:
 
 * a **router**: a linear whose 2-D weight ``[E, H]`` feeds a top-k / argmax selection over its E outputs
-  (through softmax, sigmoid, or a softmax of the selected logits);
-* the **experts** beside it: the nearest enclosing module that holds either 3-D parameters with a leading
-  dimension of E (fused experts) or a container of E structurally identical expert modules. That module is
-  the **block**; its other parameterised children are shared experts, and a child linear with one output
-  is a shared-expert gate.
+  (through softmax, sigmoid, or a softmax of the selected logits), or a sparse mixer's masked softmaxes
+  (PhiMoE);
+* the **experts** beside it: the nearest enclosing module that holds 3-D parameters with a leading
+  dimension of E (fused experts), a container of E structurally identical expert modules, or 2-D
+  parameters of width H stacking E matrices (``[E*I, H]``, DBRX). That module is the **block**; its other
+  parameterised children are shared experts, and a child linear with one output is a shared-expert gate.
 
 The routing variant (scoring, renormalisation, scaling, correction bias, group-limited selection,
 capacity) is read from the ops between the router and the selection; a fused bank's activation is the
-subgraph between its two matmuls, extracted as a GraphModule. Detection works on structure and shapes, not
+subgraph between its two matmuls, extracted as a GraphModule, or, where capture keeps the experts' loop
+opaque, the one parameterless module beside their weights. Detection works on structure and shapes, not
 class names, and each block's reading is verified by running moefx's canonical form of it against the
 original module. Rewrites nothing.
 """
@@ -164,8 +166,9 @@ def _is_sparse_mixer_mask(node: fx.Node, logits: fx.Node) -> bool:
     if _packet(node) is not aten.masked_fill or node.args[2] != float("-inf"):
         return False
     source = _strip(node.args[0], _TRANSPARENT)
-    taken = _packet(source) is aten.scatter and source.args[-1] == float("-inf")
-    if source is not logits and not (taken and _strip(source.args[0], _TRANSPARENT) is logits):
+    while _packet(source) is aten.scatter and source.args[-1] == float("-inf"):  # experts taken by earlier slots
+        source = _strip(source.args[0], _TRANSPARENT)
+    if source is not logits:
         return False
     softmaxes = [u for u in node.users if _packet(u) in (aten.softmax, aten._softmax)]
     return any(_packet(g) is aten.gather for s in softmaxes for g in s.users)
@@ -174,16 +177,20 @@ def _is_sparse_mixer_mask(node: fx.Node, logits: fx.Node) -> bool:
 def _sparse_mixer_routing(graph: _Graph, linear: fx.Node, first: fx.Node, block: str) -> RoutingSpec:
     """The sparse mixer's k (one masked softmax per slot) and ``jitter_eps`` (half the constant the masks'
     comparison uses: ``(best - logits) / max(|logits|, best) > 2 * jitter_eps``)."""
-    slots = [n for n in _reach(linear, 4) if _is_sparse_mixer_mask(n, linear)]
-    mask = first.args[1]
-    if _packet(mask) is operator.getitem:  # computed under no_grad: inside a higher-order op's subgraph
-        region = mask.args[0]
-        subgraph = graph.gm.get_submodule(region.args[1].target).graph
-        comparisons = [n for n in subgraph.nodes if _packet(n) is aten.gt]
-    else:
-        comparisons = [mask] if _packet(mask) is aten.gt else []
+    slots = [n for n in _reach(linear, _ROUTING_DEPTH) if _is_sparse_mixer_mask(n, linear)]
+    mask, comparisons = first.args[1], []
+    if _packet(mask) is aten.gt:
+        comparisons = [mask]
+    elif _packet(mask) is operator.getitem:  # computed under no_grad: an output of a higher-order op's subgraph
+        region, position = mask.args
+        body = region.args[1] if len(region.args) > 1 else None
+        hop = torch.ops.higher_order.wrap_with_set_grad_enabled
+        if region.target is hop and isinstance(body, fx.Node) and body.op == "get_attr":
+            subgraph = graph.gm.get_submodule(body.target).graph
+            output = next(n for n in subgraph.nodes if n.op == "output").args[0][position]
+            comparisons = [n for n in ancestors(output) | {output} if _packet(n) is aten.gt]
     constants = {float(n.args[1]) for n in comparisons if isinstance(n.args[1], (int, float))}
-    if len(constants) != 1:
+    if len(constants) != 1 or first not in slots:
         raise DetectionError(f"{block}: a sparse-mixer routing whose threshold moefx cannot read")
     return RoutingSpec(top_k=len(slots), scoring="sparsemixer", jitter_eps=constants.pop() / 2)
 
@@ -216,9 +223,9 @@ def _read_routing(graph: _Graph, linear: fx.Node, selection: fx.Node, block: str
         )
     top_k = selection.args[1] if selection_packet is aten.topk else 1
 
-    between = (set(_reach(scoring_node or linear, _ROUTING_DEPTH)) | set(_reach(linear, _ROUTING_DEPTH))) & ancestors(
-        selection
-    )
+    between = set(_reach(scoring_node or linear, _ROUTING_DEPTH)) & ancestors(selection)
+    if scoring_node is not None and scoring_node not in ancestors(selection):  # scored after choosing: the choice
+        between |= set(_reach(linear, _ROUTING_DEPTH)) & ancestors(selection)  # reads the logits themselves
     correction_bias, bias_on_logits = None, False
     n_group = topk_group = group_topk = None
     for node in sorted(between, key=graph.order.get):
@@ -281,16 +288,17 @@ def _read_weight_transform(
                     floor, divisor = float(divisor.args[1]), _strip(divisor.args[0], _TRANSPARENT)  # Ernie 4.5
                 if _packet(divisor) in (aten.add, aten.add_) and isinstance(divisor.args[1], (int, float)):
                     eps, divisor = float(divisor.args[1]), _strip(divisor.args[0], _TRANSPARENT)
-                if _packet(divisor) is aten.sum or (
-                    _packet(divisor) is aten.linalg_vector_norm and divisor.args[1] == 1
-                ):  # DBRX: an L1 norm of the weights
+                l1_norm = _packet(divisor) is aten.linalg_vector_norm and divisor.args[1:2] == (1,)  # DBRX
+                if _packet(divisor) is aten.sum or l1_norm:
                     normalize = True
             elif packet in (aten.mul, aten.mul_) and isinstance(node.args[1], (int, float)):
                 scale = float(node.args[1])
     return normalize, eps, floor, scale
 
 
-def _find_experts(model: nn.Module, router_owner: str, num_experts: int) -> tuple[str, list[str], str | None]:
+def _find_experts(
+    model: nn.Module, router_owner: str, num_experts: int, hidden: int
+) -> tuple[str, list[str], str | None]:
     """The block path, and inside it the fused expert tensors or the container of expert modules."""
     parts = router_owner.split(".") if router_owner else []
     for depth in range(len(parts), -1, -1):
@@ -313,19 +321,20 @@ def _find_experts(model: nn.Module, router_owner: str, num_experts: int) -> tupl
                 and sum(1 for _ in children[0].parameters()) >= 2
             ):
                 return block, [], name
-        flat = _flat_stacks(module, block, router_owner, num_experts)
+        flat = _flat_stacks(module, block, router_owner, num_experts, hidden)
         if len(flat) == 1:
             return block, flat[0], None
     raise LookupError
 
 
-def _flat_stacks(module: nn.Module, block: str, router_owner: str, num_experts: int) -> list[list[str]]:
-    """The 2-D parameters of ``module`` that stack E matrices along their first axis (``[E*rows, cols]``, as
-    DBRX stores its experts), grouped by owner; only owners with two or more."""
+def _flat_stacks(module: nn.Module, block: str, router_owner: str, num_experts: int, hidden: int) -> list[list[str]]:
+    """The 2-D parameters of ``module`` that stack E matrices of width H along their first axis
+    (``[E*rows, H]``, as DBRX stores its experts), grouped by owner; only owners with two or more."""
     by_owner: dict[str, list[str]] = {}
     for name, p in module.named_parameters():
         if (
             p.ndim == 2
+            and p.shape[1] == hidden
             and p.shape[0] % num_experts == 0
             and p.shape[0] > num_experts
             and not _inside(_join(block, name), router_owner)
@@ -429,6 +438,9 @@ def _fused_sources(
         in_bias, out_bias = (None, biases[0]) if only.shape[1] == hidden else (biases[0], None)
     in_node = nodes.get(absolute[in_name])
     if in_node is not None and in_node.users:
+        if up_name is not None:
+            raise DetectionError(f"{block}: traced fused experts with the gate and up projections stored apart, a "
+                                 "layout moefx reads only where capture keeps the experts' loop opaque")  # fmt: skip
         act = _extract_activation(graph, in_node, nodes[absolute[out_name]], nodes[in_bias] if in_bias else None)
     else:
         act = _opaque_activation(module, block, owner)
@@ -528,7 +540,7 @@ def _describe_block(graph: _Graph, model: nn.Module, linear: fx.Node, selection:
     num_experts, hidden = weight.shape
     router_owner = weight_path.rpartition(".")[0]
     try:
-        block, fused_names, container = _find_experts(model, router_owner, num_experts)
+        block, fused_names, container = _find_experts(model, router_owner, num_experts, hidden)
     except LookupError:
         return None
     spec, correction_bias = _read_routing(graph, linear, selection, block or type(model).__name__)
@@ -563,6 +575,8 @@ def _describe_block(graph: _Graph, model: nn.Module, linear: fx.Node, selection:
         experts_path = _join(block, sources[0].out_proj)
     # modules captured opaque (expert loops) compute the experts' output without using its weights' nodes
     holders = [n for n in graph.nodes if n.op == "call_module" and _inside(experts_path, n.target)]
+    if not out_weights and not holders:
+        raise DetectionError(f"{block}: moefx cannot find where the captured graph computes the experts' output")
     routed = descendants(out_weights + holders)  # everything computed from the experts' output
     shared, gates, after = _shared_children(graph, model, block, top_children, routed)
     if len(after) > 1:
@@ -647,7 +661,8 @@ def find_moe_blocks(
         raise DetectionError(
             f"no MoE block found in {type(model).__name__}: searched {detect.routers_examined} linear layers for a "
             "router (a linear whose outputs feed a top-k or argmax expert selection) with expert weights beside it "
-            "(3-D parameters with a leading expert dimension, or a container of expert modules); "
+            "(3-D parameters with a leading expert dimension, 2-D ones stacking the experts, or a container of "
+            "expert modules); "
             "moefx compresses Mixture-of-Experts models only"
         )
     return detect.blocks

@@ -258,7 +258,9 @@ def ort_activation(bank: nn.Module) -> dict | None:
             if torch.allclose(fn(parts[0]), expected, atol=1e-5):
                 return {"activation": name, "alpha": 1.0, "beta": 0.0, "limit": None}
         return None
-    graph = getattr(bank.act, "graph", fx.Graph())  # a traced activation's constants are its candidate settings
+    # a traced activation's constants are the candidate alpha, beta and limit; a module without a graph (a
+    # gated activation read from an opaque experts loop) has none, so only the plain SwiGLU is tried
+    graph = getattr(bank.act, "graph", fx.Graph())
     clamps = _constants(graph, {torch.ops.aten.clamp})
     limit = max(abs(c) for c in clamps if c is not None) if clamps else None
     alphas = [c for c in _constants(graph, {torch.ops.aten.mul}) if c != 1.0] or [1.0]

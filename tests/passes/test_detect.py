@@ -174,6 +174,20 @@ def test_a_sparse_mixer_of_another_threshold_is_read_with_it():
     assert {b.routing.jitter_eps for b in find_moe_blocks(model, example_inputs("phimoe"))} == {0.2}
 
 
+def test_a_sparse_mixer_whose_threshold_moefx_cannot_read_gets_one_line(monkeypatch):
+    from transformers.models.phimoe import modeling_phimoe
+
+    def sparsemixer_at_least(scores, jitter_eps, training, top_k=2):  # ">=" where PhiMoE compares with ">"
+        with torch.no_grad():
+            best, chosen = scores.max(dim=-1, keepdim=True)
+            far = (best - scores) / scores.abs().clamp(min=best) >= 2 * jitter_eps
+        return torch.softmax(scores.masked_fill(far, float("-inf")), dim=-1).gather(-1, chosen), chosen
+
+    monkeypatch.setattr(modeling_phimoe, "sparsemixer", sparsemixer_at_least)
+    with pytest.raises(moefx.DetectionError, match="sparse-mixer routing whose threshold moefx cannot read"):
+        find_moe_blocks(tiny_transformers_model("phimoe"), example_inputs("phimoe"))
+
+
 def test_a_correction_bias_on_the_logits_is_read_apart_from_one_on_the_scores():
     # Kolibri chooses by logits + bias and weights by the sigmoid of the chosen logits (DeepSeek-V3 adds its
     # bias to the sigmoid scores): with a bias that changes choices, only the right reading reproduces it
