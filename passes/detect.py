@@ -419,6 +419,7 @@ def _fused_sources(
     if up_name is not None and stacked_shape(up_name) != in_shape:
         raise DetectionError(f"{block}: stacked expert weights {in_shape} and {stacked_shape(up_name)} do not form "
                              "a gate and an up projection")  # fmt: skip
+    flat = module.get_parameter(in_name).ndim == 2
     pair = 2 if up_name is not None else 1  # the up projection's rows follow the gate's
     out_options = [(False, out_shape[2])] if out_shape[1] == hidden else []
     out_options += [(True, out_shape[1])] if out_shape[2] == hidden else []
@@ -454,7 +455,7 @@ def _fused_sources(
                 FusedExpertsSource(
                     in_name, out_name, in_bias and _relative(in_bias, block), out_bias and _relative(out_bias, block),
                     in_t, out_t, GatedActivation(act) if gated and up_name is not None else act,
-                    "concat" if gated else None, up_name, len(module.get_parameter(in_name).shape) == 2,
+                    "concat" if gated else None, up_name, flat,
                 )
             )  # fmt: skip
     if not sources:
