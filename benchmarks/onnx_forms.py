@@ -30,6 +30,7 @@ if __package__ in (None, ""):
 import moefx  # noqa: E402
 import moefx.export  # noqa: E402
 from benchmarks import models  # noqa: E402
+from benchmarks.scale import random_model  # noqa: E402
 from moefx.demo import onnx_latency_ms  # noqa: E402
 
 SHAPES = [(1, 128), (16, 128)]
@@ -41,27 +42,10 @@ def token_batch(vocab_size: int, batch: int, seq: int, seed: int = 0) -> dict[st
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def olmoe_shaped_layer() -> torch.nn.Module:
-    from transformers import OlmoeConfig, OlmoeForCausalLM
-
-    torch.manual_seed(0)
-    config = OlmoeConfig(
-        vocab_size=256, hidden_size=2048, intermediate_size=1024, num_hidden_layers=1, num_attention_heads=16,
-        num_key_value_heads=16, num_experts=64, num_experts_per_tok=8, tie_word_embeddings=False,
-        eos_token_id=None, pad_token_id=None, bos_token_id=None,
-    )  # fmt: skip
-    model = OlmoeForCausalLM(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.02)
-    return model
-
-
 def cases() -> list[tuple[str, str, torch.nn.Module, int]]:
     """(model, variant, module, vocabulary size)."""
     lm = models.load_lm(Path(__file__).resolve().parent / "fixtures" / "lm")
-    olmoe = olmoe_shaped_layer()
+    olmoe = random_model("olmoe-1b-7b", 1, 256)
     result = []
     for name, model in (("lm fixture", lm), ("olmoe-shaped layer", olmoe)):
         vocab = model.config.vocab_size

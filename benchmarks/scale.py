@@ -65,6 +65,25 @@ SEQUENCES, SEQ_LEN, EXPERTS = 64, 128, 0.5
 FORWARD_STAGES = ("first layer inputs", "calibration", "second calibration pass", "propagation")
 
 
+def random_model(name: str, layers: int, vocab_size: int) -> torch.nn.Module:
+    """``name``'s shape at ``layers`` decoder layers, with random float32 weights (normal, std 0.02) and a
+    ``vocab_size``-token vocabulary (small, so that the experts dominate a serving measurement)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sizes = {k: v for k, v in SHAPES[name].items() if k not in ("full_depth", "depths", "vocab_size")}
+    config = AutoConfig.for_model(
+        **sizes, vocab_size=vocab_size, num_hidden_layers=layers, tie_word_embeddings=False,
+        eos_token_id=None, pad_token_id=None, bos_token_id=None,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.02)
+    return model
+
+
 def shape_config(name: str, layers: int) -> Any:
     from transformers import AutoConfig
 

@@ -43,7 +43,7 @@ if __package__ in (None, ""):
 import moefx  # noqa: E402
 import moefx.export  # noqa: E402
 from benchmarks.onnx_forms import token_batch  # noqa: E402
-from benchmarks.scale import SHAPES  # noqa: E402
+from benchmarks.scale import random_model  # noqa: E402
 from moefx.demo import median_ms  # noqa: E402
 
 VOCAB = 256
@@ -56,22 +56,6 @@ VARIANTS = [
     ("default 25%", {"experts": 0.25}, ("fused", "portable", "int8", "int4")),
     ("mc-smoe 25%", {"experts": 0.25, "method": "mc-smoe"}, ("portable",)),
 ]
-
-
-def random_model(name: str, layers: int) -> torch.nn.Module:
-    """``name``'s decoder layers (``layers`` of them) with random float32 weights and a small vocabulary."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    sizes = {k: v for k, v in SHAPES[name].items() if k not in ("full_depth", "depths", "vocab_size")}
-    config = AutoConfig.for_model(**sizes, vocab_size=VOCAB, num_hidden_layers=layers, tie_word_embeddings=False,
-                                  eos_token_id=None, pad_token_id=None, bos_token_id=None)  # fmt: skip
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.02)
-    return model
 
 
 def tokens(batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -113,7 +97,7 @@ def probe(path: str, threads: int) -> dict[str, float]:
 
 def measure(name: str, layers: int, threads: int, work: Path) -> list[dict[str, Any]]:
     """Every variant and form of ``name``'s model: one row each."""
-    model = random_model(name, layers)
+    model = random_model(name, layers, VOCAB)
     calib = [tokens(8, 128, seed) for seed in range(4)]
     rows = []
     for label, options, forms in VARIANTS:
