@@ -10,6 +10,7 @@ from benchmarks import tuning
 from benchmarks.data import data_dir
 
 
+@pytest.mark.slow  # a classifier calibration and evaluation on the dev split: about 40 s on 2 cores
 def test_tuning_rows_on_the_classifier(monkeypatch):
     if not (data_dir() / "sst2").is_dir():
         pytest.skip(f"benchmark data not found at {data_dir()} (set MOEFX_DATA)")
