@@ -24,9 +24,12 @@ from moefx.export.serving import (
     atomic_output,
     canonicalize,
     check_parity,
+    export_inputs,
+    export_program,
     is_canonical_block,
     serving_model,
 )
+from moefx.passes.complex_views import ComplexViewsAsReal
 from moefx.passes.lower import (
     ONNX_TRANSLATIONS,
     LowerToFusedMoE,
@@ -145,8 +148,10 @@ def onnx(
     Weights go to ``<name>.data`` beside the file when ``external_data`` (default: when they exceed 1 GiB).
     Floating-point weights (and inputs) are written in ``dtype``, float32 unless asked: ONNX Runtime's CPU
     provider has no bfloat16 kernels for common operators, so a bf16 or fp16 model exports in float32
-    (``dtype=None`` keeps the model's dtypes). With ``verify``, ONNX Runtime runs the file on inputs of a
-    new shape and must match eager (the model in ``dtype``, before lowering) within 1e-4. The file appears
+    (``dtype=None`` keeps the model's dtypes). A dynamic graph is traced on inputs of a new shape (one more
+    row, three more positions than the example). With ``verify``, ONNX Runtime runs the file on inputs of
+    another shape than the traced one (the example's, when dynamic) and must match eager (the model in
+    ``dtype``, before lowering) within 1e-4. The file appears
     only once everything succeeded; ``model`` is not changed.
 
     With ``kv_cache``, a causal LM is written as one decoding step with its attention key/value cache
@@ -163,20 +168,26 @@ def onnx(
         inputs = tuple(t.to(dtype) if t.is_floating_point() else t for t in inputs)
     if expert_bits is not None:  # eager on the rounded weights is what the file must match
         quantize_blocks(serving.served, lowering, expert_bits)
+    traced, checked = export_inputs(serving, inputs, dynamic and not kv_cache)
     # before lowering, so the check covers it; eager breaks top-k ties as ONNX's TopK does
-    reference = ParityReference.of(serving, inputs, onnx_topk=True) if verify else None
+    reference = ParityReference.on(serving, checked, onnx_topk=True) if verify else None
     lower_blocks(serving.served, lowering, expert_bits)
     logger.info(describe_lowering(lowering))
     size = sum(t.numel() * t.element_size() for t in [*serving.parameters(), *serving.buffers()])
-    shapes = serving.dynamic_shapes(inputs) if dynamic else None
+    shapes = serving.dynamic_shapes(traced) if dynamic else None
     with atomic_output(path) as scratch:
         try:
             with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_exporter():
                 warnings.simplefilter("ignore")
+                captured = export_program(serving, traced, shapes)
+                PassManager([ComplexViewsAsReal()])(captured.graph_module)
                 program = torch.onnx.export(
-                    serving, inputs, input_names=serving.input_names, output_names=serving.output_names,
-                    dynamic_shapes=shapes, dynamo=True, custom_translation_table=ONNX_TRANSLATIONS, verbose=False,
+                    captured, input_names=serving.input_names,
+                    output_names=serving.output_names, dynamo=True, custom_translation_table=ONNX_TRANSLATIONS,
+                    verbose=False,
                 )  # fmt: skip
+        except MoefxError:
+            raise
         except Exception as exc:  # torch.onnx's own message is a generic step; the cause names the operator
             cause = exc
             while cause.__cause__ is not None:

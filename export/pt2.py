@@ -10,7 +10,15 @@ import torch
 from torch import nn
 
 from moefx.errors import MoefxError, first_line
-from moefx.export.serving import ParityReference, atomic_output, check_parity, dynamic_shapes_for, serving_model
+from moefx.export.serving import (
+    ParityReference,
+    atomic_output,
+    check_parity,
+    dynamic_shapes_for,
+    export_inputs,
+    export_program,
+    serving_model,
+)
 
 
 def pt2(
@@ -19,18 +27,22 @@ def pt2(
     """Export ``model`` with ``torch.export`` and save it as a ``.pt2`` file; returns the path.
 
     Load it with ``torch.export.load(path).module()`` and call it with the example inputs' tensors in order;
-    it returns the logits. With ``verify``, the saved program is loaded back and run on inputs of a new
-    shape, and must match eager within 1e-4.
+    it returns the logits. A dynamic program is traced on inputs of a new shape (one more row, three more
+    positions than the example: see :func:`~moefx.export.serving.export_inputs`). With ``verify``, the saved
+    program is loaded back and run on inputs of another shape than the traced one (the example's, when
+    dynamic), and must match eager within 1e-4.
     """
     serving, inputs = serving_model(model, example_inputs)
-    shapes = dynamic_shapes_for(inputs) if dynamic else None
+    traced, checked = export_inputs(serving, inputs, dynamic)
     with atomic_output(path) as scratch:
         try:
-            program = torch.export.export(serving, inputs, dynamic_shapes=shapes, strict=False)
+            program = export_program(serving, traced, dynamic_shapes_for(traced) if dynamic else None)
+        except MoefxError:
+            raise
         except Exception as exc:
             raise MoefxError(f"torch.export of {type(model).__name__} failed: {first_line(exc)}") from exc
         torch.export.save(program, str(scratch))
         if verify:
             loaded = torch.export.load(str(scratch)).module()
-            check_parity("pt2", ParityReference.of(serving, inputs), lambda feed: loaded(*feed))
+            check_parity("pt2", ParityReference.on(serving, checked), lambda feed: loaded(*feed))
     return Path(path)

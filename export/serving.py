@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moefx.block import build_block
@@ -199,7 +200,11 @@ class ParityReference:
         """Eager's reference for ``serving`` (a :class:`ServingModule` or a
         :class:`~moefx.export.generation.CachedDecoder`): computed before any lowering, so the check covers
         it too. ``onnx_topk``: break top-k ties as ONNX does (for an ONNX artifact)."""
-        inputs = serving.check_inputs(example)
+        return ParityReference.on(serving, serving.check_inputs(example), onnx_topk)
+
+    @staticmethod
+    def on(serving: nn.Module, inputs: tuple[torch.Tensor, ...], onnx_topk: bool = False) -> ParityReference:
+        """Eager's reference for ``serving`` on these ``inputs`` (see :meth:`of`)."""
         outputs, tied = eager_with_routing_ties(serving, inputs, onnx_topk)
         return ParityReference(inputs, outputs, tied, tuple(serving.output_names))
 
@@ -236,6 +241,39 @@ def check_parity(
             )
         largest = max(largest, worst)
     return largest
+
+
+def export_inputs(
+    serving: nn.Module, example: tuple[torch.Tensor, ...], trace_elsewhere: bool
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """The inputs to trace ``serving`` on and those to check its artifact on. With ``trace_elsewhere`` (a
+    dynamic graph), the trace takes the check's shape (one more row, three more positions) and the check the
+    example's: examples are often powers of two, where code that branches on divisibility (a Mamba scan's
+    chunk padding) takes a special case that the trace would keep for every shape."""
+    other = serving.check_inputs(example)
+    return (other, example) if trace_elsewhere else (example, other)
+
+
+def export_program(
+    serving: nn.Module, inputs: tuple[torch.Tensor, ...], shapes: tuple[tuple[dict, ...]] | None
+) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``serving`` as ``torch.onnx`` captures a module: non-strict, where an axis of size 1
+    may stay dynamic. Refuses with one line where the model's code fixed an axis ``shapes`` asks to be
+    dynamic: the artifact would not run on another size."""
+    with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+        program = torch.export.export(serving, inputs, dynamic_shapes=shapes, strict=False)
+    if shapes is None:
+        return program
+    values = {n.name: n.meta["val"] for n in program.graph.nodes if n.op == "placeholder"}
+    user_inputs = zip(serving.input_names, program.graph_signature.user_inputs, shapes[0], strict=True)
+    for name, value, axes in ((name, values[node], axes) for name, node, axes in user_inputs):
+        fixed = next((axis for axis in axes if is_concrete_int(value.shape[axis])), None)
+        if fixed is not None:
+            raise MoefxError(
+                f"the export fixed axis {fixed} of {name} at {value.shape[fixed]} (the model's code depends on "
+                "its size), so the artifact would not run on another shape; export with dynamic=False"
+            )
+    return program
 
 
 def dynamic_shapes_for(inputs: tuple[torch.Tensor, ...]) -> tuple[tuple[dict, ...]]:
