@@ -44,5 +44,5 @@ def pt2(
         torch.export.save(program, str(scratch))
         if verify:
             loaded = torch.export.load(str(scratch)).module()
-            check_parity("pt2", ParityReference.on(serving, checked), lambda feed: loaded(*feed))
+            check_parity("pt2", ParityReference.of(serving, checked), lambda feed: loaded(*feed))
     return Path(path)

@@ -25,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from moefx.block import build_block
 from moefx.capture import normalize_inputs
-from moefx.errors import CheckpointError, MoefxError
+from moefx.errors import CheckpointError, MoefxError, first_line
 from moefx.objective import logits_of
 
 PARITY_TOLERANCE = 1e-4
@@ -187,8 +187,8 @@ def _as_outputs(output: Any) -> tuple[torch.Tensor, ...]:
 
 @dataclass
 class ParityReference:
-    """What an artifact is checked against: new-shape inputs, eager's outputs on them (named), and which
-    batch rows have a routing near-tie (see :func:`eager_with_routing_ties`)."""
+    """What an artifact is checked against: inputs of another shape than the trace's, eager's outputs on them
+    (named), and which batch rows have a routing near-tie (see :func:`eager_with_routing_ties`)."""
 
     inputs: tuple[torch.Tensor, ...]
     expected: tuple[torch.Tensor, ...]
@@ -196,15 +196,10 @@ class ParityReference:
     names: tuple[str, ...] = ("logits",)
 
     @staticmethod
-    def of(serving: nn.Module, example: tuple[torch.Tensor, ...], onnx_topk: bool = False) -> ParityReference:
+    def of(serving: nn.Module, inputs: tuple[torch.Tensor, ...], onnx_topk: bool = False) -> ParityReference:
         """Eager's reference for ``serving`` (a :class:`ServingModule` or a
-        :class:`~moefx.export.generation.CachedDecoder`): computed before any lowering, so the check covers
-        it too. ``onnx_topk``: break top-k ties as ONNX does (for an ONNX artifact)."""
-        return ParityReference.on(serving, serving.check_inputs(example), onnx_topk)
-
-    @staticmethod
-    def on(serving: nn.Module, inputs: tuple[torch.Tensor, ...], onnx_topk: bool = False) -> ParityReference:
-        """Eager's reference for ``serving`` on these ``inputs`` (see :meth:`of`)."""
+        :class:`~moefx.export.generation.CachedDecoder`) on ``inputs``: computed before any lowering, so the
+        check covers it too. ``onnx_topk``: break top-k ties as ONNX does (for an ONNX artifact)."""
         outputs, tied = eager_with_routing_ties(serving, inputs, onnx_topk)
         return ParityReference(inputs, outputs, tied, tuple(serving.output_names))
 
@@ -213,11 +208,18 @@ def check_parity(
     kind: str, reference: ParityReference, run_artifact: Callable[[tuple[torch.Tensor, ...]], Any]
 ) -> float:
     """Run the artifact on the reference's inputs and compare every output with eager's; raise naming the
-    worst element. Batch rows in which eager routing has a near-tie are not compared. Returns the largest
-    difference."""
+    worst element (or, in one line, why the artifact cannot run them). Batch rows in which eager routing has
+    a near-tie are not compared. Returns the largest difference."""
     tied = reference.tied
-    with torch.no_grad():
-        outputs = _as_outputs(run_artifact(reference.inputs))
+    try:
+        with torch.no_grad():
+            outputs = _as_outputs(run_artifact(reference.inputs))
+    except Exception as exc:  # e.g. a shape the trace fixed or guarded: the artifact is wrong for other inputs
+        shape = "x".join(str(n) for n in reference.inputs[0].shape)
+        raise MoefxError(
+            f"the {kind} artifact cannot run on the check inputs ({shape}, another shape than the trace's): "
+            f"{first_line(exc)}; export with dynamic=False and verify=False for the example's shape only"
+        ) from exc
     if len(outputs) != len(reference.expected):
         raise MoefxError(f"the {kind} artifact returned {len(outputs)} outputs, eager {len(reference.expected)}")
     largest = 0.0

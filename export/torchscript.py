@@ -36,5 +36,5 @@ def torchscript(model: nn.Module, path: str | os.PathLike, example_inputs: Any, 
         if verify:
             loaded = torch.jit.load(str(scratch))
             with torch.no_grad():
-                check_parity("TorchScript", ParityReference.on(serving, checked), lambda feed: loaded(*feed))
+                check_parity("TorchScript", ParityReference.of(serving, checked), lambda feed: loaded(*feed))
     return Path(path)

@@ -544,7 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--verify",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="run the artifact on inputs of a new shape and compare with PyTorch (default: on)",
+        help="run the artifact on inputs of another shape than it was traced on and compare with PyTorch (default: on)",
     )
     export.add_argument(
         "--fused",

@@ -154,6 +154,25 @@ def test_pt2_export_matches_eager(family, variant, tmp_path):
         assert torch.allclose(program(*feed), serving(*feed), atol=1e-4)
 
 
+def test_a_one_row_example_exports_a_pt2_program_for_any_batch(tmp_path):
+    """Traced on two rows and 11 positions, checked on the one-row example itself, run here on five rows."""
+    model = _model("mixtral", "original")
+    path = moefx.export.pt2(model, tmp_path / "model.pt2", example_inputs("mixtral", batch=1))
+    program = torch.export.load(str(path)).module()
+    feed = example_inputs("mixtral", batch=5, seq=6, seed=3)
+    with torch.no_grad():
+        assert torch.allclose(program(*feed.values()), model(**feed).logits, atol=1e-4)
+
+
+def test_an_artifact_that_cannot_run_the_example_gets_one_line_and_is_not_written(tmp_path):
+    """transformers' mask code branches on a one-token query, so a program traced on 4 positions guards
+    against 1: the one-token example itself fails the check."""
+    with pytest.raises(moefx.MoefxError, match=r"pt2 artifact cannot run on the check inputs \(1x1, .*Guard") as error:
+        moefx.export.pt2(_model("mixtral", "original"), tmp_path / "m.pt2", example_inputs("mixtral", batch=1, seq=1))
+    assert "\n" not in str(error.value)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("family, variant", _matrix(lambda i, family: {NAMES[(i + 2) % len(NAMES)]}))
 def test_torchscript_export_matches_eager(family, variant, tmp_path):
     path = moefx.export.torchscript(_model(family, variant), tmp_path / "model.ts", example_inputs(family))
@@ -210,7 +229,7 @@ def test_static_export_runs_on_the_example_shape(tmp_path):
 
 def test_parity_check_skips_only_rows_whose_routing_is_tied():
     serving, inputs = serving_model(_model("mixtral", "merge-refit exact"), example_inputs("mixtral"))
-    reference = ParityReference.of(serving, inputs)
+    reference = ParityReference.of(serving, serving.check_inputs(inputs))
     assert not reference.tied.any()  # random routers: no near-ties
 
     def differs_in_row(row, expected):
@@ -227,7 +246,7 @@ def test_parity_check_skips_only_rows_whose_routing_is_tied():
         if is_canonical_block(m):
             with torch.no_grad():
                 m.router.weight[:] = m.router.weight[0]
-    tied = ParityReference.of(serving, inputs)
+    tied = ParityReference.of(serving, serving.check_inputs(inputs))
     assert tied.tied.all()
     with pytest.raises(moefx.MoefxError, match="every row of the check inputs has a routing tie"):
         check_parity("test", tied, differs_in_row(0, tied.expected[0]))
@@ -270,7 +289,7 @@ def test_a_file_onnx_runtime_cannot_run_on_a_new_shape_gets_one_line_and_is_not_
         raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Reshape")
 
     monkeypatch.setattr(onnxruntime.InferenceSession, "run", run)
-    with pytest.raises(moefx.MoefxError, match="ONNX Runtime cannot run the exported MixtralForCausalLM") as error:
+    with pytest.raises(moefx.MoefxError, match=r"the ONNX artifact cannot run on the check inputs \(2x8, ") as error:
         moefx.export.onnx(_model("mixtral", "original"), tmp_path / "m.onnx", example_inputs("mixtral"))
     assert "\n" not in str(error.value)
     assert list(tmp_path.iterdir()) == []
