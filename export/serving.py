@@ -26,6 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from moefx.block import build_block
 from moefx.capture import normalize_inputs
 from moefx.errors import CheckpointError, MoefxError, first_line
+from moefx.export.recurrences import scanned_recurrences
 from moefx.objective import logits_of
 
 PARITY_TOLERANCE = 1e-4
@@ -260,9 +261,10 @@ def export_program(
     serving: nn.Module, inputs: tuple[torch.Tensor, ...], shapes: tuple[tuple[dict, ...]] | None
 ) -> torch.export.ExportedProgram:
     """``torch.export`` of ``serving`` as ``torch.onnx`` captures a module: non-strict, where an axis of size 1
-    may stay dynamic. Refuses with one line where the model's code fixed an axis ``shapes`` asks to be
-    dynamic: the artifact would not run on another size."""
-    with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+    may stay dynamic, with transformers' loops over positions as scans (:mod:`moefx.export.recurrences`).
+    Refuses with one line where the model's code fixed an axis ``shapes`` asks to be dynamic: the artifact
+    would not run on another size."""
+    with torch.fx.experimental._config.patch(backed_size_oblivious=True), scanned_recurrences():
         program = torch.export.export(serving, inputs, dynamic_shapes=shapes, strict=False)
     if shapes is None:
         return program
