@@ -14,7 +14,6 @@ from moefx.export.serving import (
     ParityReference,
     atomic_output,
     check_parity,
-    dynamic_shapes_for,
     export_inputs,
     export_program,
     serving_model,
@@ -36,7 +35,7 @@ def pt2(
     traced, checked = export_inputs(serving, inputs, dynamic)
     with atomic_output(path) as scratch:
         try:
-            program = export_program(serving, traced, dynamic_shapes_for(traced) if dynamic else None)
+            program = export_program(serving, traced, serving.dynamic_shapes(traced) if dynamic else None)
         except MoefxError:
             raise
         except Exception as exc:
