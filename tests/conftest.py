@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import pytest
 import torch
@@ -13,6 +14,10 @@ from moefx.passes.detect import find_moe_blocks
 from moefx.zoo import FAMILIES, example_inputs, tiny_model
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
+
+# under pytest-xdist the workers share the cores: one intra-op pool per core each, not every core each
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
 
 
 @functools.cache

@@ -238,22 +238,28 @@ def test_sequential_needs_a_decoder_stack_and_per_layer_options():
         moefx.compile(tiny_model("mixtral"), _calibration("mixtral"), sequential=True, adaptive=True)
 
 
-# the peak is VmHWM, this process's own: ru_maxrss would carry over the parent's resident size at fork
+# the peak is VmHWM, this process's own (ru_maxrss would carry over the parent's resident size at fork),
+# reset between the two checkpoints by writing 5 to clear_refs
 _PEAK_SCRIPT = """
 import sys, torch
 from moefx.stream import compress_checkpoint
 g = torch.Generator().manual_seed(0)
 ids = torch.randint(0, 256, (8, 32), generator=g)
 batches = [{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in ids.split(4)]
-compress_checkpoint(sys.argv[1], batches, sys.argv[2], experts=0.5, router="pruned")
-print(next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM")))
+for checkpoint in sys.argv[1:]:
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+    compress_checkpoint(checkpoint, batches, checkpoint + ".out", experts=0.5, router="pruned")
+    print(next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM")))
 """
 
 
-def _peak_rss_of_streaming(layers, tmp_path):
+def _olmoe_checkpoint(layers, directory):
+    """An OLMoE checkpoint of ``layers`` layers of ~100 MB each in float32 (well above noise); returns the
+    float32 bytes of one layer, as compressed."""
     from transformers import OlmoeConfig, OlmoeForCausalLM
 
-    sizes = dict(
+    config = OlmoeConfig(
         hidden_size=512,
         intermediate_size=1024,
         num_experts=16,
@@ -261,19 +267,18 @@ def _peak_rss_of_streaming(layers, tmp_path):
         vocab_size=256,
         num_attention_heads=4,
         num_key_value_heads=4,
-    )  # ~100 MB a layer in float32: well above noise
-    config = OlmoeConfig(**sizes, num_hidden_layers=layers)
+        num_hidden_layers=layers,
+    )
     torch.manual_seed(0)
     model = OlmoeForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(tmp_path / f"ckpt{layers}", max_shard_size="20MB")
-    layer_bytes = 4 * sum(p.numel() for p in model.model.layers[0].parameters())  # float32, as compressed
-    del model
-    done = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(tmp_path / f"ckpt{layers}"),
-                           str(tmp_path / f"out{layers}")], capture_output=True, text=True, check=True)  # fmt: skip
-    return int(done.stdout.strip().splitlines()[-1]), layer_bytes
+    model.save_pretrained(directory, max_shard_size="20MB")
+    return 4 * sum(p.numel() for p in model.model.layers[0].parameters())
 
 
 def test_streaming_peak_memory_does_not_grow_with_depth(tmp_path):
-    shallow, layer_bytes = _peak_rss_of_streaming(2, tmp_path)
-    deep, _ = _peak_rss_of_streaming(8, tmp_path)
+    layer_bytes = _olmoe_checkpoint(2, tmp_path / "shallow")
+    _olmoe_checkpoint(4, tmp_path / "deep")
+    done = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(tmp_path / "shallow"), str(tmp_path / "deep")],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    shallow, deep = (int(line) for line in done.stdout.strip().splitlines()[-2:])
     assert deep - shallow < layer_bytes, (shallow, deep, layer_bytes)
