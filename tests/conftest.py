@@ -5,10 +5,12 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import warnings
 
 import pytest
 import torch
 
+import moefx
 from moefx.capture import trace
 from moefx.passes.detect import find_moe_blocks
 from moefx.zoo import FAMILIES, example_inputs, tiny_model
@@ -53,3 +55,21 @@ def new_shape_inputs(family) -> dict[str, torch.Tensor]:
     if "attention_mask" in inputs:
         inputs["attention_mask"][0, :3] = 0
     return inputs
+
+
+@functools.cache
+def _compiled_tiny(family: str, options: tuple) -> torch.nn.Module:
+    if not options:
+        return tiny_model(family)
+    calib = [example_inputs(family, batch=4, seq=16, seed=s) for s in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", moefx.MoefxWarning)
+        return moefx.compile(tiny_model(family), calib, **dict(options))
+
+
+@pytest.fixture(scope="session")
+def compiled_tiny():
+    """``compiled_tiny(family, **options)``: the tiny model of ``family`` compiled with ``options`` on two
+    4x16 example batches (moefx's warnings silenced), or the original without options; built once per
+    session. Do not mutate."""
+    return lambda family, **options: _compiled_tiny(family, tuple(sorted(options.items())))

@@ -5,9 +5,6 @@ The whole family x variant x format matrix takes several minutes on 2 cores, so 
 family in ONNX and TorchScript and five families in pt2 (every variant once), with a rotation of variants, and
 ``pytest -m slow`` runs the rest of the matrix."""
 
-import functools
-import warnings
-
 import onnx as onnx_pkg
 import onnxruntime
 import pytest
@@ -30,23 +27,12 @@ from moefx.passes.lower import LowerToFusedMoE, quantization_block_size
 from moefx.zoo import FAMILIES, example_inputs, tiny_model
 
 VARIANTS = {
-    "original": None,
+    "original": {},
     "merge-refit exact": {"experts": 0.5},  # the default method
     "m-smoe pruned": {"experts": 0.5, "method": "m-smoe", "router": "pruned"},
     "mc-smoe": {"experts": 0.5, "method": "mc-smoe", "rank": 4},
     "m-smoe exact": {"experts": 0.5, "method": "m-smoe"},  # the paper's merging behind the original router
 }
-
-
-@functools.cache
-def _model(family: str, variant: str):
-    model = tiny_model(family)
-    if VARIANTS[variant] is None:
-        return model
-    calib = [example_inputs(family, batch=4, seq=16, seed=s) for s in range(2)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", moefx.MoefxWarning)
-        return moefx.compile(model, calib, **VARIANTS[variant])
 
 
 SWIGLU = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss"]  # ORT's MoE activation
@@ -82,13 +68,14 @@ def _onnx_default(i, family):
 
 
 @pytest.mark.parametrize("family, variant", _matrix(_onnx_default))
-def test_fused_onnx_export_matches_eager(family, variant, tmp_path):
-    path = moefx.export.onnx(_model(family, variant), tmp_path / "model.onnx", example_inputs(family), fused=True)
+def test_fused_onnx_export_matches_eager(compiled_tiny, family, variant, tmp_path):
+    model = compiled_tiny(family, **VARIANTS[variant])
+    path = moefx.export.onnx(model, tmp_path / "model.onnx", example_inputs(family), fused=True)
     assert path.is_file() and [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
     moe = [n for n in onnx_pkg.load(str(path)).graph.node if n.op_type == "MoE" and n.domain == "com.microsoft"]
     blocks = moefx.export.fused_blocks(path)
     num_blocks = 4 if family == "switch" else 2  # the tiny models' MoE blocks
-    assert len(blocks) == num_blocks and all(name in dict(_model(family, variant).named_modules()) for name in blocks)
+    assert len(blocks) == num_blocks and all(name in dict(model.named_modules()) for name in blocks)
     if family in FUSABLE and variant != "mc-smoe":
         assert len(moe) == num_blocks and set(blocks.values()) == {None}  # one fused node per MoE block
         attributes = {a.name: onnx_pkg.helper.get_attribute_value(a) for a in moe[0].attribute}
@@ -101,8 +88,10 @@ def test_fused_onnx_export_matches_eager(family, variant, tmp_path):
 
 @pytest.mark.parametrize("bits", [pytest.param(8, marks=pytest.mark.slow), 4])
 @pytest.mark.parametrize("family", ["mixtral", pytest.param("deepseek_v3", marks=pytest.mark.slow)])
-def test_quantized_experts_export_to_qmoe_and_match_eager_on_the_same_quantized_weights(family, bits, tmp_path):
-    model = _model(family, "merge-refit exact")
+def test_quantized_experts_export_to_qmoe_and_match_eager_on_the_same_quantized_weights(
+    compiled_tiny, family, bits, tmp_path
+):
+    model = compiled_tiny(family, **VARIANTS["merge-refit exact"])
     path = moefx.export.onnx(model, tmp_path / "q.onnx", example_inputs(family), expert_bits=bits)  # parity inside
     graph = onnx_pkg.load(str(path)).graph
     qmoe = [n for n in graph.node if n.op_type == "QMoE" and n.domain == "com.microsoft"]
@@ -127,11 +116,16 @@ def test_quantized_experts_export_to_qmoe_and_match_eager_on_the_same_quantized_
     assert (torch.from_numpy(logits) - float_logits).abs().max() > 1e-4  # the weights really are quantized
 
 
-def test_quantized_export_refuses_what_qmoe_cannot_run(tmp_path):
+def test_quantized_export_refuses_what_qmoe_cannot_run(compiled_tiny, tmp_path):
     with pytest.raises(moefx.ConfigError, match="expert_bits must be 8 or 4"):
-        moefx.export.onnx(_model("mixtral", "original"), tmp_path / "m.onnx", example_inputs("mixtral"), expert_bits=3)
+        moefx.export.onnx(compiled_tiny("mixtral"), tmp_path / "m.onnx", example_inputs("mixtral"), expert_bits=3)
     with pytest.raises(moefx.ConfigError, match="QMoE operator, which cannot run model.layers.0.mlp: LoSparseExperts"):
-        moefx.export.onnx(_model("mixtral", "mc-smoe"), tmp_path / "m.onnx", example_inputs("mixtral"), expert_bits=4)
+        moefx.export.onnx(
+            compiled_tiny("mixtral", **VARIANTS["mc-smoe"]),
+            tmp_path / "m.onnx",
+            example_inputs("mixtral"),
+            expert_bits=4,
+        )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -145,18 +139,19 @@ PT2_DEFAULT = {  # torch.export is what the ONNX exporter runs too: five familie
 
 
 @pytest.mark.parametrize("family, variant", _matrix(lambda i, family: {PT2_DEFAULT.get(family)}))
-def test_pt2_export_matches_eager(family, variant, tmp_path):
-    path = moefx.export.pt2(_model(family, variant), tmp_path / "model.pt2", example_inputs(family))
+def test_pt2_export_matches_eager(compiled_tiny, family, variant, tmp_path):
+    model = compiled_tiny(family, **VARIANTS[variant])
+    path = moefx.export.pt2(model, tmp_path / "model.pt2", example_inputs(family))
     program = torch.export.load(str(path)).module()
-    serving, inputs = serving_model(_model(family, variant), example_inputs(family))
+    serving, inputs = serving_model(model, example_inputs(family))
     feed = new_shape_inputs(inputs, serving.input_names)
     with torch.no_grad():
         assert torch.allclose(program(*feed), serving(*feed), atol=1e-4)
 
 
-def test_a_one_row_example_exports_a_pt2_program_for_any_batch(tmp_path):
+def test_a_one_row_example_exports_a_pt2_program_for_any_batch(compiled_tiny, tmp_path):
     """Traced on two rows and 11 positions, checked on the one-row example itself, run here on five rows."""
-    model = _model("mixtral", "original")
+    model = compiled_tiny("mixtral")
     path = moefx.export.pt2(model, tmp_path / "model.pt2", example_inputs("mixtral", batch=1))
     program = torch.export.load(str(path)).module()
     feed = example_inputs("mixtral", batch=5, seq=6, seed=3)
@@ -164,18 +159,20 @@ def test_a_one_row_example_exports_a_pt2_program_for_any_batch(tmp_path):
         assert torch.allclose(program(*feed.values()), model(**feed).logits, atol=1e-4)
 
 
-def test_an_artifact_that_cannot_run_the_example_gets_one_line_and_is_not_written(tmp_path):
+def test_an_artifact_that_cannot_run_the_example_gets_one_line_and_is_not_written(compiled_tiny, tmp_path):
     """transformers' mask code branches on a one-token query, so a program traced on 4 positions guards
     against 1: the one-token example itself fails the check."""
     with pytest.raises(moefx.MoefxError, match=r"pt2 artifact cannot run on the check inputs \(1x1, .*Guard") as error:
-        moefx.export.pt2(_model("mixtral", "original"), tmp_path / "m.pt2", example_inputs("mixtral", batch=1, seq=1))
+        moefx.export.pt2(compiled_tiny("mixtral"), tmp_path / "m.pt2", example_inputs("mixtral", batch=1, seq=1))
     assert "\n" not in str(error.value)
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("family, variant", _matrix(lambda i, family: {NAMES[(i + 2) % len(NAMES)]}))
-def test_torchscript_export_matches_eager(family, variant, tmp_path):
-    path = moefx.export.torchscript(_model(family, variant), tmp_path / "model.ts", example_inputs(family))
+def test_torchscript_export_matches_eager(compiled_tiny, family, variant, tmp_path):
+    path = moefx.export.torchscript(
+        compiled_tiny(family, **VARIANTS[variant]), tmp_path / "model.ts", example_inputs(family)
+    )
     assert isinstance(torch.jit.load(str(path)), torch.jit.ScriptModule)
 
 
@@ -196,8 +193,8 @@ def test_a_half_precision_model_exports_float32_onnx_that_passes_parity(dtype, t
     torch.testing.assert_close(torch.from_numpy(logits), expected, atol=0.05, rtol=0.05)  # the model's own precision
 
 
-def test_portable_onnx_is_standard_onnx(tmp_path):
-    model = _model("mixtral", "m-smoe pruned")
+def test_portable_onnx_is_standard_onnx(compiled_tiny, tmp_path):
+    model = compiled_tiny("mixtral", **VARIANTS["m-smoe pruned"])
     path = moefx.export.onnx(model, tmp_path / "p.onnx", example_inputs("mixtral"))  # portable by default
     domains = {n.domain for n in onnx_pkg.load(str(path)).graph.node}
     assert domains <= {"", "ai.onnx"}
@@ -208,27 +205,31 @@ def test_portable_onnx_is_standard_onnx(tmp_path):
     assert [o.name for o in session.get_outputs()] == ["logits"]
 
 
-def test_large_weights_go_to_an_external_data_file(tmp_path):
+def test_large_weights_go_to_an_external_data_file(compiled_tiny, tmp_path):
     path = moefx.export.onnx(
-        _model("olmoe", "m-smoe pruned"), tmp_path / "m.onnx", example_inputs("olmoe"), external_data=True
+        compiled_tiny("olmoe", **VARIANTS["m-smoe pruned"]),
+        tmp_path / "m.onnx",
+        example_inputs("olmoe"),
+        external_data=True,
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert session.get_outputs()[0].name == "logits"
 
 
-def test_static_export_runs_on_the_example_shape(tmp_path):
+def test_static_export_runs_on_the_example_shape(compiled_tiny, tmp_path):
     path = moefx.export.onnx(
-        _model("qwen3_moe", "m-smoe pruned"), tmp_path / "s.onnx", example_inputs("qwen3_moe"), dynamic=False,
-        verify=False,
+        compiled_tiny("qwen3_moe", **VARIANTS["m-smoe pruned"]), tmp_path / "s.onnx", example_inputs("qwen3_moe"),
+        dynamic=False, verify=False,
     )  # fmt: skip
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feed = {k: v.numpy() for k, v in example_inputs("qwen3_moe").items()}
     assert session.run(None, feed)[0].shape == (2, 8, 96)
 
 
-def test_parity_check_skips_only_rows_whose_routing_is_tied():
-    serving, inputs = serving_model(_model("mixtral", "merge-refit exact"), example_inputs("mixtral"))
+def test_parity_check_skips_only_rows_whose_routing_is_tied(compiled_tiny):
+    model = compiled_tiny("mixtral", **VARIANTS["merge-refit exact"])
+    serving, inputs = serving_model(model, example_inputs("mixtral"))
     reference = ParityReference.of(serving, serving.check_inputs(inputs))
     assert not reference.tied.any()  # random routers: no near-ties
 
@@ -252,7 +253,7 @@ def test_parity_check_skips_only_rows_whose_routing_is_tied():
         check_parity("test", tied, differs_in_row(0, tied.expected[0]))
 
 
-def test_onnx_parity_is_checked_against_the_model_before_lowering(monkeypatch, tmp_path):
+def test_onnx_parity_is_checked_against_the_model_before_lowering(compiled_tiny, monkeypatch, tmp_path):
     """A wrong lowering cannot pass: the reference is eager before the fused rewrite."""
     original = LowerToFusedMoE.call
 
@@ -267,11 +268,11 @@ def test_onnx_parity_is_checked_against_the_model_before_lowering(monkeypatch, t
 
     monkeypatch.setattr(LowerToFusedMoE, "call", twice_the_output)
     with pytest.raises(moefx.MoefxError, match="differs from eager"):
-        moefx.export.onnx(_model("mixtral", "original"), tmp_path / "m.onnx", example_inputs("mixtral"), fused=True)
+        moefx.export.onnx(compiled_tiny("mixtral"), tmp_path / "m.onnx", example_inputs("mixtral"), fused=True)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_an_exporter_failure_names_its_cause_and_writes_nothing(monkeypatch, tmp_path):
+def test_an_exporter_failure_names_its_cause_and_writes_nothing(compiled_tiny, monkeypatch, tmp_path):
     def export(*args, **kwargs):
         try:
             raise ValueError("No ONNX function found for aten.unsqueeze with a complex-valued input")
@@ -280,17 +281,19 @@ def test_an_exporter_failure_names_its_cause_and_writes_nothing(monkeypatch, tmp
 
     monkeypatch.setattr(torch.onnx, "export", export)
     with pytest.raises(moefx.MoefxError, match="ONNX export of MixtralForCausalLM failed: No ONNX function found"):
-        moefx.export.onnx(_model("mixtral", "original"), tmp_path / "m.onnx", example_inputs("mixtral"))
+        moefx.export.onnx(compiled_tiny("mixtral"), tmp_path / "m.onnx", example_inputs("mixtral"))
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_file_onnx_runtime_cannot_run_on_a_new_shape_gets_one_line_and_is_not_written(monkeypatch, tmp_path):
+def test_a_file_onnx_runtime_cannot_run_on_a_new_shape_gets_one_line_and_is_not_written(
+    compiled_tiny, monkeypatch, tmp_path
+):
     def run(self, *args, **kwargs):
         raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Reshape")
 
     monkeypatch.setattr(onnxruntime.InferenceSession, "run", run)
     with pytest.raises(moefx.MoefxError, match=r"the ONNX artifact cannot run on the check inputs \(2x8, ") as error:
-        moefx.export.onnx(_model("mixtral", "original"), tmp_path / "m.onnx", example_inputs("mixtral"))
+        moefx.export.onnx(compiled_tiny("mixtral"), tmp_path / "m.onnx", example_inputs("mixtral"))
     assert "\n" not in str(error.value)
     assert list(tmp_path.iterdir()) == []
 
@@ -308,8 +311,8 @@ class _LengthAsPythonInt(nn.Module):
 
 
 @pytest.mark.parametrize("export", [moefx.export.onnx, moefx.export.pt2])
-def test_an_export_whose_code_fixes_a_dynamic_axis_gets_one_line_and_is_not_written(export, tmp_path):
-    model = _LengthAsPythonInt(_model("mixtral", "original"))  # traced with 8 + 3 positions
+def test_an_export_whose_code_fixes_a_dynamic_axis_gets_one_line_and_is_not_written(compiled_tiny, export, tmp_path):
+    model = _LengthAsPythonInt(compiled_tiny("mixtral"))  # traced with 8 + 3 positions
     with pytest.raises(moefx.MoefxError, match="fixed axis 1 of input_ids at 11 .* export with dynamic=False") as error:
         export(model, tmp_path / "m.onnx", example_inputs("mixtral"))
     assert "\n" not in str(error.value)

@@ -1,7 +1,6 @@
 import json
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
@@ -10,13 +9,6 @@ import moefx
 import moefx.export
 from moefx.capture import max_output_diff
 from moefx.zoo import example_inputs, tiny_model, tiny_transformers_model
-
-
-def _compiled(family, **options):
-    calib = [example_inputs(family, batch=4, seq=16, seed=s) for s in range(2)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", moefx.MoefxWarning)
-        return moefx.compile(tiny_model(family), calib, **options)
 
 
 def _same_outputs(a, b, family):
@@ -35,8 +27,8 @@ def _same_outputs(a, b, family):
         ("switch", {"experts": 0.5, "method": "mc-smoe", "rank": 4, "sparse_axis": "rows"}),
     ],
 )
-def test_save_load_round_trip(family, options, tmp_path):
-    compressed = _compiled(family, **options)
+def test_save_load_round_trip(compiled_tiny, family, options, tmp_path):
+    compressed = compiled_tiny(family, **options)
     directory = moefx.save(compressed, tmp_path / "ckpt", example_inputs(family))
     assert sorted(p.name for p in directory.iterdir()) == ["model.safetensors", "moefx.json", "report.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no scratch left behind
@@ -49,18 +41,18 @@ def test_save_load_round_trip(family, options, tmp_path):
     assert set(description["blocks"]) == {b.name for b in compressed.moefx_report.blocks}
 
 
-def test_the_checkpoint_is_smaller_than_the_original(tmp_path):
+def test_the_checkpoint_is_smaller_than_the_original(compiled_tiny, tmp_path):
     original = tiny_model("mixtral")
     original.save_pretrained(tmp_path / "original")
-    moefx.save(_compiled("mixtral", experts=0.25, router="pruned"), tmp_path / "small", example_inputs("mixtral"))
+    moefx.save(compiled_tiny("mixtral", experts=0.25, router="pruned"), tmp_path / "small", example_inputs("mixtral"))
     big = (tmp_path / "original" / "model.safetensors").stat().st_size
     small = (tmp_path / "small" / "model.safetensors").stat().st_size
     experts = sum(p.numel() for n, p in original.named_parameters() if "experts" in n) * 4
     assert big - small >= 0.7 * experts
 
 
-def test_a_non_transformers_model_loads_into_its_architecture(tmp_path):
-    compressed = _compiled("hand_written", experts=0.5, method="mc-smoe", rank=4)
+def test_a_non_transformers_model_loads_into_its_architecture(compiled_tiny, tmp_path):
+    compressed = compiled_tiny("hand_written", experts=0.5, method="mc-smoe", rank=4)
     moefx.save(compressed, tmp_path / "ckpt", example_inputs("hand_written"))
     with pytest.raises(moefx.CheckpointError, match="pass model="):
         moefx.load(tmp_path / "ckpt")
@@ -85,8 +77,8 @@ assert not any(m == "moefx" or m.startswith("moefx.") for m in sys.modules)
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
-def test_uniform_pruned_checkpoint_loads_with_plain_transformers(family, tmp_path):
-    compressed = _compiled(family, experts=0.5, router="pruned", adaptive=False)
+def test_uniform_pruned_checkpoint_loads_with_plain_transformers(compiled_tiny, family, tmp_path):
+    compressed = compiled_tiny(family, experts=0.5, router="pruned", adaptive=False)
     moefx.export.save_pretrained(compressed, tmp_path / "hf", example_inputs(family))
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert 4 in config.values() and config.get("num_local_experts", config.get("num_experts")) == 4
@@ -112,19 +104,19 @@ def test_dbrx_checkpoint_keeps_its_2d_expert_layout_and_nested_expert_count(tmp_
         assert max_output_diff(plain(**batches[0]).logits, compressed(**batches[0]).logits) <= 1e-5
 
 
-def test_save_pretrained_refuses_what_transformers_cannot_hold(tmp_path):
+def test_save_pretrained_refuses_what_transformers_cannot_hold(compiled_tiny, tmp_path):
     with pytest.raises(moefx.MoefxError, match="exact router"):
-        moefx.export.save_pretrained(_compiled("mixtral", experts=0.5), tmp_path / "a", example_inputs("mixtral"))
+        moefx.export.save_pretrained(compiled_tiny("mixtral", experts=0.5), tmp_path / "a", example_inputs("mixtral"))
     with pytest.raises(moefx.MoefxError, match="LoSparse"):
         moefx.export.save_pretrained(
-            _compiled("mixtral", experts=0.5, method="mc-smoe", rank=4), tmp_path / "b", example_inputs("mixtral")
+            compiled_tiny("mixtral", experts=0.5, method="mc-smoe", rank=4), tmp_path / "b", example_inputs("mixtral")
         )
     assert not list(tmp_path.iterdir())
 
 
 @pytest.fixture
-def saved(tmp_path):
-    return moefx.save(_compiled("olmoe", experts=0.5), tmp_path / "ckpt", example_inputs("olmoe"))
+def saved(compiled_tiny, tmp_path):
+    return moefx.save(compiled_tiny("olmoe", experts=0.5), tmp_path / "ckpt", example_inputs("olmoe"))
 
 
 def test_truncated_weights_give_a_clear_error(saved):
@@ -152,20 +144,20 @@ def test_wrong_path_gives_a_clear_error(tmp_path):
         moefx.load(tmp_path / "nowhere")
 
 
-def test_save_refuses_to_overwrite_and_needs_a_compressed_model(saved, tmp_path):
+def test_save_refuses_to_overwrite_and_needs_a_compressed_model(compiled_tiny, saved, tmp_path):
     with pytest.raises(moefx.CheckpointError, match="already exists"):
-        moefx.save(_compiled("olmoe", experts=0.5), saved, example_inputs("olmoe"))
+        moefx.save(compiled_tiny("olmoe", experts=0.5), saved, example_inputs("olmoe"))
     with pytest.raises(moefx.CheckpointError, match="compressed by moefx"):
         moefx.save(tiny_model("olmoe"), tmp_path / "plain", example_inputs("olmoe"))
 
 
-def test_a_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
+def test_a_failed_save_leaves_nothing_behind(compiled_tiny, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
     monkeypatch.setattr(moefx.export.checkpoint, "save_model", broken)
     with pytest.raises(OSError):
-        moefx.save(_compiled("olmoe", experts=0.5), tmp_path / "ckpt", example_inputs("olmoe"))
+        moefx.save(compiled_tiny("olmoe", experts=0.5), tmp_path / "ckpt", example_inputs("olmoe"))
     assert not list(tmp_path.iterdir())
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import warnings
 
 import onnx as onnx_pkg
 import pytest
@@ -18,15 +17,9 @@ DECODERS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_os
 NEW_TOKENS = 16
 
 
-@functools.cache
-def _model(family: str, compressed: bool):
-    model = tiny_model(family)
-    if not compressed:
-        return model
-    calib = [example_inputs(family, batch=4, seq=16, seed=s) for s in range(2)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", moefx.MoefxWarning)
-        return moefx.compile(model, calib, experts=0.5)  # the default method
+def _decoder_model(compiled_tiny, family: str, variant: str):
+    """The original, or the default method at 50% experts (exported fused or with int4 experts)."""
+    return compiled_tiny(family) if variant == "original" else compiled_tiny(family, experts=0.5)
 
 
 def _prompt() -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,12 +41,12 @@ def _cases():
 
 
 @pytest.fixture(scope="session")
-def decoder_file(tmp_path_factory):
+def decoder_file(compiled_tiny, tmp_path_factory):
     """``decoder_file(family, variant)``: the kv-cache ONNX file of that model (exported once a session)."""
 
     @functools.cache
     def export(family: str, variant: str):
-        model = _model(family, compressed=variant != "original")
+        model = _decoder_model(compiled_tiny, family, variant)
         options = {"default fused": {"fused": True}, "default int4": {"expert_bits": 4}}.get(variant, {})
         path = tmp_path_factory.mktemp("decoders") / f"{family}-{variant.replace(' ', '-')}.onnx"
         return moefx.export.onnx(model, path, example_inputs(family), kv_cache=True, **options)
@@ -62,8 +55,8 @@ def decoder_file(tmp_path_factory):
 
 
 @pytest.mark.parametrize("family, variant", _cases())
-def test_greedy_onnx_generation_equals_transformers_generate(family, variant, decoder_file):
-    model = _model(family, compressed=variant != "original")
+def test_greedy_onnx_generation_equals_transformers_generate(compiled_tiny, family, variant, decoder_file):
+    model = _decoder_model(compiled_tiny, family, variant)
     path = decoder_file(family, variant)
     graph = onnx_pkg.load(str(path)).graph
     layers = model.config.num_hidden_layers
@@ -88,16 +81,16 @@ def test_greedy_onnx_generation_equals_transformers_generate(family, variant, de
                        expected)  # fmt: skip
 
 
-def test_without_a_mask_padding_tokens_mark_padding_as_in_transformers(decoder_file):
-    model, path = _model("mixtral", compressed=True), decoder_file("mixtral", "default fused")
+def test_without_a_mask_padding_tokens_mark_padding_as_in_transformers(compiled_tiny, decoder_file):
+    model, path = compiled_tiny("mixtral", experts=0.5), decoder_file("mixtral", "default fused")
     ids, _ = _prompt()
     ids[0, :3] = model.generation_config.pad_token_id  # left padding, given without an attention mask
     expected = model.generate(input_ids=ids, max_new_tokens=NEW_TOKENS, do_sample=False)
     assert torch.equal(OnnxGenerator(path).generate(ids, NEW_TOKENS), expected)
 
 
-def test_several_end_tokens_and_no_padding_token_as_in_transformers(decoder_file):
-    model, path = _model("mixtral", compressed=True), decoder_file("mixtral", "default fused")
+def test_several_end_tokens_and_no_padding_token_as_in_transformers(compiled_tiny, decoder_file):
+    model, path = compiled_tiny("mixtral", experts=0.5), decoder_file("mixtral", "default fused")
     ids, mask = _prompt()
     free = OnnxGenerator(path).generate(ids, NEW_TOKENS, attention_mask=mask, eos_token_id=[])  # never stops
     eos = [int(free[0, 9 + 1]), int(free[2, 9 + 4])]  # rows 0 and 2 end early
