@@ -14,8 +14,9 @@ number of ONNX Runtime threads:
 - prefill: median latency of the first step (empty cache) on 1 x 128 tokens;
 - throughput: tokens per second of that step on 16 x 128 tokens;
 - decode: tokens per second at batch 1 after a 512-token prompt (median step of 32);
-- session memory: the process's peak resident memory once the session is created and has run everything
-  above, less its resident memory before the session, against the file's bytes (its weights).
+- session memory at batch 1: the process's peak resident memory over creating the session, the prefill and
+  the decode above, less its resident memory before the session, against the file's bytes (its weights);
+- session memory with 16 x 128: the same peak once the throughput step has run too (its activations).
 
 Writes ``serving.md`` and ``serving.json`` to ``--out``.
 """
@@ -79,7 +80,6 @@ def probe(path: str, threads: int) -> dict[str, float]:
         return median_ms(lambda: generator.step(ids, mask, positions, generator.empty_cache(batch)), repeats, 2)
 
     prefill_ms = first_step_ms(*PREFILL, repeats=10)
-    throughput_ms = first_step_ms(*THROUGHPUT, repeats=3)
     ids = tokens(1, PROMPT, seed=1)["input_ids"]
     mask, positions = torch.ones_like(ids), torch.arange(PROMPT)[None]
     logits, cache = generator.step(ids, mask, positions, generator.empty_cache(1))
@@ -90,9 +90,11 @@ def probe(path: str, threads: int) -> dict[str, float]:
         start = time.perf_counter()
         logits, cache = generator.step(token, mask, positions, cache)
         steps.append(time.perf_counter() - start)
+    batch_one_bytes = _resident_bytes("VmHWM") - before
+    throughput_ms = first_step_ms(*THROUGHPUT, repeats=3)
     return {"prefill_ms": prefill_ms, "throughput_tok_s": 1e3 * THROUGHPUT[0] * THROUGHPUT[1] / throughput_ms,
             "decode_tok_s": 1.0 / statistics.median(steps),
-            "session_bytes": _resident_bytes("VmHWM") - before}  # fmt: skip
+            "batch_one_bytes": batch_one_bytes, "session_bytes": _resident_bytes("VmHWM") - before}  # fmt: skip
 
 
 def measure(name: str, layers: int, threads: int, work: Path) -> list[dict[str, Any]]:
@@ -111,14 +113,13 @@ def measure(name: str, layers: int, threads: int, work: Path) -> list[dict[str, 
             start = time.perf_counter()
             moefx.export.onnx(variant, path, tokens(2, 16), kv_cache=True, **FORMS[form])
             export_s = time.perf_counter() - start
-            files = list(work.glob(f"{path.name}*"))
-            file_bytes = sum(f.stat().st_size for f in files)
+            file_bytes = moefx.export.file_bytes(path)
             command = [sys.executable, __file__, "--probe", str(path), str(threads)]
             result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
             rows.append({"model": name, "layers": layers, "variant": label, "form": form, "compile_s": compile_s,
                          "export_s": export_s, "file_bytes": file_bytes, **result})  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
-            for f in files:
+            for f in work.glob(f"{path.name}*"):
                 f.unlink()
         del variant
     return rows
@@ -134,11 +135,13 @@ def write_markdown(rows: list[dict[str, Any]], threads: int, path: Path) -> None
         f"ms of the first step on {PREFILL[0]}x{PREFILL[1]} tokens; throughput: tokens/s of that step on "
         f"{THROUGHPUT[0]}x{THROUGHPUT[1]}; decode: tokens/s at batch 1 after a {PROMPT}-token prompt (median of "
         f"{DECODE_STEPS} steps); session memory: the probe's peak resident bytes less those before the session, "
-        "over the file's bytes. Speedups are against the original in the fused form, measured in the same run.",
+        f"over the file's bytes (weights beyond 64 MiB in a `.data` file, which ONNX Runtime memory-maps), at "
+        f"batch 1 (session, prefill and decode) and once the {THROUGHPUT[0]}x{THROUGHPUT[1]} step has run too. "
+        "Speedups are against the original in the fused form, measured in the same run.",
         "",
         "| model | variant | form | file GB | prefill ms 1x128 | speedup | tok/s 16x128 | speedup | decode tok/s | "
-        "speedup | session memory / file |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"speedup | memory / file, batch 1 | memory / file, with {THROUGHPUT[0]}x{THROUGHPUT[1]} |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         base = next(b for b in rows if b["model"] == r["model"] and b["variant"] == "original" and b["form"] == "fused")
@@ -146,7 +149,8 @@ def write_markdown(rows: list[dict[str, Any]], threads: int, path: Path) -> None
             f"| {r['model']}, {r['layers']} layers | {r['variant']} | {r['form']} | {r['file_bytes'] / 1e9:.2f} | "
             f"{r['prefill_ms']:.1f} | {base['prefill_ms'] / r['prefill_ms']:.2f} | {r['throughput_tok_s']:.0f} | "
             f"{r['throughput_tok_s'] / base['throughput_tok_s']:.2f} | {r['decode_tok_s']:.1f} | "
-            f"{r['decode_tok_s'] / base['decode_tok_s']:.2f} | {r['session_bytes'] / r['file_bytes']:.2f} |"
+            f"{r['decode_tok_s'] / base['decode_tok_s']:.2f} | {r['batch_one_bytes'] / r['file_bytes']:.2f} | "
+            f"{r['session_bytes'] / r['file_bytes']:.2f} |"
         )
     lines += ["", "Targets (issue 14), from the rows above:", ""]
     for model in dict.fromkeys(r["model"] for r in rows):
@@ -175,12 +179,13 @@ def target_lines(rows: list[dict[str, Any]]) -> list[str]:
         if (r := row(variant, "int4")) is not None:
             checks.append((f"{variant} int4 decode tok/s over the original's float32", r["decode_tok_s"] /
                            base["decode_tok_s"], 2.0))  # fmt: skip
-    worst = max(rows, key=lambda r: r["session_bytes"] / r["file_bytes"])
     lines = [f"{name}: {value:.2f} (target >= {target:g}): " + ("met" if value >= target else
              f"missed by {1 - value / target:.0%}") for name, value, target in checks]  # fmt: skip
-    ratio = worst["session_bytes"] / worst["file_bytes"]
-    lines.append(f"largest session memory / file: {ratio:.2f} ({worst['variant']}, {worst['form']}; target <= 1.2): "
-                 + ("met" if ratio <= 1.2 else f"missed by {ratio / 1.2 - 1:.0%}"))  # fmt: skip
+    for key, when in (("batch_one_bytes", "at batch 1"), ("session_bytes", f"with {THROUGHPUT[0]}x{THROUGHPUT[1]}")):
+        worst = max(rows, key=lambda r: r[key] / r["file_bytes"])
+        ratio = worst[key] / worst["file_bytes"]
+        lines.append(f"largest session memory / file {when}: {ratio:.2f} ({worst['variant']}, {worst['form']}; "
+                     "target <= 1.2): " + ("met" if ratio <= 1.2 else f"missed by {ratio / 1.2 - 1:.0%}"))  # fmt: skip
     return lines
 
 

@@ -38,7 +38,9 @@ from moefx.passes.lower import (
 )
 
 logger = logging.getLogger(__name__)
-EXTERNAL_DATA_BYTES = 1 << 30  # weights beyond this go to a separate data file (protobuf caps files at 2 GiB)
+# weights beyond this go to a separate data file, which ONNX Runtime memory-maps: from a single file it parses a
+# second copy, and a session then peaks at about 1.6 times the weights while loading (and protobuf caps at 2 GiB)
+EXTERNAL_DATA_BYTES = 1 << 26
 FUSED_BLOCKS_KEY = "moefx.fused_blocks"  # metadata: block name -> None (fused) or why it is portable
 
 
@@ -52,6 +54,13 @@ def _quiet_exporter() -> Iterator[None]:
         yield
     finally:
         registration.setLevel(level)
+
+
+def file_bytes(path: str | os.PathLike) -> int:
+    """The bytes of an ONNX file written by :func:`onnx`, its external data file (``<name>.data``) included."""
+    path = Path(path)
+    data = path.with_name(f"{path.name}.data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
 def cpu_session(path: str | os.PathLike, threads: int | None = None) -> Any:
@@ -145,7 +154,9 @@ def onnx(
     ``expert_bits`` (8 or 4), every block becomes one ``com.microsoft.QMoE`` node on symmetrically
     quantized expert weights (4-bit: a scale per 32 input columns where the sizes allow, otherwise and for
     8-bit a scale per row), and the parity check compares with eager on the same quantized weights.
-    Weights go to ``<name>.data`` beside the file when ``external_data`` (default: when they exceed 1 GiB).
+    Weights go to ``<name>.data`` beside the file when ``external_data`` (default: when they exceed 64 MiB,
+    so that ONNX Runtime memory-maps them rather than holding a parsed copy beside its own; see
+    :func:`file_bytes`).
     Floating-point weights (and inputs) are written in ``dtype``, float32 unless asked: ONNX Runtime's CPU
     provider has no bfloat16 kernels for common operators, so a bf16 or fp16 model exports in float32
     (``dtype=None`` keeps the model's dtypes). A dynamic graph is traced on inputs of a new shape (one more

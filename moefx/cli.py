@@ -288,7 +288,8 @@ def _export(args: argparse.Namespace) -> None:
     options = onnx_only if args.format == "onnx" else {}
     getattr(moefx.export, args.format)(model, path, moefx.export.checkpoint_inputs(directory), verify=args.verify,
                                        **options)  # fmt: skip
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    size = moefx.export.file_bytes(path) if args.format == "onnx" else path.stat().st_size
+    print(f"wrote {path} ({size / 1e6:.2f} MB)")
     if args.format == "onnx":
         from moefx.export.onnx import describe_lowering
 

@@ -25,7 +25,7 @@ from torch import nn
 from moefx.api import compile
 from moefx.config import CompressionConfig
 from moefx.errors import MoefxError, first_line
-from moefx.export.onnx import cpu_session, onnx
+from moefx.export.onnx import cpu_session, file_bytes, onnx
 from moefx.report import expert_bytes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -150,7 +150,7 @@ def run_demo(
                     experts=sum(b.kept if after else b.num_experts for b in blocks),
                     expert_bytes=sum(expert_bytes(b)[int(after)] for b in blocks),
                     total_bytes=_weight_bytes(candidate),
-                    onnx_bytes=path.stat().st_size,
+                    onnx_bytes=file_bytes(path),
                     val_loss=data.lm_validation_loss(candidate, val_batches),
                     latency_ms=onnx_latency_ms(path, feed, runs),
                 )

@@ -5,6 +5,8 @@ The whole family x variant x format matrix takes several minutes on 2 cores, so 
 family in ONNX and TorchScript and five families in pt2 (every variant once), with a rotation of variants, and
 ``pytest -m slow`` runs the rest of the matrix."""
 
+import sys
+
 import onnx as onnx_pkg
 import onnxruntime
 import pytest
@@ -205,16 +207,16 @@ def test_portable_onnx_is_standard_onnx(compiled_tiny, tmp_path):
     assert [o.name for o in session.get_outputs()] == ["logits"]
 
 
-def test_large_weights_go_to_an_external_data_file(compiled_tiny, tmp_path):
-    path = moefx.export.onnx(
-        compiled_tiny("olmoe", **VARIANTS["m-smoe pruned"]),
-        tmp_path / "m.onnx",
-        example_inputs("olmoe"),
-        external_data=True,
-    )
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    assert session.get_outputs()[0].name == "logits"
+def test_weights_beyond_the_threshold_go_to_an_external_data_file(compiled_tiny, monkeypatch, tmp_path):
+    model = compiled_tiny("olmoe", **VARIANTS["m-smoe pruned"])
+    small = moefx.export.onnx(model, tmp_path / "small.onnx", example_inputs("olmoe"), verify=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["small.onnx"]
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    monkeypatch.setattr(sys.modules["moefx.export.onnx"], "EXTERNAL_DATA_BYTES", weights // 2)
+    path = moefx.export.onnx(model, tmp_path / "m.onnx", example_inputs("olmoe"))  # parity runs it from both files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data", "small.onnx"]
+    assert moefx.export.file_bytes(path) == path.stat().st_size + (tmp_path / "m.onnx.data").stat().st_size
+    assert moefx.export.file_bytes(path) == pytest.approx(moefx.export.file_bytes(small), rel=0.01)
 
 
 def test_static_export_runs_on_the_example_shape(compiled_tiny, tmp_path):
