@@ -17,9 +17,9 @@ from moefx.zoo import FAMILIES, example_inputs, tiny_model
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
-# under pytest-xdist the workers share the cores: one intra-op pool per core each, not every core each
-_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+# under pytest-xdist the workers share the cores: each its share of them, not every core each
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 @functools.cache
