@@ -101,6 +101,26 @@ def shakespeare_splits(vocab: CharVocab | None = None) -> tuple[torch.Tensor, to
     return ids[:split], ids[split:]
 
 
+def sst2_text(split: str) -> str:
+    """The sentences of an SST-2 split as running text, one a line."""
+    return "".join(sentence + "\n" for sentence, _ in read_sst2(split))
+
+
+def sst2_char_vocab() -> CharVocab:
+    """The characters of SST-2's training and test sentences."""
+    return CharVocab.build(sst2_text("train") + sst2_text("test"))
+
+
+def sst2_lm_splits(vocab: CharVocab) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(train_ids, tuning_ids, val_ids)`` of the fine-grained LM fixture, encoded with ``vocab``: train.tsv as
+    running text, and test.tsv cut at the line nearest its middle into a tuning half and a validation half.
+    test.tsv holds whole sentences of other reviews; dev.tsv does not serve, as two thirds of its phrases are
+    substrings of train.tsv."""
+    text = sst2_text("test")
+    middle = text.index("\n", len(text) // 2) + 1
+    return vocab.encode(sst2_text("train")), vocab.encode(text[:middle]), vocab.encode(text[middle:])
+
+
 def lm_batch(windows: torch.Tensor) -> Batch:
     """A causal LM batch of equal-length windows ``[batch, seq]`` (no padding)."""
     return {"input_ids": windows, "attention_mask": torch.ones_like(windows)}

@@ -1,6 +1,8 @@
-"""The two benchmark fixture models, their configurations, and saving/loading them.
+"""The three benchmark fixture models, their configurations, and saving/loading them.
 
 * LM fixture: a small ``MixtralForCausalLM`` (16 experts, top-2, in every layer) on tinyshakespeare characters.
+* Fine-grained LM fixture: a small ``Qwen3MoeForCausalLM`` (64 narrow experts, top-8, in every layer, grouped-query
+  attention) on the characters of SST-2's sentences as running text.
 * Classifier fixture: :class:`SwitchClassifier`, a ``SwitchTransformersEncoderModel`` (32 experts, top-1,
   every other layer, like switch-base) with masked mean pooling and a linear head, on SST-2.
 """
@@ -13,7 +15,16 @@ from pathlib import Path
 import safetensors.torch
 import torch
 from torch import nn
-from transformers import MixtralConfig, MixtralForCausalLM, SwitchTransformersConfig, SwitchTransformersEncoderModel
+from transformers import (
+    AutoModelForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    PreTrainedModel,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+    SwitchTransformersConfig,
+    SwitchTransformersEncoderModel,
+)
 from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersTop1Router
 
 from benchmarks.data import PAD_ID
@@ -44,6 +55,36 @@ def lm_config(vocab_size: int) -> MixtralConfig:
 def build_lm(vocab_size: int) -> MixtralForCausalLM:
     """A freshly initialised LM fixture (seed torch beforehand for a reproducible initialisation)."""
     return MixtralForCausalLM(lm_config(vocab_size))
+
+
+def fine_lm_config(vocab_size: int) -> Qwen3MoeConfig:
+    """The fine-grained LM fixture's configuration for a character vocabulary of ``vocab_size``: Qwen3-30B-A3B's
+    routing (softmax top-8 renormalised, no shared expert, Qwen3's load-balancing coefficient) with 64 experts a
+    quarter of the hidden size wide."""
+    return Qwen3MoeConfig(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=256,
+        moe_intermediate_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        num_experts=64,
+        num_experts_per_tok=8,
+        norm_topk_prob=True,
+        max_position_embeddings=256,
+        router_aux_loss_coef=0.001,
+        tie_word_embeddings=False,
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+
+
+def build_fine_lm(vocab_size: int) -> Qwen3MoeForCausalLM:
+    """A freshly initialised fine-grained LM fixture (seed torch beforehand for a reproducible initialisation)."""
+    return Qwen3MoeForCausalLM(fine_lm_config(vocab_size))
 
 
 def classifier_config(vocab_size: int) -> SwitchTransformersConfig:
@@ -109,14 +150,14 @@ def build_classifier(vocab_size: int) -> SwitchClassifier:
     return model
 
 
-def save_lm(model: MixtralForCausalLM, out_dir: Path) -> None:
+def save_lm(model: PreTrainedModel, out_dir: Path) -> None:
     """``config.json`` and ``model.safetensors`` (float32) in ``out_dir``."""
     model.save_pretrained(out_dir)
 
 
-def load_lm(fixture_dir: Path | str) -> MixtralForCausalLM:
-    """The LM fixture saved in ``fixture_dir``, in eval mode."""
-    return MixtralForCausalLM.from_pretrained(Path(fixture_dir), dtype=torch.float32).eval()
+def load_lm(fixture_dir: Path | str) -> PreTrainedModel:
+    """The LM fixture (either of them) saved in ``fixture_dir``, in eval mode."""
+    return AutoModelForCausalLM.from_pretrained(Path(fixture_dir), dtype=torch.float32).eval()
 
 
 def save_classifier(model: SwitchClassifier, out_dir: Path) -> None:

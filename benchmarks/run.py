@@ -4,10 +4,10 @@
 
 Writes ``results.md``, ``results.json`` and ``quality_vs_memory.png`` to ``--out``. Every method runs
 without fine-tuning on the same calibration data (the paper's 256 sequences: 128-character windows of the
-tinyshakespeare training split for ``lm``, SST-2 training sentences for ``cls``) and is scored on held-out
-data (``lm``: the whole validation split, ``cls``: test.tsv). ``--quick`` calibrates on 64 sequences,
-scores ``lm`` on 256 validation windows, serves only ``lm`` and skips the ablations and the switch-base-shaped
-compile cost.
+tinyshakespeare training split for ``lm``, of SST-2's training sentences as running text for ``lm-fine``, SST-2
+training sentences for ``cls``) and is scored on held-out data (``lm``: the whole validation split, ``lm-fine``: the
+second half of test.tsv's sentences, ``cls``: test.tsv). ``--quick`` calibrates on 64 sequences, scores the LMs on
+256 validation windows, serves only ``lm`` and skips the ablations and the switch-base-shaped compile cost.
 
 Quantized experts: the original and the default, exported with 8- and 4-bit experts (ONNX Runtime's QMoE),
 their quality (on the eager model with the file's rounded weights) against float32 experts, and file bytes.
@@ -90,7 +90,7 @@ SERVING_SHAPES = ((1, 128), (16, 128))
 @dataclass(frozen=True)
 class Settings:
     ratios: tuple[float, ...] = (0.5, 0.25)
-    fixtures: tuple[str, ...] = ("lm", "cls")
+    fixtures: tuple[str, ...] = ("lm", "lm-fine", "cls")
     calib_sequences: int = 256
     lm_eval_windows: int | None = None  # None: the whole validation split
     ablations: bool = True
@@ -129,10 +129,19 @@ class Task:
 
 
 def lm_task(settings: Settings) -> Task:
-    fixture = models.FIXTURES_DIR / "lm"
-    model = models.load_lm(fixture)
-    vocab = data.CharVocab.load(fixture / "vocab.json")
-    train, val = data.shakespeare_splits(vocab)
+    vocab = data.CharVocab.load(models.FIXTURES_DIR / "lm" / "vocab.json")
+    return _char_lm_task("lm", settings, *data.shakespeare_splits(vocab))
+
+
+def fine_lm_task(settings: Settings) -> Task:
+    vocab = data.CharVocab.load(models.FIXTURES_DIR / "lm-fine" / "vocab.json")
+    train, _, val = data.sst2_lm_splits(vocab)
+    return _char_lm_task("lm-fine", settings, train, val)
+
+
+def _char_lm_task(name: str, settings: Settings, train: torch.Tensor, val: torch.Tensor) -> Task:
+    """A character LM fixture calibrated on windows of ``train`` and scored on ``val``."""
+    model = models.load_lm(models.FIXTURES_DIR / name)
     calib = data.lm_calibration(train, settings.calib_sequences)
     batches = data.lm_eval_batches(val)
     if settings.lm_eval_windows is not None:
@@ -143,9 +152,9 @@ def lm_task(settings: Settings) -> Task:
         return {"val_loss": loss, "val_ppl": float(torch.tensor(loss).exp())}
 
     return Task(
-        "lm", model, calib, evaluate, "val_loss",
+        name, model, calib, evaluate, "val_loss",
         retained=lambda got, full: full["val_ppl"] / got["val_ppl"],
-        vocab_size=len(vocab), example=calib[0],
+        vocab_size=model.config.vocab_size, example=calib[0],
     )  # fmt: skip
 
 
@@ -170,7 +179,9 @@ def cls_task(settings: Settings) -> Task:
     )  # fmt: skip
 
 
-TASKS = {"lm": lm_task, "cls": cls_task}
+TASKS = {"lm": lm_task, "lm-fine": fine_lm_task, "cls": cls_task}
+# per fixture: (its quality metric, the second number shown beside it)
+METRICS = {"lm": ("val_loss", "val_ppl"), "lm-fine": ("val_loss", "val_ppl"), "cls": ("test_acc", "test_loss")}
 
 
 def _params(module: nn.Module) -> int:
@@ -191,7 +202,7 @@ def quality_rows(task: Task, settings: Settings, keep: dict[tuple[str, float], n
              "retained": 1.0, "params": _params(task.model)}]  # fmt: skip
     plan = [row for row in METHOD_ROWS + (ABLATION_ROWS if settings.ablations else [])
             if settings.labels is None or row[1] in settings.labels]  # fmt: skip
-    if task.name != "lm":  # layer-wise (sequential) compression is for decoder-only LMs
+    if task.name == "cls":  # layer-wise (sequential) compression is for decoder-only LMs
         plan = [row for row in plan if not row[2].get("sequential")]
     for ratio, (section, label, options) in itertools.product(settings.ratios, plan):
         start = time.perf_counter()
@@ -391,7 +402,7 @@ def plot_quality_vs_memory(results: dict[str, Any], path: Path) -> None:
             ax.plot(x, y, marker="o", linewidth=2.5 if label.startswith(DEFAULT) else 1.2, label=label)
         ax.set_title(f"{fixture}: quality retained vs expert parameters (no fine-tuning)")
         ax.set_xlabel("expert parameters retained")
-        ax.set_ylabel("quality retained" + (" (ppl_full / ppl)" if fixture == "lm" else " (acc / acc_full)"))
+        ax.set_ylabel("quality retained" + (" (ppl_full / ppl)" if fixture != "cls" else " (acc / acc_full)"))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     figure.tight_layout()
@@ -415,15 +426,16 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"{s['calib_sequences']} sequences for every method. `lm`: the Mixtral character LM fixture on "
         "tinyshakespeare, validation loss (nats/char) on "
         + ("the whole validation split" if s["lm_eval_windows"] is None else f"{s['lm_eval_windows']} windows")
-        + "; quality retained = ppl_full / ppl. `cls`: the Switch classifier fixture on SST-2 test.tsv; "
+        + "; `lm-fine`: the fine-grained Qwen3-MoE character LM fixture (64 experts, top-8) on SST-2's sentences "
+        "as running text, validation loss on the second half of test.tsv's sentences; for both, quality retained "
+        "= ppl_full / ppl. `cls`: the Switch classifier fixture on SST-2 test.tsv; "
         "quality retained = acc / acc_full. Sizes: expert parameters kept (of the MoE layers), all parameters, "
         "and the bytes of the saved checkpoint (`moefx.save`, float32).",
         "",
     ]
     for fixture in dict.fromkeys(r["fixture"] for r in results["quality"]):
         rows = [r for r in results["quality"] if r["fixture"] == fixture]
-        metric = "val_loss" if fixture == "lm" else "test_acc"
-        second = "val_ppl" if fixture == "lm" else "test_loss"
+        metric, second = METRICS[fixture]
         lines += [f"## Quality vs memory: {fixture}", "",
                   f"| experts | section | method | {metric} | {second} | quality retained | expert params "
                   "retained | FLOPs/token retained | params | checkpoint MiB | compile s |",
@@ -470,7 +482,7 @@ def render_markdown(results: dict[str, Any]) -> str:
                   "| fixture | model | experts | expert bits | metric | float32 experts | quantized | change | "
                   "ONNX MiB |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in results["quantized"]:
-            metric = "val_loss" if r["fixture"] == "lm" else "test_acc"
+            metric = METRICS[r["fixture"]][0]
             lines.append(
                 f"| {r['fixture']} | {r['label']} | {r['experts']:g} | {r['bits']} | {metric} | "
                 f"{r['float'][metric]:.4f} | {r[metric]:.4f} | {r[metric] - r['float'][metric]:+.4f} | "
@@ -506,7 +518,7 @@ def headline(results: dict[str, Any], fixture: str, ratio: float) -> dict[str, A
     """The default method's quality and the best baseline's, at ``ratio`` experts."""
     rows = {r["label"]: r for r in results["quality"]
             if r["fixture"] == fixture and r["experts"] == ratio and r["section"] == "method"}  # fmt: skip
-    metric = "val_loss" if fixture == "lm" else "test_acc"
+    metric = METRICS[fixture][0]
     default = rows[f"{DEFAULT} (default)"]
     baselines = [rows[b] for b in BASELINES if b in rows]
     best = max(baselines, key=lambda r: r["retained"])

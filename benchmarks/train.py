@@ -1,12 +1,15 @@
 """Train a benchmark fixture reproducibly from a seed.
 
-    python benchmarks/train.py lm|cls [--seed 0] [--minutes N] [--steps N] [--out DIR] [--threads 2]
+    python benchmarks/train.py lm|lm-fine|cls [--seed 0] [--minutes N] [--steps N] [--out DIR] [--threads 2]
 
 ``lm``: the Mixtral character LM on tinyshakespeare (validation: the last 10% of the text).
+``lm-fine``: the fine-grained Qwen3-MoE character LM on SST-2's training sentences as running text (validation:
+the second half of test.tsv's sentences; the first half is its tuning split).
 ``cls``: the Switch encoder classifier on SST-2 (model selection on dev.tsv, final accuracy on test.tsv).
 
 Training uses AdamW, linear warmup then cosine decay over ``--steps``, gradient clipping and the Switch
-load-balancing auxiliary loss on every MoE layer (plus the router z-loss for the Switch model). It validates
+load-balancing auxiliary loss on every MoE layer at the config's ``router_aux_loss_coef`` (``lm-fine``: Qwen3's
+0.001, so its routing stays as uneven as real models'), plus the router z-loss for the Switch model. It validates
 periodically, stops when validation has not improved for ``patience`` evaluations, at ``--steps``, or when
 ``--minutes`` run out, and keeps the best weights. A run is deterministic for a given seed, step limit and
 thread count on a given machine, unless the time budget cuts it short. Next to the weights it writes
@@ -33,6 +36,7 @@ import torch.nn.functional as F
 import transformers
 from torch import nn
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersSparseMLP
 
 if __package__ in (None, ""):
@@ -53,11 +57,14 @@ from benchmarks.data import (  # noqa: E402
     read_sst2,
     shakespeare_splits,
     shakespeare_text,
+    sst2_char_vocab,
+    sst2_lm_splits,
 )
 from benchmarks.models import (  # noqa: E402
     FIXTURES_DIR,
     MAX_FIXTURE_BYTES,
     build_classifier,
+    build_fine_lm,
     build_lm,
     fixture_bytes,
     save_classifier,
@@ -89,6 +96,17 @@ DEFAULTS = {
     "lm": TrainConfig(
         steps=5000,
         minutes=20.0,
+        batch_size=32,
+        lr=2e-3,
+        warmup=200,
+        weight_decay=0.1,
+        clip=1.0,
+        eval_every=250,
+        patience=4,
+    ),
+    "lm-fine": TrainConfig(
+        steps=2800,
+        minutes=29.0,
         batch_size=32,
         lr=2e-3,
         warmup=200,
@@ -177,7 +195,7 @@ def routing_statistics(outputs: Iterable[RouterOutputs], top_k: int) -> list[dic
 
 def moe_layer_names(model: nn.Module) -> list[str]:
     """Names of the model's MoE blocks, in forward order."""
-    moe_types = (MixtralSparseMoeBlock, SwitchTransformersSparseMLP)
+    moe_types = (MixtralSparseMoeBlock, Qwen3MoeSparseMoeBlock, SwitchTransformersSparseMLP)
     return [name for name, module in model.named_modules() if isinstance(module, moe_types)]
 
 
@@ -279,14 +297,32 @@ def _report_routing(model: nn.Module, stats: list[dict[str, Any]]) -> tuple[dict
     return frequencies, spread
 
 
-def train_lm(seed: int, cfg: TrainConfig, out_dir: Path) -> dict:
-    """Train, save and describe the LM fixture; returns the training log."""
+def _shakespeare() -> tuple[CharVocab, torch.Tensor, torch.Tensor]:
     vocab = CharVocab.build(shakespeare_text())
-    train_ids, val_ids = shakespeare_splits(vocab)
+    return vocab, *shakespeare_splits(vocab)
+
+
+def _sst2_text() -> tuple[CharVocab, torch.Tensor, torch.Tensor]:
+    vocab = sst2_char_vocab()
+    train_ids, _, val_ids = sst2_lm_splits(vocab)
+    return vocab, train_ids, val_ids
+
+
+# per LM task: (its model builder, its text as (vocabulary, training ids, validation ids))
+LM_TASKS: dict[str, tuple[Callable[[int], nn.Module], Callable[[], tuple[CharVocab, torch.Tensor, torch.Tensor]]]] = {
+    "lm": (build_lm, _shakespeare),
+    "lm-fine": (build_fine_lm, _sst2_text),
+}
+
+
+def train_lm(task: str, seed: int, cfg: TrainConfig, out_dir: Path) -> dict:
+    """Train, save and describe the LM fixture ``task`` (see :data:`LM_TASKS`); returns the training log."""
+    build, text = LM_TASKS[task]
+    vocab, train_ids, val_ids = text()
     val_batches = lm_eval_batches(val_ids, LM_SEQ_LEN)
     stream = lm_train_batches(train_ids, LM_SEQ_LEN, cfg.batch_size, seed)
     torch.manual_seed(seed)
-    model = build_lm(len(vocab))
+    model = build(len(vocab))
     aux_coef, top_k = model.config.router_aux_loss_coef, model.config.num_experts_per_tok
 
     def train_step() -> dict[str, torch.Tensor]:
@@ -314,10 +350,10 @@ def train_lm(seed: int, cfg: TrainConfig, out_dir: Path) -> dict:
         "val_loss": lm_validation_loss(model, val_batches[:LM_CHECK_BATCHES]),
     }
     print(f"final validation loss {final['val_loss']:.4f} nats/char", flush=True)
-    return _log("lm", seed, cfg, model, result, final, check, frequencies, spread, out_dir)
+    return _log(task, seed, cfg, model, result, final, check, frequencies, spread, out_dir)
 
 
-def train_cls(seed: int, cfg: TrainConfig, out_dir: Path) -> dict:
+def train_cls(task: str, seed: int, cfg: TrainConfig, out_dir: Path) -> dict:
     """Train, save and describe the classifier fixture; returns the training log."""
     train, dev, test = read_sst2("train"), read_sst2("dev"), read_sst2("test")
     vocab = WordVocab.build(sentence for sentence, _ in train)
@@ -368,7 +404,7 @@ def train_cls(seed: int, cfg: TrainConfig, out_dir: Path) -> dict:
         "test_loss": final["test_loss"],
     }
     print(f"final dev accuracy {final['dev_accuracy']:.4f}, test accuracy {final['test_accuracy']:.4f}", flush=True)
-    return _log("cls", seed, cfg, model, result, final, check, frequencies, spread, out_dir)
+    return _log(task, seed, cfg, model, result, final, check, frequencies, spread, out_dir)
 
 
 def _log(
@@ -419,10 +455,14 @@ def _log(
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train a moefx benchmark fixture.")
-    parser.add_argument("task", choices=sorted(DEFAULTS), help="lm: Mixtral char LM; cls: Switch SST-2 classifier")
+    parser.add_argument(
+        "task", choices=sorted(DEFAULTS), help="lm: Mixtral char LM; lm-fine: Qwen3-MoE char LM; cls: Switch classifier"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--minutes", type=float, help="wall-clock budget (default: 20 for lm, 10 for cls)")
-    parser.add_argument("--steps", type=int, help="step limit and LR schedule length (default: 5000 lm, 6000 cls)")
+    parser.add_argument("--minutes", type=float, help="wall-clock budget (default: 20 lm, 29 lm-fine, 10 cls)")
+    parser.add_argument(
+        "--steps", type=int, help="step limit and LR schedule length (default: 5000 lm, 2800 lm-fine, 6000 cls)"
+    )
     parser.add_argument("--out", type=Path, help="output directory (default: benchmarks/fixtures/<task>)")
     parser.add_argument("--threads", type=int, default=THREADS, help="torch CPU threads (results depend on it)")
     args = parser.parse_args(argv)
@@ -430,7 +470,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = replace(cfg, minutes=args.minutes or cfg.minutes, steps=args.steps or cfg.steps)
     torch.set_num_threads(args.threads)
     try:
-        (train_lm if args.task == "lm" else train_cls)(args.seed, cfg, args.out or FIXTURES_DIR / args.task)
+        train = train_lm if args.task in LM_TASKS else train_cls
+        train(args.task, args.seed, cfg, args.out or FIXTURES_DIR / args.task)
     except DataNotFoundError as error:
         parser.exit(1, f"error: {error}\n")
 

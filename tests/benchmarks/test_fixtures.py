@@ -28,6 +28,9 @@ from benchmarks.data import (
     read_sst2,
     shakespeare_splits,
     shakespeare_text,
+    sst2_char_vocab,
+    sst2_lm_splits,
+    sst2_text,
     tokenize,
 )
 from benchmarks.models import FIXTURES_DIR, MAX_FIXTURE_BYTES, load_classifier, load_lm
@@ -86,6 +89,18 @@ def test_shakespeare_split_boundary():
     vocab = CharVocab.build(text)
     assert vocab.decode(val[:200]) == text[boundary : boundary + 200]
     assert vocab.decode(train[-200:]) + vocab.decode(val[:5]) == text[boundary - 200 : boundary + 5]
+
+
+def test_sst2_lm_splits_are_train_text_and_test_text_halved_at_a_line():
+    _require_data()
+    vocab = sst2_char_vocab()
+    train, tuning, val = sst2_lm_splits(vocab)
+    test_text = sst2_text("test")
+    assert vocab.decode(train) == sst2_text("train")
+    assert vocab.decode(tuning) + vocab.decode(val) == test_text
+    longest_line = max(map(len, test_text.splitlines())) + 1
+    assert vocab.decode(tuning).endswith("\n") and abs(len(tuning) - len(val)) <= 2 * longest_line
+    assert sst2_text("train").count("\n") == len(read_sst2("train"))
 
 
 def test_lm_eval_batches_are_fixed_non_overlapping_windows():
@@ -242,6 +257,38 @@ def test_lm_fixture_generates_in_onnx_runtime_what_transformers_generates(lm_fix
     expected = reference.generate(input_ids=prompts, max_new_tokens=16, do_sample=False)
     got = moefx.export.OnnxGenerator(path).generate(prompts, 16)
     assert torch.equal(got, expected), (vocab.decode(got[0]), vocab.decode(expected[0]))
+
+
+@pytest.fixture(scope="module")
+def fine_lm_fixture():
+    path = _require_fixture("lm-fine")
+    return path, load_lm(path), CharVocab.load(path / "vocab.json"), _log(path)
+
+
+def test_fine_lm_fixture_is_a_fine_grained_qwen3_moe_with_uneven_routing(fine_lm_fixture):
+    path, model, vocab, log = fine_lm_fixture
+    config = model.config
+    assert not model.training and config.model_type == "qwen3_moe"
+    assert config.vocab_size == len(vocab) and (config.num_experts, config.num_experts_per_tok) == (64, 8)
+    assert (path / "model.safetensors").stat().st_size == log["fixture_bytes"] <= MAX_FIXTURE_BYTES
+    layers = moe_layer_names(model)
+    assert layers == [f"model.layers.{i}.mlp" for i in range(config.num_hidden_layers)]
+    _check_routing_log(log, layers, config.num_experts)
+    # trained with Qwen3's weak balancing coefficient: in every layer the busiest expert gets many times the
+    # assignments of the least used one (9x to 770x when it was trained)
+    assert all(max(f) > 5 * min(f) for f in log["expert_frequency"].values())
+    _require_data()
+    assert vocab.chars == sst2_char_vocab().chars
+
+
+def test_fine_lm_fixture_matches_its_log(fine_lm_fixture):
+    _require_data()
+    _, model, vocab, log = fine_lm_fixture
+    _, _, val = sst2_lm_splits(vocab)
+    loss = lm_validation_loss(model, lm_eval_batches(val, LM_SEQ_LEN)[:LM_CHECK_BATCHES])
+    assert loss == pytest.approx(log["check"]["val_loss"], abs=1e-3)
+    assert log["final"]["val_loss"] == pytest.approx(min(p["val_loss"] for p in log["curve"]), abs=1e-4)
+    assert log["final"]["val_loss"] < 2.0
 
 
 @pytest.fixture(scope="module")
