@@ -33,22 +33,28 @@ FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures"
 MAX_FIXTURE_BYTES = 20 * 1024 * 1024
 
 
+# what both character LM fixtures share: their trunk's size and no special tokens
+_CHAR_LM = dict(
+    hidden_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    max_position_embeddings=256,
+    pad_token_id=None,
+    bos_token_id=None,
+    eos_token_id=None,
+)
+
+
 def lm_config(vocab_size: int) -> MixtralConfig:
     """The LM fixture's configuration for a character vocabulary of ``vocab_size``."""
     return MixtralConfig(
         vocab_size=vocab_size,
-        hidden_size=128,
         intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
         num_key_value_heads=4,
         num_local_experts=16,
         num_experts_per_tok=2,
-        max_position_embeddings=256,
         router_aux_loss_coef=0.02,
-        pad_token_id=None,
-        bos_token_id=None,
-        eos_token_id=None,
+        **_CHAR_LM,
     )
 
 
@@ -63,22 +69,16 @@ def fine_lm_config(vocab_size: int) -> Qwen3MoeConfig:
     quarter of the hidden size wide."""
     return Qwen3MoeConfig(
         vocab_size=vocab_size,
-        hidden_size=128,
         intermediate_size=256,
         moe_intermediate_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=32,
         num_experts=64,
         num_experts_per_tok=8,
         norm_topk_prob=True,
-        max_position_embeddings=256,
         router_aux_loss_coef=0.001,
         tie_word_embeddings=False,
-        pad_token_id=None,
-        bos_token_id=None,
-        eos_token_id=None,
+        **_CHAR_LM,
     )
 
 

@@ -1,25 +1,35 @@
-"""Compare choices for the defaults on held-out tuning splits, never on the benchmark's evaluation sets.
+"""Compare choices for the defaults on every fixture's held-out tuning split, never on the benchmark's evaluation sets.
 
     python benchmarks/tuning.py [--out benchmarks] [--threads 2]
 
-Writes ``tuning.md``. ``lm``: calibration windows from the tinyshakespeare training split without its last
-50,000 characters, scored on those characters (validation stays untouched). ``lm-fine``: calibration windows from
-SST-2's training sentences, scored on its tuning split, the first half of test.tsv's sentences (its validation is
-the second half). ``cls``: calibration on SST-2
-training sentences, scored on dev.tsv (test.tsv stays untouched). Each row is one choice of an option the
-defaults depend on, compressed at 50% and 25% experts without fine-tuning.
+Writes ``tuning.md`` and its rows as ``tuning.json``. ``lm``: calibration windows from the tinyshakespeare
+training split without its last 50,000 characters, scored on those characters (validation stays untouched).
+``lm-fine``: calibration windows from SST-2's training sentences, scored on its tuning split, the first half of
+test.tsv's sentences (its validation is the second half). ``cls``: calibration on SST-2 training sentences,
+scored on dev.tsv (test.tsv stays untouched).
+
+Each option the defaults depend on (selection score, refit, per-layer budget, ridge, calibration size, MC-SMoE's
+sparse score) is varied alone, the others at their defaults, and compressed at 50% and 25% experts without
+fine-tuning. A choice is judged on all fixtures together: its quality retained (``ppl_full / ppl`` for the LMs,
+``acc / acc_full`` for the classifier) averaged over fixtures and ratios.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
+import json
+import math
+import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 if __package__ in (None, ""):
     # run as `python benchmarks/tuning.py`: make the `benchmarks` package importable
@@ -28,90 +38,169 @@ if __package__ in (None, ""):
 import moefx  # noqa: E402
 from benchmarks import data, models  # noqa: E402
 from moefx.export.serving import atomic_output  # noqa: E402
+from moefx.objective import LossFn  # noqa: E402
 
 TUNING_CHARS = 50_000
 RATIOS = (0.5, 0.25)
+TIE = 5e-4  # mean retained differences below the table's precision
+CALIB_SEQUENCES = 256  # the benchmark's calibration size, which every other choice uses
+# (option, choice, compile options, calibration sequences); each option's first choice is the default
 CHOICES = [
-    ("merge-refit, selection frequency", {"selection": "frequency"}),
-    ("merge-refit, selection reap", {"selection": "reap"}),
-    ("mc-smoe, sparse score activation", {"method": "mc-smoe", "sparse_score": "activation"}),
-    ("mc-smoe, sparse score gradient", {"method": "mc-smoe", "sparse_score": "gradient"}),
+    ("selection", "reap (default)", {}, CALIB_SEQUENCES),
+    ("selection", "frequency", {"selection": "frequency"}, CALIB_SEQUENCES),
+    ("selection", "contribution", {"selection": "contribution"}, CALIB_SEQUENCES),
+    ("refit", "in+out (default)", {}, CALIB_SEQUENCES),
+    ("refit", "out", {"refit": "out"}, CALIB_SEQUENCES),
+    ("refit", "none", {"refit": "none"}, CALIB_SEQUENCES),
+    ("per-layer budget", "uniform (default)", {}, CALIB_SEQUENCES),
+    ("per-layer budget", "adaptive", {"adaptive": True}, CALIB_SEQUENCES),
+    ("ridge", "0.01 (default)", {}, CALIB_SEQUENCES),
+    ("ridge", "0.001", {"ridge": 1e-3}, CALIB_SEQUENCES),
+    ("ridge", "0.1", {"ridge": 1e-1}, CALIB_SEQUENCES),
+    ("calibration sequences", "256 (default)", {}, CALIB_SEQUENCES),
+    ("calibration sequences", "64", {}, 64),
+    ("calibration sequences", "1024", {}, 1024),
+    ("mc-smoe sparse score", "activation (default)", {"method": "mc-smoe"}, CALIB_SEQUENCES),
+    ("mc-smoe sparse score", "gradient", {"method": "mc-smoe", "sparse_score": "gradient"}, CALIB_SEQUENCES),
 ]
 
 
-def lm_rows() -> list[dict]:
+@dataclass
+class TuningFixture:
+    """A fixture, its calibration data of a given size (with the loss the gradient score needs), and its score
+    on the tuning split (``loss``, and ``accuracy`` for the classifier)."""
+
+    name: str
+    model: nn.Module
+    calibration: Callable[[int], tuple[list[dict[str, torch.Tensor]], LossFn | None]]
+    score: Callable[[nn.Module], dict[str, float]]
+
+
+def lm_fixture() -> TuningFixture:
     train, _ = data.shakespeare_splits(data.CharVocab.load(models.FIXTURES_DIR / "lm" / "vocab.json"))
-    return _char_lm_rows("lm", train[:-TUNING_CHARS], train[-TUNING_CHARS:])
+    return _char_lm_fixture("lm", train[:-TUNING_CHARS], train[-TUNING_CHARS:])
 
 
-def fine_lm_rows() -> list[dict]:
+def fine_lm_fixture() -> TuningFixture:
     train, tuning, _ = data.sst2_lm_splits(data.CharVocab.load(models.FIXTURES_DIR / "lm-fine" / "vocab.json"))
-    return _char_lm_rows("lm-fine", train, tuning)
+    return _char_lm_fixture("lm-fine", train, tuning)
 
 
-def _char_lm_rows(name: str, calib_ids: torch.Tensor, tuning_ids: torch.Tensor) -> list[dict]:
-    """Each choice on the character LM fixture ``name``, calibrated on windows of ``calib_ids``, scored on
-    ``tuning_ids``."""
-    model = models.load_lm(models.FIXTURES_DIR / name)
-    calib = data.lm_calibration(calib_ids, 256)
+def _char_lm_fixture(name: str, calib_ids: torch.Tensor, tuning_ids: torch.Tensor) -> TuningFixture:
+    """The character LM fixture ``name``, calibrated on windows of ``calib_ids``, scored on ``tuning_ids``."""
     tuning = data.lm_eval_batches(tuning_ids)
-    rows = [{"fixture": name, "choice": "original", "experts": 1.0, "loss": data.lm_validation_loss(model, tuning)}]
-    for ratio, (label, options) in itertools.product(RATIOS, CHOICES):
-        loss = data.lm_validation_loss(moefx.compile(model, calib, experts=ratio, **options), tuning)
-        rows.append({"fixture": name, "choice": label, "experts": ratio, "loss": loss})
-    return rows
+    return TuningFixture(
+        name,
+        models.load_lm(models.FIXTURES_DIR / name),
+        lambda sequences: (data.lm_calibration(calib_ids, sequences), None),
+        lambda m: {"loss": data.lm_validation_loss(m, tuning)},
+    )
 
 
-def cls_rows() -> list[dict]:
+def cls_fixture() -> TuningFixture:
     fixture = models.FIXTURES_DIR / "cls"
-    model = models.load_classifier(fixture)
     vocab = data.WordVocab.load(fixture / "vocab.json")
-    train = data.read_sst2("train")[:256]
-    calib, loss = data.labelled_calibration(data.classification_batches(train, vocab, 32, seed=7))
+    train = data.read_sst2("train")
     dev = data.classification_batches(data.read_sst2("dev"), vocab)
+    return TuningFixture(
+        "cls",
+        models.load_classifier(fixture),
+        lambda n: data.labelled_calibration(data.classification_batches(train[:n], vocab, 32, seed=7)),
+        lambda m: {"loss": data.classification_loss(m, dev), "accuracy": data.classification_accuracy(m, dev)},
+    )
 
-    def row(choice: str, ratio: float, m: torch.nn.Module) -> dict:
-        return {"fixture": "cls", "choice": choice, "experts": ratio,
-                "loss": data.classification_loss(m, dev), "accuracy": data.classification_accuracy(m, dev)}  # fmt: skip
 
-    rows = [row("original", 1.0, model)]
-    for ratio, (label, options) in itertools.product(RATIOS, CHOICES):
-        rows.append(row(label, ratio, moefx.compile(model, calib, experts=ratio, loss=loss, **options)))
+FIXTURES = (lm_fixture, fine_lm_fixture, cls_fixture)
+
+
+def fixture_rows(fixture: TuningFixture) -> list[dict[str, Any]]:
+    """The original's score, then one row per ratio and choice; a configuration shared by several choices (each
+    option's default) is compressed once."""
+    rows = [{"fixture": fixture.name, "option": "", "choice": "original", "experts": 1.0,
+             **fixture.score(fixture.model)}]  # fmt: skip
+    scores: dict[tuple, dict[str, float]] = {}
+    for ratio in RATIOS:
+        for option, choice, options, sequences in CHOICES:
+            key = (ratio, sequences, tuple(sorted(options.items())))
+            if key not in scores:
+                calib, loss = fixture.calibration(sequences)
+                scores[key] = fixture.score(moefx.compile(fixture.model, calib, experts=ratio, loss=loss, **options))
+            rows.append({"fixture": fixture.name, "option": option, "choice": choice, "experts": ratio,
+                         **scores[key]})  # fmt: skip
     return rows
 
 
-def render(rows: list[dict], seconds: float) -> str:
+def retained(row: dict[str, Any], original: dict[str, Any]) -> float:
+    """Quality kept: ``ppl_full / ppl`` from losses, ``acc / acc_full`` where there is an accuracy."""
+    if "accuracy" in row:
+        return row["accuracy"] / original["accuracy"]
+    return math.exp(original["loss"] - row["loss"])
+
+
+def render(rows: list[dict[str, Any]], seconds: float) -> str:
+    originals = {r["fixture"]: r for r in rows if r["choice"] == "original"}
+    fixtures = list(originals)
+    columns = [(f, ratio) for f in fixtures for ratio in RATIOS]
     lines = [
         "# Tuning splits",
         "",
-        f"Generated by `python benchmarks/tuning.py` in {seconds / 60:.1f} min. Choices for the defaults are "
-        "compared here, on data the benchmark never scores: lm loss (nats/char) on the last 50,000 characters "
-        "of the training split (calibrated without them), lm-fine loss (nats/char) on the first half of SST-2 "
-        "test.tsv's sentences, cls loss and accuracy on SST-2 dev.tsv. No fine-tuning.",
+        f"Generated by `python benchmarks/tuning.py` in {seconds / 60:.1f} min. Choices for the defaults are compared "
+        "here, on data the benchmark never scores: lm loss (nats/char) on the last 50,000 characters of the "
+        "training split (calibrated without them), lm-fine loss (nats/char) on the first half of SST-2 test.tsv's "
+        "sentences, cls loss and accuracy on SST-2 dev.tsv. No fine-tuning. Each option is varied alone, the "
+        "others at their defaults; each cell is the tuning score and, in brackets, the quality retained "
+        "(ppl_full / ppl for the LMs, acc / acc_full for cls). A choice is judged by its mean retained over all "
+        "fixtures and ratios.",
         "",
-        "| fixture | experts | choice | loss | accuracy |",
-        "|---|---|---|---|---|",
-    ]
-    for r in rows:
-        accuracy = f"{r['accuracy']:.4f}" if "accuracy" in r else ""
-        lines.append(f"| {r['fixture']} | {r['experts']:g} | {r['choice']} | {r['loss']:.4f} | {accuracy} |")
+        "Originals: " + ", ".join(
+            f"{f} loss {r['loss']:.4f}" + (f" accuracy {r['accuracy']:.4f}" if "accuracy" in r else "")
+            for f, r in originals.items()
+        ) + ".",
+        "",
+        "| option | choice | " + " | ".join(f"{f} {ratio:g}" for f, ratio in columns) + " | mean retained |",
+        "|---|---|" + "---|" * (len(columns) + 1),
+    ]  # fmt: skip
+    means: dict[str, dict[str, float]] = {}
+    for option, choice, _, _ in CHOICES:
+        cells, kept = [], []
+        for f, ratio in columns:
+            row = next(r for r in rows if (r["fixture"], r["option"], r["choice"], r["experts"]) ==
+                       (f, option, choice, ratio))  # fmt: skip
+            kept.append(retained(row, originals[f]))
+            score = f"{row['accuracy']:.4f}" if "accuracy" in row else f"{row['loss']:.4f}"
+            cells.append(f"{score} ({kept[-1]:.3f})")
+        means.setdefault(option, {})[choice] = statistics.fmean(kept)
+        lines.append(f"| {option} | {choice} | " + " | ".join(cells) + f" | {means[option][choice]:.3f} |")
+    lines += ["", "Best choice of each option on all fixtures together (mean retained; a difference below the "
+              "table's precision, 0.0005, is a tie, which the default keeps):", ""]  # fmt: skip
+    for option, scores in means.items():
+        default = next(iter(scores))
+        best = max(scores, key=lambda c: (c == default or scores[c] - scores[default] >= TIE, scores[c]))
+        if best == default:
+            lines.append(f"- {option}: the default, {default} ({scores[default]:.3f}).")
+        else:
+            lines.append(f"- {option}: {best} ({scores[best]:.3f}), {scores[best] - scores[default]:+.3f} over the "
+                         f"default {default} ({scores[default]:.3f}).")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent,
-                        help="where tuning.md goes (default: benchmarks/)")  # fmt: skip
+                        help="where tuning.md and tuning.json go (default: benchmarks/)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", moefx.MoefxWarning)
-        rows = lm_rows() + fine_lm_rows() + cls_rows()
+        rows = [row for fixture in FIXTURES for row in fixture_rows(fixture())]
+    seconds = time.perf_counter() - start
+    with atomic_output(args.out / "tuning.json") as target:
+        target.write_text(json.dumps({"seconds": seconds, "rows": rows}, indent=1) + "\n", encoding="utf-8")
     with atomic_output(args.out / "tuning.md") as target:
-        target.write_text(render(rows, time.perf_counter() - start), encoding="utf-8")
-    print(f"wrote {args.out / 'tuning.md'}")
+        target.write_text(render(rows, seconds), encoding="utf-8")
+    print(f"wrote {args.out / 'tuning.md'} and tuning.json")
 
 
 if __name__ == "__main__":

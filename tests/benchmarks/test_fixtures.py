@@ -202,33 +202,48 @@ def _check_routing_log(log: dict, layers: list[str], num_experts: int) -> None:
         assert spread["top_k_mass"] > 2 * spread["uniform_top_k_mass"]
 
 
-@pytest.fixture(scope="module")
-def lm_fixture():
-    path = _require_fixture("lm")
+def _lm_fixture(task: str) -> tuple:
+    path = _require_fixture(task)
     return path, load_lm(path), CharVocab.load(path / "vocab.json"), _log(path)
 
 
-def test_lm_fixture_shapes_and_vocab(lm_fixture):
-    path, model, vocab, log = lm_fixture
+def _check_lm_fixture(fixture: tuple, experts: int, top_k: int, text: str) -> None:
+    """The fixture's size, experts, logits on ``text``, MoE layers and routing log."""
+    path, model, vocab, log = fixture
     config = model.config
-    assert not model.training
-    assert config.vocab_size == len(vocab) and (config.num_local_experts, config.num_experts_per_tok) == (16, 2)
+    assert not model.training and config.vocab_size == len(vocab)
+    num_experts = getattr(config, "num_local_experts", None) or config.num_experts
+    assert (num_experts, config.num_experts_per_tok) == (experts, top_k)
     assert (path / "model.safetensors").stat().st_size == log["fixture_bytes"] <= MAX_FIXTURE_BYTES
-    ids = vocab.encode("ROMEO:\nBut soft, what light")
+    ids = vocab.encode(text)
     logits = model(input_ids=ids[None], attention_mask=torch.ones_like(ids[None])).logits
     assert logits.shape == (1, len(ids), len(vocab))
     layers = moe_layer_names(model)
     assert layers == [f"model.layers.{i}.mlp" for i in range(config.num_hidden_layers)]
-    _check_routing_log(log, layers, config.num_local_experts)
+    _check_routing_log(log, layers, experts)
+
+
+@pytest.fixture(scope="module")
+def lm_fixture():
+    return _lm_fixture("lm")
+
+
+def test_lm_fixture_shapes_and_vocab(lm_fixture):
+    _check_lm_fixture(lm_fixture, 16, 2, "ROMEO:\nBut soft, what light")
     _require_data()
+    vocab = lm_fixture[2]
     assert vocab.chars == CharVocab.build(shakespeare_text()).chars
 
 
-def test_lm_fixture_matches_its_log(lm_fixture):
+@pytest.mark.parametrize(
+    ("fixture", "validation"),
+    [("lm_fixture", lambda vocab: shakespeare_splits(vocab)[1]), ("fine_lm_fixture", lambda v: sst2_lm_splits(v)[2])],
+    ids=["lm", "lm-fine"],
+)
+def test_lm_fixtures_match_their_logs(fixture, validation, request):
     _require_data()
-    _, model, vocab, log = lm_fixture
-    _, val = shakespeare_splits(vocab)
-    loss = lm_validation_loss(model, lm_eval_batches(val, LM_SEQ_LEN)[:LM_CHECK_BATCHES])
+    _, model, vocab, log = request.getfixturevalue(fixture)
+    loss = lm_validation_loss(model, lm_eval_batches(validation(vocab), LM_SEQ_LEN)[:LM_CHECK_BATCHES])
     assert loss == pytest.approx(log["check"]["val_loss"], abs=1e-3)
     assert log["final"]["val_loss"] == pytest.approx(min(p["val_loss"] for p in log["curve"]), abs=1e-4)
     # a trained char model, far below the ~3.3 nats of unigram frequencies
@@ -261,34 +276,18 @@ def test_lm_fixture_generates_in_onnx_runtime_what_transformers_generates(lm_fix
 
 @pytest.fixture(scope="module")
 def fine_lm_fixture():
-    path = _require_fixture("lm-fine")
-    return path, load_lm(path), CharVocab.load(path / "vocab.json"), _log(path)
+    return _lm_fixture("lm-fine")
 
 
 def test_fine_lm_fixture_is_a_fine_grained_qwen3_moe_with_uneven_routing(fine_lm_fixture):
-    path, model, vocab, log = fine_lm_fixture
-    config = model.config
-    assert not model.training and config.model_type == "qwen3_moe"
-    assert config.vocab_size == len(vocab) and (config.num_experts, config.num_experts_per_tok) == (64, 8)
-    assert (path / "model.safetensors").stat().st_size == log["fixture_bytes"] <= MAX_FIXTURE_BYTES
-    layers = moe_layer_names(model)
-    assert layers == [f"model.layers.{i}.mlp" for i in range(config.num_hidden_layers)]
-    _check_routing_log(log, layers, config.num_experts)
+    _check_lm_fixture(fine_lm_fixture, 64, 8, "a charming and often affecting journey .")
+    _, model, vocab, log = fine_lm_fixture
+    assert model.config.model_type == "qwen3_moe"
     # trained with Qwen3's weak balancing coefficient: in every layer the busiest expert gets many times the
     # assignments of the least used one (9x to 770x when it was trained)
     assert all(max(f) > 5 * min(f) for f in log["expert_frequency"].values())
     _require_data()
     assert vocab.chars == sst2_char_vocab().chars
-
-
-def test_fine_lm_fixture_matches_its_log(fine_lm_fixture):
-    _require_data()
-    _, model, vocab, log = fine_lm_fixture
-    _, _, val = sst2_lm_splits(vocab)
-    loss = lm_validation_loss(model, lm_eval_batches(val, LM_SEQ_LEN)[:LM_CHECK_BATCHES])
-    assert loss == pytest.approx(log["check"]["val_loss"], abs=1e-3)
-    assert log["final"]["val_loss"] == pytest.approx(min(p["val_loss"] for p in log["curve"]), abs=1e-4)
-    assert log["final"]["val_loss"] < 2.0
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""A smoke run of the tuning script on the classifier: the gradient score's loss comes from the dev labels."""
+"""The tuning script: its rows on the classifier, and how it judges a choice on all fixtures together."""
 
 from __future__ import annotations
 
@@ -10,13 +10,46 @@ from benchmarks import tuning
 from benchmarks.data import data_dir
 
 
-@pytest.mark.slow  # a classifier calibration and evaluation on the dev split: about 40 s on 2 cores
+@pytest.mark.slow  # two classifier calibrations and evaluations on the dev split: about a minute on 2 cores
 def test_tuning_rows_on_the_classifier(monkeypatch):
     if not (data_dir() / "sst2").is_dir():
         pytest.skip(f"benchmark data not found at {data_dir()} (set MOEFX_DATA)")
+    gradient = {"method": "mc-smoe", "sparse_score": "gradient"}
     monkeypatch.setattr(tuning, "RATIOS", (0.5,))
-    monkeypatch.setattr(tuning, "CHOICES", [("mc-smoe, gradient", {"method": "mc-smoe", "sparse_score": "gradient"})])
-    rows = tuning.cls_rows()
-    assert [(r["choice"], r["experts"]) for r in rows] == [("original", 1.0), ("mc-smoe, gradient", 0.5)]
+    monkeypatch.setattr(tuning, "CHOICES", [("mc-smoe sparse score", "gradient", gradient, 32),
+                                            ("calibration sequences", "32", gradient, 32),
+                                            ("calibration sequences", "64", gradient, 64)])  # fmt: skip
+    rows = tuning.fixture_rows(tuning.cls_fixture())
+    assert [(r["choice"], r["experts"]) for r in rows] == [("original", 1.0), ("gradient", 0.5), ("32", 0.5),
+                                                           ("64", 0.5)]  # fmt: skip
     assert all(0.0 < r["accuracy"] <= 1.0 and math.isfinite(r["loss"]) for r in rows)
-    assert "| cls | 0.5 | mc-smoe, gradient |" in tuning.render(rows, 60.0)
+    # one configuration, compressed once: the very same scores
+    assert rows[1]["loss"] == rows[2]["loss"]
+    assert "| calibration sequences | 64 |" in tuning.render(rows, 60.0)
+
+
+def _rows(losses: dict[str, float], accuracies: dict[str, float]) -> list[dict]:
+    rows = [
+        {"fixture": "lm", "option": "", "choice": "original", "experts": 1.0, "loss": 1.0},
+        {"fixture": "cls", "option": "", "choice": "original", "experts": 1.0, "loss": 0.3, "accuracy": 0.8},
+    ]
+    rows += [{"fixture": "lm", "option": "refit", "choice": c, "experts": 0.5, "loss": v} for c, v in losses.items()]
+    rows += [
+        {"fixture": "cls", "option": "refit", "choice": c, "experts": 0.5, "loss": 0.4, "accuracy": v}
+        for c, v in accuracies.items()
+    ]
+    return rows
+
+
+def test_a_choice_is_judged_by_its_mean_retained_over_all_fixtures(monkeypatch):
+    monkeypatch.setattr(tuning, "RATIOS", (0.5,))
+    monkeypatch.setattr(tuning, "CHOICES", [("refit", "a (default)", {}, 256), ("refit", "b", {"refit": "out"}, 256)])
+    # b is best on cls but far worse on lm: a wins on the mean
+    text = tuning.render(_rows({"a (default)": 1.1, "b": 1.5}, {"a (default)": 0.72, "b": 0.8}), 60.0)
+    assert f"| refit | b | 1.5000 ({math.exp(-0.5):.3f}) | 0.8000 (1.000) | {(math.exp(-0.5) + 1) / 2:.3f} |" in text
+    assert f"- refit: the default, a (default) ({(math.exp(-0.1) + 0.9) / 2:.3f})." in text
+    text = tuning.render(_rows({"a (default)": 1.1, "b": 1.05}, {"a (default)": 0.72, "b": 0.8}), 60.0)
+    assert "- refit: b (" in text and "over the default a (default)" in text
+    # a lead below the table's precision is a tie, which the default keeps
+    text = tuning.render(_rows({"a (default)": 1.1, "b": 1.1}, {"a (default)": 0.72, "b": 0.7203}), 60.0)
+    assert "- refit: the default, a (default)" in text
