@@ -270,6 +270,7 @@ def test_bad_input_exits_2_with_one_line_and_no_output(case, message, files, tmp
     elif case == "tokens beyond the vocabulary":
         changes["model"] = str(_tokenizer_checkpoint(tmp_path / "shifted", offset=50))
     before = set(tmp_path.iterdir())
+    capsys.readouterr()  # what building the inputs printed (a slow save_pretrained shows a progress bar)
     assert cli.main(_compress_args(files, out, **changes)) == 2
     assert message in _one_error_line(capsys)
     assert set(tmp_path.iterdir()) == before  # neither OUT_DIR nor a staging directory is left
