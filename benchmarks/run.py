@@ -402,7 +402,8 @@ def plot_quality_vs_memory(results: dict[str, Any], path: Path) -> None:
             ax.plot(x, y, marker="o", linewidth=2.5 if label.startswith(DEFAULT) else 1.2, label=label)
         ax.set_title(f"{fixture}: quality retained vs expert parameters (no fine-tuning)")
         ax.set_xlabel("expert parameters retained")
-        ax.set_ylabel("quality retained" + (" (ppl_full / ppl)" if fixture != "cls" else " (acc / acc_full)"))
+        perplexity = METRICS[fixture][1] == "val_ppl"
+        ax.set_ylabel("quality retained" + (" (ppl_full / ppl)" if perplexity else " (acc / acc_full)"))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     figure.tight_layout()
