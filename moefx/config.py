@@ -11,9 +11,9 @@ from moefx.methods import METHODS, Method
 
 METHOD_NAMES = tuple(METHODS)
 ROUTER_MODES = ("exact", "pruned")
-SIMILARITIES = ("router-logits", "router-weight", "expert-weight", "expert-output", "random")
+SIMILARITIES = ("router-logits", "router-weight", "expert-weight", "expert-output", "output-error", "random")
 SVD_MODES = ("activation-aware", "plain")
-SELECTIONS = ("frequency", "reap", "contribution")
+SELECTIONS = ("frequency", "reap", "contribution", "error")
 REFITS = ("none", "out", "in+out")
 SPARSE_AXES = ("columns", "rows")
 SPARSE_SCORES = ("activation", "gradient")
@@ -40,12 +40,17 @@ class CompressionConfig:
     * ``align``: permutation-align group members to their dominant expert before merging; ``None`` (the
       default) does what each method's paper does: M-SMoE, MC-SMoE and average align, HC-SMoE does not.
     * ``similarity``: how non-dominant experts choose their group (M-SMoE and average):
-      ``"router-logits"`` (the paper), ``"router-weight"``, ``"expert-weight"``, ``"expert-output"``, ``"random"``.
+      ``"router-logits"`` (the paper), ``"router-weight"``, ``"expert-weight"``, ``"expert-output"``,
+      ``"output-error"`` (the dominant expert whose outputs on the expert's routed tokens are closest to its
+      own, see ``selection="error"``) or ``"random"``.
     * ``skip_layers``: MoE blocks left unchanged, by index among the model's MoE blocks or by name
       (the paper leaves the first one: ``skip_layers=[0]``).
     * ``selection``: how experts are ranked for keeping: ``"frequency"`` (the paper), ``"reap"`` (mean
       routing weight times output norm over routed tokens) or ``"contribution"`` (frequency times REAP's
-      saliency: the expert's total routed output). ``None`` is the method's own choice.
+      saliency: the expert's total routed output) or ``"error"`` (merging methods: the set whose kept experts
+      reproduce the others' outputs best on their routed tokens, searched from the scores' choices; with
+      ``adaptive``, each further expert goes to the layer where it lowers that error most; see
+      :mod:`moefx.selection`). ``None`` is the method's own choice.
     * ``refit`` (merging methods): after merging, re-solve each merged expert in closed form to reproduce
       its members' outputs on the calibration tokens: ``"out"`` (the output projection), ``"in+out"`` (also
       the input projections, by least squares on the members' pre-activations) or ``"none"``; ``ridge`` is
@@ -115,6 +120,9 @@ class CompressionConfig:
             raise ConfigError(f"rank={r!r} is out of range: give a positive integer or a fraction in (0, 1]")
         if isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float)) or self.ridge < 0:
             raise ConfigError(f"ridge={self.ridge!r} is out of range: give a non-negative number")
+        if self.method_object.prunes and self.resolved("selection") == "error":
+            raise ConfigError(f"selection='error' chooses the experts that stand in for merged ones, not for "
+                              f"method={self.method!r}, which drops them: use a score")  # fmt: skip
         if self.method_object.prunes and self.resolved("refit") != "none":
             raise ConfigError(f"refit applies to merged experts, not to method={self.method!r}: leave refit unset")
         if isinstance(self.sparse_keep, bool) or not 0.0 <= self.sparse_keep <= 1.0:

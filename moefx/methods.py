@@ -44,6 +44,8 @@ def expert_similarity(kind: str, stats: BlockStats, router_weight: torch.Tensor,
         )
     if kind == "expert-output":
         return cosine_similarity_matrix(stats.mean_outputs)
+    if kind == "output-error":  # [e, d]: the error of d standing in for e, lowest most similar
+        return -stats.substitution_errors
     raise ValueError(f"no similarity matrix for {kind!r}")
 
 
@@ -111,6 +113,8 @@ class Method:
             all_token_outputs=config.similarity == "expert-output" and not self.prunes,
             router_input_moments=config.router == "pruned" and not self.prunes,
             weighted_input_moments=config.resolved("refit") == "in+out",
+            substitution_errors=config.resolved("selection") == "error"
+            or (config.similarity == "output-error" and not self.prunes),
         )
 
     def groups(

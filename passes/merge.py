@@ -6,7 +6,9 @@ differ between methods asked of the method's object (:mod:`moefx.methods`):
 1. score every expert (activation frequency, REAP saliency or contribution: the method's ``selection``),
    normalise the scores within each layer (the best expert of a layer gets 1.0) and keep the globally best
    ones, so the number kept per layer adapts while the average is what was asked (``adaptive=False``: the
-   same count per layer);
+   same count per layer). ``selection="error"`` instead keeps the set whose stand-ins reproduce the block's
+   output best and gives the budget to the layers where one more expert lowers that error most
+   (:mod:`moefx.selection`);
 2. the method groups the other experts around the kept (dominant) ones and weights each group's members
    (M-SMoE: the most similar dominant, frequency-weighted; pruning methods: the kept experts alone);
 3. each group is merged as the weighted average, after aligning every member's hidden neurons to the
@@ -19,6 +21,7 @@ differ between methods asked of the method's object (:mod:`moefx.methods`):
 
 from __future__ import annotations
 
+import heapq
 import operator
 from dataclasses import dataclass
 
@@ -35,6 +38,7 @@ from moefx.experts import FFN
 from moefx.methods import BlockEvidence
 from moefx.passes.observe import BlockStats
 from moefx.routing import combine_by_group
+from moefx.selection import error_gains, select_by_error
 
 
 @dataclass
@@ -74,22 +78,23 @@ class BlockPlan:
         return BlockPlan(name, num_experts, groups, [[1.0]] * num_experts, list(range(num_experts)), False, "exact")
 
 
-def allocate_experts(
-    scores: list[torch.Tensor],
+def expert_counts(
+    sizes: list[int],
     target: float | int,
     adaptive: bool,
     min_keep: list[int],
+    gains: list[list[float]],
     names: list[str] | None = None,
-) -> list[list[int]]:
-    """The experts each layer keeps, best first.
+) -> list[int]:
+    """How many experts each layer keeps.
 
-    ``target`` is a fraction of each layer's experts (float) or an average count (int). With ``adaptive``,
-    each layer first keeps its ``min_keep`` best experts, and the rest of the budget goes to the globally
-    best experts by score normalised within their layer (the paper's adaptive ratio). Otherwise every
-    layer keeps the same share. ``names``, the layers' block names, are what errors call them.
+    ``target`` is a fraction of each layer's experts (float) or an average count (int). Without
+    ``adaptive`` every layer keeps the same share. With it, each layer first keeps its ``min_keep``, and
+    each further expert of the global budget goes to the layer whose next expert gains most:
+    ``gains[layer][c]`` is the gain of that layer's ``(c + 1)``-th expert. ``names``, the layers' block
+    names, are what errors call them.
     """
-    sizes = [len(s) for s in scores]
-    names = names or [f"MoE layer {i}" for i in range(len(scores))]
+    names = names or [f"MoE layer {i}" for i in range(len(sizes))]
     if isinstance(target, float):
         per_layer = [max(1, round(target * n)) for n in sizes]
         budget = round(target * sum(sizes))
@@ -100,7 +105,6 @@ def allocate_experts(
             raise ConfigError(f"experts={target} is more than {names[i]}'s {n} experts: give at most {n}, "
                               "or a fraction")  # fmt: skip
         per_layer, budget = [target] * len(sizes), target * len(sizes)
-    order = [sorted(range(n), key=lambda e, s=s: (-float(s[e]), e)) for s, n in zip(scores, sizes, strict=True)]
     if not adaptive:
         short = [(i, c, m) for i, (c, m) in enumerate(zip(per_layer, min_keep, strict=True)) if c < m]
         if short:
@@ -108,21 +112,45 @@ def allocate_experts(
             raise ConfigError(
                 f"experts={target} keeps {c} experts in {names[i]}, fewer than its top_k={m}; keep at least {m}"
             )
-        return [o[:c] for o, c in zip(order, per_layer, strict=True)]
+        return per_layer
     if budget < sum(min_keep):
         raise ConfigError(
             f"experts={target} keeps {budget} experts over {len(sizes)} MoE layers, fewer than their top_k "
             f"({sum(min_keep)} in all); keep at least top_k experts per layer"
         )
     counts = list(min_keep)
-    candidates = []
-    for layer, (s, o) in enumerate(zip(scores, order, strict=True)):
-        best = float(s.max()) if len(s) else 0.0
-        for rank, e in enumerate(o[min_keep[layer] :]):
-            normalised = float(s[e]) / best if best > 0 else 0.0
-            candidates.append((-normalised, layer, rank, e))
-    for _, layer, _, _ in sorted(candidates)[: max(0, budget - sum(min_keep))]:
+    # ties go to the earlier layer
+    heap = [(-gains[layer][c], layer) for layer, c in enumerate(counts) if c < sizes[layer]]
+    heapq.heapify(heap)
+    for _ in range(budget - sum(min_keep)):
+        _, layer = heapq.heappop(heap)
         counts[layer] += 1
+        if counts[layer] < sizes[layer]:
+            heapq.heappush(heap, (-gains[layer][counts[layer]], layer))
+    return counts
+
+
+def ranking(scores: torch.Tensor) -> list[int]:
+    """Experts by descending score (ties by index)."""
+    return sorted(range(len(scores)), key=lambda e: (-float(scores[e]), e))
+
+
+def allocate_experts(
+    scores: list[torch.Tensor],
+    target: float | int,
+    adaptive: bool,
+    min_keep: list[int],
+    names: list[str] | None = None,
+) -> list[list[int]]:
+    """The experts each layer keeps, best first: the best by score, as many as :func:`expert_counts` gives,
+    whose adaptive allocation ranks experts by score normalised within their layer (the paper's adaptive
+    ratio: the best expert of each layer scores 1)."""
+    order = [ranking(s) for s in scores]
+    gains = []
+    for s, o in zip(scores, order, strict=True):
+        best = float(s.max()) if len(s) else 0.0
+        gains.append([float(s[e]) / best if best > 0 else 0.0 for e in o])
+    counts = expert_counts([len(s) for s in scores], target, adaptive, min_keep, gains, names)
     return [o[:c] for o, c in zip(order, counts, strict=True)]
 
 
@@ -196,6 +224,25 @@ def _expert_to_group(groups: list[list[int]], num_experts: int) -> list[int]:
     return table
 
 
+SCORES = {"frequency": "frequency", "reap": "reap_saliency", "contribution": "contribution"}  # BlockStats'
+
+
+def _kept_experts(blocks: list[MoEBlock], stats: dict[str, BlockStats], config: CompressionConfig) -> list[list[int]]:
+    """Each block's kept (dominant) experts, by the configured selection and per-layer budget."""
+    selection, adaptive = config.resolved("selection"), config.resolved("adaptive")
+    min_keep, names = [b.top_k for b in blocks], [b.name for b in blocks]
+    if selection != "error":
+        scores = [getattr(stats[b.name], SCORES[selection]) for b in blocks]
+        return allocate_experts(scores, config.experts, adaptive, min_keep, names)
+    errors = [stats[b.name].substitution_errors for b in blocks]
+    gains = [error_gains(e) for e in errors] if adaptive else []
+    counts = expert_counts([b.num_experts for b in blocks], config.experts, adaptive, min_keep, gains, names)
+    return [
+        select_by_error(e, count, [ranking(getattr(stats[b.name], score)) for score in SCORES.values()])
+        for b, e, count in zip(blocks, errors, counts, strict=True)
+    ]
+
+
 def plan_compression(
     blocks: list[MoEBlock],
     stats: dict[str, BlockStats],
@@ -213,10 +260,7 @@ def plan_compression(
     if not merged:
         return plans
     method = config.method_object
-    selection = config.resolved("selection")
-    scores = [getattr(stats[b.name], selection if selection != "reap" else "reap_saliency") for b in merged]
-    kept = allocate_experts(scores, config.experts, config.resolved("adaptive"), [b.top_k for b in merged],
-                            [b.name for b in merged])  # fmt: skip
+    kept = _kept_experts(merged, stats, config)
     rng = np.random.default_rng(config.seed)
     align = config.resolved("align")
     least_squares_merge = config.resolved("refit") == "in+out"

@@ -64,6 +64,7 @@ class CalibrationNeeds:
     expert_input_moments: bool = False  # per-expert sums of x x^T and h h^T over routed tokens (LoSparse)
     router_input_moments: bool = False  # sum of x x^T over all tokens of the router input
     weighted_input_moments: bool = False  # per-expert sum of w x x^T (w: routing weight): least-squares merging
+    substitution_errors: bool = False  # every expert on every token, against each routed one: error selection
 
 
 class RoutingObserver(nn.Module):
@@ -144,8 +145,13 @@ class ObservedExperts(nn.Module):
     REAP's saliency numerator); with ``all_token_outputs`` ``all_output_sums[E, H]`` and ``all_tokens``
     (each expert applied to every valid token); with ``expert_input_moments`` ``input_grams[E, H, H]`` and
     ``hidden_grams[E, I, I]`` (float32; token and hidden-activation second moments) and ``input_sums[E, H]``;
-    with ``weighted_input_moments`` ``weighted_input_grams[E, H, H]`` (float32; routing-weighted).
+    with ``weighted_input_moments`` ``weighted_input_grams[E, H, H]`` (float32; routing-weighted); with
+    ``substitution_errors`` ``substitution_errors[E, E]``: ``[e, d]`` sums ``w^2 ||y_d(x) - y_e(x)||^2`` over
+    the tokens ``x`` routed to ``e`` with weight ``w``, the block's output error where expert ``d`` stands in
+    for ``e``.
     """
+
+    TOKEN_CHUNK_ELEMENTS = 2**24  # every expert's outputs on a chunk of tokens: 128 MiB in float64
 
     def __init__(self, bank: nn.Module, hidden: int, mask_key: str, needs: CalibrationNeeds) -> None:
         super().__init__()
@@ -159,7 +165,7 @@ class ObservedExperts(nn.Module):
         self.register_buffer("output_norm_sums", torch.zeros(num_experts, **f64))
         self.register_buffer("weighted_output_norm_sums", torch.zeros(num_experts, **f64))
         names = ("all_tokens", "all_output_sums", "input_grams", "hidden_grams", "input_sums", "weighted_input_grams",
-                 "expert_to_slot", "refit_groups", "refit_grams", "refit_cross")  # fmt: skip
+                 "substitution_errors", "expert_to_slot", "refit_groups", "refit_grams", "refit_cross")  # fmt: skip
         for name in names:
             self.register_buffer(name, None)
         self.merged: nn.Module | None = None  # the merged bank, during a refit pass
@@ -167,6 +173,8 @@ class ObservedExperts(nn.Module):
         if needs.all_token_outputs:
             self.all_tokens = torch.zeros((), **f64)
             self.all_output_sums = torch.zeros(num_experts, hidden, **f64)
+        if needs.substitution_errors:
+            self.substitution_errors = torch.zeros(num_experts, num_experts, **f64)
         if needs.expert_input_moments:
             self.input_grams = torch.zeros(num_experts, hidden, hidden)
             self.hidden_grams = torch.zeros(num_experts, bank.intermediate_size, bank.intermediate_size)
@@ -224,13 +232,38 @@ class ObservedExperts(nn.Module):
                 self.input_sums[e] += x.double().sum(dim=0)
 
         out = dispatch(self.bank.expert_forward, self.num_experts, tokens, index, weights, record)
-        if self.needs.all_token_outputs and self.merged is None:
-            with torch.no_grad():
-                every = tokens[valid]
-                self.all_tokens += every.shape[0]
-                for e in range(self.num_experts):
-                    self.all_output_sums[e] += self.bank.expert_forward(e, every).double().sum(dim=0)
+        if (self.needs.all_token_outputs or self.needs.substitution_errors) and self.merged is None:
+            self._record_every_expert(tokens[valid], index[valid], weights[valid])
         return out
+
+    @torch.no_grad()
+    def _record_every_expert(self, tokens: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> None:
+        """The statistics of every expert applied to every valid token, a chunk of tokens at a time."""
+        num_experts, hidden = self.num_experts, tokens.shape[-1]
+        if self.all_output_sums is not None:
+            self.all_tokens += tokens.shape[0]
+        chunk = max(1, self.TOKEN_CHUNK_ELEMENTS // (num_experts * hidden))
+        for start in range(0, tokens.shape[0], chunk):
+            x = tokens[start : start + chunk]
+            outputs = torch.stack([self.bank.expert_forward(e, x).double() for e in range(num_experts)], dim=1)
+            if self.all_output_sums is not None:
+                self.all_output_sums += outputs.sum(dim=0)
+            if self.substitution_errors is not None:
+                self._record_substitution_errors(
+                    outputs, index[start : start + chunk], weights[start : start + chunk].double()
+                )
+
+    def _record_substitution_errors(self, outputs: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> None:
+        # outputs [N, E, H]; ||y_d - y_e||^2 = |y_d|^2 + |y_e|^2 - 2 y_d.y_e, one routing slot at a time
+        squares = outputs.square().sum(dim=-1)  # [N, E]
+        for slot in range(index.shape[1]):
+            chosen = index[:, slot]
+            routed = chosen >= 0
+            mine = outputs[routed, chosen[routed]]  # [R, H]
+            inner = torch.einsum("rh,reh->re", mine, outputs[routed])
+            errors = squares[routed] + mine.square().sum(dim=-1, keepdim=True) - 2 * inner
+            errors = errors.clamp(min=0.0) * weights[routed, slot, None].square()
+            self.substitution_errors.index_add_(0, chosen[routed], errors)
 
     def _record_refit(self, e: int, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> None:
         slot = int(self.expert_to_slot[e])
@@ -327,6 +360,7 @@ class BlockStats:
     weighted_output_norm_sums: torch.Tensor
     all_output_sums: torch.Tensor | None = None
     all_tokens: float = 0.0
+    substitution_errors: torch.Tensor | None = None
     input_grams: torch.Tensor | None = None
     hidden_grams: torch.Tensor | None = None
     input_sums: torch.Tensor | None = None
@@ -377,6 +411,7 @@ def collect_statistics(graph_module: fx.GraphModule) -> BlockStats:
                 experts,
                 (
                     "all_output_sums",
+                    "substitution_errors",
                     "input_grams",
                     "hidden_grams",
                     "input_sums",

@@ -1,4 +1,5 @@
 import copy
+import itertools
 import operator
 
 import pytest
@@ -93,7 +94,26 @@ def test_dropped_tokens_count_as_routed_nowhere(zoo, observed_block):
     assert stats.counts[0] == (index == 0).sum()  # a dropped token is not counted for expert 0
 
 
-@pytest.mark.parametrize("needs", [CalibrationNeeds(), CalibrationNeeds(True, True, True)])
+def test_substitution_errors_match_every_expert_run_on_each_routed_token(zoo, observed_block):
+    block = zoo("mixtral")[3][0]
+    observed = observed_block(block, CalibrationNeeds(substitution_errors=True))
+    x = torch.randn(3, 7, block.hidden_size)
+    with torch.no_grad():
+        observed(x)
+        tokens = x.reshape(-1, block.hidden_size)
+        weights, index = select_experts(observed.router(tokens), **block.routing.as_kwargs())
+        bank = observed.get_submodule("observed_experts").bank
+        outputs = torch.stack([bank.expert_forward(e, tokens).double() for e in range(8)], dim=1)  # [T, E, H]
+    expected = torch.zeros(8, 8, dtype=torch.float64)
+    for t, slot in itertools.product(range(tokens.shape[0]), range(2)):
+        e = int(index[t, slot])
+        expected[e] += float(weights[t, slot]) ** 2 * (outputs[t] - outputs[t, e]).square().sum(dim=-1)
+    errors = collect_statistics(observed).substitution_errors
+    assert torch.allclose(errors, expected, rtol=1e-4, atol=1e-9)
+    assert torch.all(errors.diagonal().abs() <= 1e-6 * errors.max())  # an expert stands in for itself exactly
+
+
+@pytest.mark.parametrize("needs", [CalibrationNeeds(), CalibrationNeeds(True, True, True, substitution_errors=True)])
 def test_statistics_do_not_grow_with_tokens(zoo, needs, observed_block):
     block = zoo("gpt_oss")[3][0]
     observed = observed_block(block, needs)
