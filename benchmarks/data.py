@@ -135,9 +135,10 @@ def lm_train_batches(ids: torch.Tensor, seq_len: int, batch_size: int, seed: int
         yield lm_batch(ids[starts + offsets])
 
 
-def lm_calibration(ids: torch.Tensor, sequences: int) -> list[Batch]:
-    """The benchmark's LM calibration data: ``sequences`` random 128-token windows of ``ids``, 32 a batch."""
-    return list(itertools.islice(lm_train_batches(ids, 128, 32, seed=1234), sequences // 32))
+def lm_calibration(ids: torch.Tensor, sequences: int, seed: int = 1234) -> list[Batch]:
+    """The benchmark's LM calibration data: ``sequences`` random 128-token windows of ``ids``, 32 a batch (another
+    ``seed``: another draw)."""
+    return list(itertools.islice(lm_train_batches(ids, 128, 32, seed=seed), sequences // 32))
 
 
 def lm_eval_batches(ids: torch.Tensor, seq_len: int = 128, batch_size: int = 32) -> list[Batch]:
@@ -243,10 +244,13 @@ def classification_batches(
 def labelled_calibration(
     batches: Sequence[LabeledBatch],
 ) -> tuple[list[Batch], Callable[[torch.Tensor, Batch], torch.Tensor]]:
-    """The inputs of ``batches`` as calibration batches, and the cross-entropy of a model's logits on one of
-    them (its labels are found by the batch object itself, which ``moefx.compile`` hands back to the loss)."""
-    labels = {id(inputs): y for inputs, y in batches}
-    return [inputs for inputs, _ in batches], lambda logits, batch: F.cross_entropy(logits, labels[id(batch)])
+    """The inputs of ``batches`` as calibration (or training) batches, and the cross-entropy of a model's logits
+    on one of them. Its labels are found by the batch's ``input_ids`` tensor itself, which ``moefx.compile``
+    and ``moefx.recover`` hand back to the loss (a batch moved to the device it is on keeps its tensors)."""
+    labels = {id(inputs["input_ids"]): y for inputs, y in batches}
+    return [inputs for inputs, _ in batches], lambda logits, batch: F.cross_entropy(
+        logits, labels[id(batch["input_ids"])]
+    )
 
 
 @torch.no_grad()

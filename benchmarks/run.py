@@ -126,6 +126,8 @@ class Task:
     vocab_size: int
     example: dict[str, torch.Tensor] = field(default_factory=dict)
     loss: LossFn | None = None  # for sparse_score="gradient" where the model has no loss of its own
+    # ``training(count)``: that many batches of the training split, with their task loss where the model has none
+    training: Callable[[int], tuple[list[dict[str, torch.Tensor]], LossFn | None]] | None = None
 
 
 def lm_task(settings: Settings) -> Task:
@@ -151,10 +153,13 @@ def _char_lm_task(name: str, settings: Settings, train: torch.Tensor, val: torch
         loss = data.lm_validation_loss(m, batches)
         return {"val_loss": loss, "val_ppl": float(torch.tensor(loss).exp())}
 
+    def training(count: int) -> tuple[list[dict[str, torch.Tensor]], None]:
+        return list(itertools.islice(data.lm_train_batches(train, 128, 32, seed=99), count)), None
+
     return Task(
         name, model, calib, evaluate, "val_loss",
         retained=lambda got, full: full["val_ppl"] / got["val_ppl"],
-        vocab_size=model.config.vocab_size, example=calib[0],
+        vocab_size=model.config.vocab_size, example=calib[0], training=training,
     )  # fmt: skip
 
 
@@ -176,6 +181,7 @@ def cls_task(settings: Settings) -> Task:
         retained=lambda got, full: got["test_acc"] / full["test_acc"],
         vocab_size=len(vocab), example=calib[0],
         loss=loss,
+        training=lambda n: data.labelled_calibration(data.classification_batches(train, vocab, 32, seed=99)[:n]),
     )  # fmt: skip
 
 
