@@ -29,11 +29,15 @@ def _without_self(errors: torch.Tensor) -> torch.Tensor:
     return costs
 
 
+def _cost(costs: torch.Tensor, kept: Sequence[int]) -> float:
+    return float(costs[:, list(kept)].min(dim=1).values.sum())
+
+
 def substitution_cost(errors: torch.Tensor, kept: Sequence[int]) -> float:
     """The modelled output error of keeping ``kept``: each other expert stood in for by its best kept one."""
     if not kept:
         raise ValueError("a block keeps at least one expert")
-    return float(_without_self(errors)[:, list(kept)].min(dim=1).values.sum())
+    return _cost(_without_self(errors), kept)
 
 
 def greedy_additions(errors: torch.Tensor) -> tuple[list[int], list[float]]:
@@ -87,8 +91,8 @@ def select_by_error(errors: torch.Tensor, count: int, starts: Sequence[Sequence[
     costs = _without_self(errors)
     order, _ = greedy_additions(errors)
     candidates = [list(s[:count]) for s in starts] + [order[:count]]
-    kept = min(candidates, key=lambda k: substitution_cost(costs, k))
-    current = substitution_cost(costs, kept)
+    kept = min(candidates, key=lambda k: _cost(costs, k))  # costs already has its zero diagonal
+    current = _cost(costs, kept)
     tolerance = 1e-12 * max(float(costs.sum()), 1e-300)
     while (step := _swap_step(costs, kept)) is not None and step[0] < current - tolerance:
         current, position, new = step
