@@ -35,7 +35,7 @@ METHODS = (
     ("mc-smoe on merge-refit", {"method": "mc-smoe", **moefx.methods.METHODS["merge-refit"].defaults}),
     ("merge-refit (default)", {}),
 )
-STEPS = {"lm": 600, "lm-fine": 400, "cls": 800}  # about 20 minutes per fixture on 2 cores
+STEPS = {"lm": 600, "lm-fine": 400, "cls": 800}  # 6 to 12 minutes per fixture on 2 cores, all three methods
 LR = 1e-3
 
 
