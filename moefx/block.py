@@ -15,9 +15,11 @@ one by name. The canonical form is checked against the original module before it
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import operator
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -200,6 +202,8 @@ def build_block(module: nn.Module, block: MoEBlock) -> torch.fx.GraphModule:
 
     g = torch.fx.Graph()
     hidden_states = g.placeholder("hidden_states")
+    for name, default in _optional_parameters(module):  # accepted as the block accepts them; unused (verified)
+        g.placeholder(name, default_value=default)
     tokens = g.call_method("reshape", (hidden_states, -1, block.hidden_size))
     logits = g.call_module("router", (hidden_states if block.route_on_sequence else tokens,))
     bias = g.get_attr("correction_bias") if block.correction_bias_path is not None else None
@@ -220,6 +224,14 @@ def build_block(module: nn.Module, block: MoEBlock) -> torch.fx.GraphModule:
     gm = torch.fx.GraphModule(root, g, class_name="CanonicalMoEBlock")
     gm.meta["moefx_block"] = replace(block, module=None)  # the descriptor, without the original module
     return gm
+
+
+def _optional_parameters(module: nn.Module) -> list[tuple[str, Any]]:
+    """The block's forward parameters after the hidden states that have defaults (DeepSeek-V4's ``input_ids``,
+    which only its hash-routed blocks use), and its ``**kwargs``, as (placeholder name, default)."""
+    parameters = list(inspect.signature(module.forward).parameters.values())[1:]
+    optional = [(p.name, p.default) for p in parameters if p.default is not inspect.Parameter.empty]
+    return optional + [(f"**{p.name}", inspect.Parameter.empty) for p in parameters if p.kind is p.VAR_KEYWORD]
 
 
 def selection_nodes(graph: torch.fx.Graph) -> tuple[torch.fx.Node, torch.fx.Node, torch.fx.Node]:

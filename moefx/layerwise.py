@@ -37,6 +37,7 @@ from moefx.capture import call_model, capture_mode
 from moefx.config import CompressionConfig
 from moefx.distributed import broadcast_from_first
 from moefx.errors import CalibrationError, ConfigError, DetectionError
+from moefx.passes.detect import warn_unread_expert_banks
 
 # the decoder-layer arguments that carry per-batch tensors (transformers 5 names); caches are never passed
 _LAYER_ARGUMENTS = ("attention_mask", "position_embeddings", "position_ids", "cache_position")
@@ -160,7 +161,7 @@ def _prepare_layer(
     key = layer_structure(call.get_submodule(call.path))
     known = readings.get(key)
     if known == []:
-        return None
+        return _no_block(call)
     if known is not None:
         try:
             return prepare(call, example, config, blocks=[replace(b, name=f"{call.path}.{b.name}") for b in known])
@@ -172,10 +173,15 @@ def _prepare_layer(
         if not str(exc).startswith("no MoE block"):
             raise
         readings[key] = []
-        return None
+        return _no_block(call)
     readings[key] = [replace(b, module=None, name=b.name.removeprefix(f"{call.path}."))
                      for b in prepared_blocks(observed)]  # fmt: skip
     return observed
+
+
+def _no_block(call: LayerCall) -> None:
+    """A layer without an MoE block moefx reads passes through; expert weights left in it are named."""
+    warn_unread_expert_banks(call.get_submodule(call.path), [], call.path)
 
 
 def compress_layer(

@@ -15,7 +15,9 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-SCORINGS = ("softmax", "sigmoid", "softmax_topk", "sparsemixer")
+SCORINGS = ("softmax", "sigmoid", "sqrtsoftplus", "softmax_topk", "sparsemixer")
+# scorings that score each expert on its own logit (no normalisation across experts)
+INDEPENDENT_SCORINGS = ("sigmoid", "sqrtsoftplus")
 
 
 @dataclass(frozen=True)
@@ -23,7 +25,8 @@ class RoutingSpec:
     """How a block turns router logits into (weights, indices).
 
     * ``scoring``: ``"softmax"`` (softmax over all experts, then top-k), ``"sigmoid"`` (independent
-      sigmoid scores, DeepSeek-V3), or ``"softmax_topk"`` (top-k of the logits, then softmax over the k,
+      sigmoid scores, DeepSeek-V3), ``"sqrtsoftplus"`` (independent ``sqrt(softplus(logit))`` scores,
+      DeepSeek-V4), or ``"softmax_topk"`` (top-k of the logits, then softmax over the k,
       GPT-OSS), or ``"sparsemixer"`` (PhiMoE's sparse mixer, as in eval mode: each of the k slots takes the
       best expert not yet taken, weighted by a softmax over the experts not yet taken whose logits are
       within a relative ``2 * jitter_eps`` of its own).
@@ -90,7 +93,7 @@ def select_experts(
     elif scoring == "sparsemixer":
         weights, index = _sparse_mixer(flat, top_k, jitter_eps)
     else:
-        scores = torch.softmax(flat, dim=-1) if scoring == "softmax" else torch.sigmoid(flat)
+        scores = _scores(flat, scoring)
         choice = scores if correction_bias is None else (flat if bias_on_logits else scores) + correction_bias
         if n_group is not None:
             grouped = choice.view(-1, n_group, num_experts // n_group)
@@ -110,6 +113,14 @@ def select_experts(
     if scale != 1.0:
         weights = weights * scale
     return weights, index
+
+
+def _scores(logits: torch.Tensor, scoring: str) -> torch.Tensor:
+    if scoring == "softmax":
+        return torch.softmax(logits, dim=-1)
+    if scoring == "sqrtsoftplus":
+        return F.softplus(logits).sqrt()
+    return torch.sigmoid(logits)
 
 
 def _sparse_mixer(logits: torch.Tensor, top_k: int, jitter_eps: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,8 +3,8 @@
 Matches, in the ATen graph that :func:`moefx.trace` captures:
 
 * a **router**: a linear whose 2-D weight ``[E, H]`` feeds a top-k / argmax selection over its E outputs
-  (through softmax, sigmoid, or a softmax of the selected logits), or a sparse mixer's masked softmaxes
-  (PhiMoE);
+  (through softmax, sigmoid, sqrt-softplus, or a softmax of the selected logits), or a sparse mixer's masked
+  softmaxes (PhiMoE);
 * the **experts** beside it: the nearest enclosing module that holds 3-D parameters with a leading
   dimension of E (fused experts), a container of E structurally identical expert modules, or 2-D
   parameters of width H stacking E matrices (``[E*I, H]``, DBRX). That module is the **block**; its other
@@ -15,13 +15,15 @@ capacity) is read from the ops between the router and the selection; a fused ban
 subgraph between its two matmuls, extracted as a GraphModule, or, where capture keeps the experts' loop
 opaque, the one parameterless module beside their weights. Detection works on structure and shapes, not
 class names, and each block's reading is verified by running moefx's canonical form of it against the
-original module. Rewrites nothing.
+original module. Expert banks that no router read here selects (experts chosen by token id) are left as
+they are, with a warning (:func:`unread_expert_banks`). Rewrites nothing.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import operator
+import warnings
 from collections import deque
 from typing import Any
 
@@ -38,7 +40,7 @@ from moefx.block import (
     float32_reference,
 )
 from moefx.capture import trace
-from moefx.errors import DetectionError
+from moefx.errors import DetectionError, MoefxWarning
 from moefx.experts import GATED_LAYOUTS, FusedExperts, GatedActivation, ffn_structure
 from moefx.graphs import ancestors, descendants, extract_subgraph
 from moefx.routing import RoutingSpec
@@ -204,6 +206,9 @@ def _read_routing(graph: _Graph, linear: fx.Node, selection: fx.Node, block: str
         (n for n in _reach(linear, 4, _TRANSPARENT) if _packet(n) in (aten.softmax, aten._softmax, aten.sigmoid)),
         None,
     )
+    if scoring_node is None:  # sqrt(softplus(logits)) (DeepSeek-V4)
+        softplus = [n for n in _reach(linear, 4, _TRANSPARENT) if _packet(n) is aten.softplus]
+        scoring_node = next((u for n in softplus for u in n.users if _packet(u) is aten.sqrt), None)
     if scoring_node is None:  # a sigmoid of the selected logits (Kolibri): elementwise, so the sigmoid scoring
         gathered = [
             n for n in _reach(linear, 2) if _packet(n) is aten.gather and _strip(n.args[0], _TRANSPARENT) is linear
@@ -214,11 +219,13 @@ def _read_routing(graph: _Graph, linear: fx.Node, selection: fx.Node, block: str
         scoring = "softmax_topk"
     elif scoring_node is not None and _packet(scoring_node) is aten.sigmoid:
         scoring = "sigmoid"
+    elif scoring_node is not None and _packet(scoring_node) is aten.sqrt:
+        scoring = "sqrtsoftplus"
     elif scoring_node is not None:
         scoring = "softmax"
     else:
         raise DetectionError(
-            f"{block}: the router's scores are neither a softmax nor a sigmoid of its logits, "
+            f"{block}: the router's scores are not a softmax, sigmoid or sqrt-softplus of its logits, "
             "a routing variant moefx does not support yet"
         )
     top_k = selection.args[1] if selection_packet is aten.topk else 1
@@ -646,6 +653,31 @@ class DetectMoEBlocks(PassBase):
         return PassResult(graph_module, False)
 
 
+def unread_expert_banks(model: nn.Module, blocks: list[str]) -> list[str]:
+    """Modules outside the ``blocks`` (paths) that hold a fused expert bank (two or more 3-D parameters
+    sharing a leading expert dimension) whose experts no router that detection reads selects: DeepSeek-V4's
+    hash-routed blocks, which choose experts by token id. They are left as they are."""
+    found = []
+    for name, module in model.named_modules():
+        leading = [p.shape[0] for p in module.parameters(recurse=False) if p.ndim == 3]
+        if len(leading) >= 2 and len(set(leading)) == 1 and leading[0] > 1:
+            if not any(_inside(name, block) for block in blocks):
+                found.append(name)
+    return found
+
+
+def warn_unread_expert_banks(model: nn.Module, blocks: list[str], prefix: str = "") -> None:
+    """A :class:`moefx.MoefxWarning` naming the expert banks of :func:`unread_expert_banks`, if any."""
+    unread = [_join(prefix, name) for name in unread_expert_banks(model, blocks)]
+    if unread:
+        warnings.warn(
+            f"{', '.join(unread)}: expert weights that no router moefx can read selects (experts chosen by "
+            "token id?); left as they are",
+            MoefxWarning,
+            stacklevel=3,
+        )
+
+
 def find_moe_blocks(
     model: nn.Module, example_inputs: Any, graph_module: fx.GraphModule | None = None
 ) -> list[MoEBlock]:
@@ -666,4 +698,5 @@ def find_moe_blocks(
             "expert modules); "
             "moefx compresses Mixture-of-Experts models only"
         )
+    warn_unread_expert_banks(model, [b.name for b in detect.blocks])
     return detect.blocks

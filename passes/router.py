@@ -23,15 +23,15 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from moefx.block import selection_nodes
 from moefx.passes.merge import BlockPlan
 from moefx.passes.observe import BlockStats
-from moefx.routing import RoutingSpec, combine_by_group
+from moefx.routing import INDEPENDENT_SCORINGS, RoutingSpec, combine_by_group
 
 
 def router_prune_blocker(routing: RoutingSpec, merges: bool) -> str | None:
     """Why this routing cannot be given fewer outputs soundly, or None if it can."""
     if routing.n_group is not None:
         return "its group-limited expert selection cannot be expressed over a different number of experts"
-    if merges and routing.scoring == "sigmoid":
-        return "independent sigmoid scores of merged experts have no pooled equivalent"
+    if merges and routing.scoring in INDEPENDENT_SCORINGS:
+        return f"independent {routing.scoring} scores of merged experts have no pooled equivalent"
     return None
 
 

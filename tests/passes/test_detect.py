@@ -2,11 +2,13 @@ import operator
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.fx.passes.infra.pass_manager import PassManager
 
 import moefx
+import moefx.export
 from moefx.block import build_block, max_block_diff
 from moefx.experts import FusedExperts, GatedActivation
 from moefx.passes.detect import DetectMoEBlocks, find_moe_blocks
@@ -260,13 +262,33 @@ class ToyMoE(torch.nn.Module):
     "scores_of, weights_of, message",
     [
         (lambda logits: torch.softmax(logits, -1), lambda w: w**2, "does not reproduce its outputs"),
-        (lambda logits: torch.softmax(logits**3, -1), lambda w: w, "neither a softmax nor a sigmoid"),
+        (lambda logits: torch.softmax(logits**3, -1), lambda w: w, "not a softmax, sigmoid or sqrt-softplus"),
     ],
 )
 def test_unknown_routing_variant_is_reported_not_approximated(scores_of, weights_of, message):
     with pytest.raises(moefx.DetectionError, match=message) as info:
         find_moe_blocks(torch.nn.Sequential(ToyMoE(scores_of, weights_of)), torch.randn(2, 5, 8))
     assert "\n" not in str(info.value)
+
+
+def test_sqrt_softplus_scores_are_read_and_reproduced(tmp_path):
+    # DeepSeek-V4's scoring: independent sqrt(softplus(logit)) scores, the chosen ones renormalised
+    toy = ToyMoE(lambda logits: F.softplus(logits).sqrt(), lambda w: w / (w.sum(-1, keepdim=True) + 1e-20))
+    model, x = torch.nn.Sequential(toy), torch.randn(2, 5, 8)
+    (block,) = find_moe_blocks(model, x)
+    assert (block.scoring, block.routing.normalize, block.routing.norm_eps) == ("sqrtsoftplus", True, 1e-20)
+    logits = torch.randn(6, 4)
+    weights, index = select_experts(logits, top_k=2, scoring="sqrtsoftplus", normalize=True)
+    scores = F.softplus(logits).sqrt()
+    assert torch.equal(index, scores.topk(2).indices)
+    torch.testing.assert_close(weights, scores.topk(2).values / scores.topk(2).values.sum(-1, keepdim=True))
+    with torch.no_grad():
+        same = moefx.compile(model, [x], experts=1.0)
+        assert (same(x) - model(x)).abs().max() <= 1e-5
+        with pytest.warns(moefx.MoefxWarning, match="independent sqrtsoftplus scores"):
+            half = moefx.compile(model, [x], experts=0.5, router="pruned")
+    assert [b.kept for b in half.moefx_report.blocks] == [2] and torch.isfinite(half(x)).all()
+    assert moefx.export.onnx(half, tmp_path / "m.onnx", x).is_file()  # its parity with eager is checked inside
 
 
 class ScaledAfterExperts(ToyMoE):
