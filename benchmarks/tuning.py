@@ -210,8 +210,12 @@ def render(rows: list[dict[str, Any]], seconds: float) -> str:
         if best == default:
             lines.append(f"- {option}: the default, {default} ({scores[default]:.3f}).")
         else:
+            # choices the best leads by less than the noise are as good: the cheapest of them is the one to take
+            near = [c for c in scores if c not in (best, default) and scores[best] - scores[c] < tie]
+            ties = [f"{c} ({scores[c]:.3f})" for c in near]
+            also = f"; {', '.join(ties)} within the noise of it" if ties else ""
             lines.append(f"- {option}: {best} ({scores[best]:.3f}), {scores[best] - scores[default]:+.3f} over the "
-                         f"default {default} ({scores[default]:.3f}).")  # fmt: skip
+                         f"default {default} ({scores[default]:.3f}){also}.")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -57,6 +57,17 @@ def test_a_choice_is_judged_by_its_mean_retained_over_all_fixtures(monkeypatch):
     assert "- refit: the default, a (default)" in text
 
 
+def test_choices_within_the_noise_of_the_best_are_named_with_it(monkeypatch):
+    monkeypatch.setattr(tuning, "RATIOS", (0.5,))
+    names = ("a (default)", "b", "c", "d")
+    monkeypatch.setattr(tuning, "CHOICES", [("refit", name, {}, tuning.CALIB) for name in names])
+    # b and c lead the default by about 0.02 and lie 0.0002 apart; d trails
+    losses = {"a (default)": 1.1, "b": 1.06, "c": 1.0604, "d": 1.2}
+    text = tuning.render(_rows(losses, dict.fromkeys(names, 0.72)), 60.0)
+    assert "- refit: b (" in text and f"; c ({(math.exp(-0.0604) + 0.9) / 2:.3f}) within the noise of it." in text
+    assert "d (" not in text.split("- refit:")[1]
+
+
 def _as_sample(rows: list[dict], choice: str, lm_loss: float) -> list[dict]:
     """The default's rows as the calibration sample ``choice``, with lm's loss set to ``lm_loss``."""
     default = [dict(r, option=tuning.SAMPLE_OPTION, choice=choice) for r in rows if r["choice"] == "a (default)"]
