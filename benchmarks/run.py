@@ -65,7 +65,7 @@ ABLATION_ROWS = [
     ("merge-refit ablation", "refit none (merge only)", {"refit": "none"}),
     ("merge-refit ablation", "refit out only", {"refit": "out"}),
     ("merge-refit ablation", "selection frequency (the paper)", {"selection": "frequency"}),
-    ("merge-refit ablation", "selection contribution", {"selection": "contribution"}),
+    ("merge-refit ablation", "selection REAP saliency", {"selection": "reap"}),
     ("merge-refit ablation", "layer-wise (sequential) calibration", {"sequential": True}),
     ("merge-refit ablation", "no alignment", {"align": False}),
     ("merge-refit ablation", "adaptive per-layer count", {"adaptive": True}),

@@ -57,8 +57,8 @@ class Calibration(NamedTuple):
 CALIB = Calibration(256)  # the benchmark's calibration, which every other choice uses
 # (option, choice, compile options, calibration); each option's first choice is the default
 CHOICES = [
-    ("selection", "reap (default)", {}, CALIB),
-    ("selection", "contribution", {"selection": "contribution"}, CALIB),
+    ("selection", "contribution (default)", {}, CALIB),
+    ("selection", "reap", {"selection": "reap"}, CALIB),
     ("selection", "frequency", {"selection": "frequency"}, CALIB),
     ("selection", "error", {"selection": "error"}, CALIB),
     ("grouping", "router-logits (default)", {}, CALIB),

@@ -131,11 +131,12 @@ class Method:
 
 
 class MergeRefit(Method):
-    """moefx's default: M-SMoE's groups around the experts of highest REAP saliency, merged, then every
-    merged expert re-solved in closed form to reproduce its members (:mod:`moefx.passes.refit`)."""
+    """moefx's default: M-SMoE's groups around the experts of largest contribution (routing frequency times
+    REAP saliency: an expert's total routed output), merged, then every merged expert re-solved in closed
+    form to reproduce its members (:mod:`moefx.passes.refit`)."""
 
     name = "merge-refit"
-    defaults = {"selection": "reap", "refit": "in+out", "align": True, "adaptive": False}
+    defaults = {"selection": "contribution", "refit": "in+out", "align": True, "adaptive": False}
 
 
 class MSMoE(Method):
