@@ -93,11 +93,12 @@ def serving_model(model: nn.Module, example_inputs: Any) -> tuple[ServingModule,
         if config is not None and hasattr(config, "use_cache"):
             config.use_cache = False
     canonicalize(copied, kwargs)
-    for m in copied.modules():
-        # experts that no canonical block replaced (DeepSeek-V4's hash-routed blocks) run as batched matmuls,
-        # which the exporters capture; transformers' default grouped_mm is a custom op ONNX cannot translate
-        if getattr(m, "_can_set_experts_implementation", lambda: False)():
-            m.set_experts_implementation("batched_mm")
+    # experts that no canonical block replaced (DeepSeek-V4's hash-routed blocks) run as batched matmuls, which
+    # the exporters capture; transformers' default grouped_mm is a custom op ONNX cannot translate. The
+    # outermost transformers model sets it for every config below it
+    outermost = next((m for m in copied.modules() if getattr(m, "_can_set_experts_implementation", None)), None)
+    if outermost is not None and outermost._can_set_experts_implementation():
+        outermost.set_experts_implementation("batched_mm")
     return ServingModule(copied, names), tuple(kwargs.values())
 
 

@@ -202,12 +202,10 @@ def _read_routing(graph: _Graph, linear: fx.Node, selection: fx.Node, block: str
     if _packet(selection) is aten.masked_fill:
         return _sparse_mixer_routing(graph, linear, selection, block), None
     num_experts = _last_dim(linear)
-    scoring_node = next(
-        (n for n in _reach(linear, 4, _TRANSPARENT) if _packet(n) in (aten.softmax, aten._softmax, aten.sigmoid)),
-        None,
-    )
+    near = _reach(linear, 4, _TRANSPARENT)
+    scoring_node = next((n for n in near if _packet(n) in (aten.softmax, aten._softmax, aten.sigmoid)), None)
     if scoring_node is None:  # sqrt(softplus(logits)) (DeepSeek-V4)
-        softplus = [n for n in _reach(linear, 4, _TRANSPARENT) if _packet(n) is aten.softplus]
+        softplus = [n for n in near if _packet(n) is aten.softplus]
         scoring_node = next((u for n in softplus for u in n.users if _packet(u) is aten.sqrt), None)
     if scoring_node is None:  # a sigmoid of the selected logits (Kolibri): elementwise, so the sigmoid scoring
         gathered = [
