@@ -257,6 +257,16 @@ _FAMILY_SIZES = {  # what a family's own validation demands beyond the rules
     "dbrx": dict(attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0)),  # unset ones break it
     "lfm2_moe": dict(layer_types=["conv", "full_attention"]),
     "granitemoehybrid": dict(layer_types=["linear_attention", "attention"]),
+    "kolibri1_1": dict(  # its layer-index lists name layers of the full depth
+        layer_types=["sliding_attention", "indexed_attention"],
+        index_layers=[1],
+        kv_source_layers=[0, 1],
+        mlp_only_layers=[],
+        head_dim=16,
+        index_pool_size=16,
+        index_compression=4,
+        index_num_heads=2,
+    ),
     "qwen4_exp_text": dict(
         indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=4, indexer_compress_ratio=2
     ),

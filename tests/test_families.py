@@ -39,7 +39,8 @@ TABLE = _matrix_table()
 
 
 def test_the_table_lists_exactly_the_installed_families():
-    assert sorted(TABLE) == sorted(FAMILIES)
+    assert not FAMILIES.keys() - TABLE.keys(), "families missing from the README's table: check and add them"
+    assert not TABLE.keys() - FAMILIES.keys(), "the README's table lists families this transformers lacks"
     for family, (compiles, onnx) in TABLE.items():
         assert compiles == "yes" or compiles.startswith(("no: ", "partial: ")), family
         assert onnx in ("yes", "-") or onnx.startswith("no: "), family
@@ -75,8 +76,9 @@ SLOW = {
 
 
 def _state(family: str) -> str:
-    """yes, partial or no: the table's compile cell up to its reason."""
-    return TABLE[family][0].split(":")[0]
+    """yes, partial or no: the table's compile cell up to its reason; "missing" for a family the table
+    lacks (a newer transformers), which the table test reports."""
+    return TABLE[family][0].split(":")[0] if family in TABLE else "missing"
 
 
 def _families(state: str) -> list:
