@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from moefx.errors import DetectionError, first_line
-from moefx.experts import FusedExperts, ModuleExperts
+from moefx.experts import FusedExperts, ModuleExperts, per_slot_rows, sum_slots
 from moefx.routing import RoutingSpec, select_experts
 
 BLOCK_TOLERANCE = 1e-5
@@ -81,9 +81,11 @@ class MoEBlock:
     shared_expert_gates: list[str] = field(default_factory=list)
     output_norm: str | None = None  # a module applied to the summed output (A.X-K1's post-MLP norm)
     route_on_sequence: bool = False  # the router sees [batch, seq, H] (capacity is counted per sequence)
-    returns_weights: bool = False  # the block returns (hidden, routing weights) rather than hidden
+    second_output: str | None = None  # the block returns (hidden, this): "weights" or "logits" of the router
+    scales_inputs: bool = False  # the routing weights multiply each expert's input, not its output (Llama 4)
     mask_key: str = "attention_mask"  # the model input that marks this block's padding tokens
     input_ndim: int = 3  # the rank of the block's input: [batch, seq, H] or [tokens, H]
+    flattens_output: bool = False  # returns [tokens, H] for a [batch, seq, H] input (Llama 4)
 
     @property
     def top_k(self) -> int:
@@ -129,6 +131,7 @@ class MoEBlock:
             "shared_experts": len(self.shared_experts),
             "shared_expert_gate": bool(self.shared_expert_gates),
             "output_norm": self.output_norm is not None,
+            "scales_inputs": self.scales_inputs,
         }
 
     @property
@@ -210,7 +213,12 @@ def build_block(module: nn.Module, block: MoEBlock) -> torch.fx.GraphModule:
     selection = g.call_function(select_experts, (logits, bias), block.routing.as_kwargs())
     weights = g.call_function(operator.getitem, (selection, 0))
     index = g.call_function(operator.getitem, (selection, 1))
-    routed = g.call_module("experts", (tokens, index, weights))
+    if block.scales_inputs:
+        rows = g.call_function(per_slot_rows, (tokens, index, weights))
+        row_args = tuple(g.call_function(operator.getitem, (rows, i)) for i in range(3))
+        routed = g.call_function(sum_slots, (g.call_module("experts", row_args), index))
+    else:
+        routed = g.call_module("experts", (tokens, index, weights))
     for i in range(len(block.shared_experts)):
         shared = g.call_module(f"shared_expert_{i}", (tokens,))
         if i < len(block.shared_expert_gates):
@@ -219,8 +227,9 @@ def build_block(module: nn.Module, block: MoEBlock) -> torch.fx.GraphModule:
         routed = g.call_function(operator.add, (routed, shared))
     if block.output_norm is not None:
         routed = g.call_module("output_norm", (routed,))
-    out = g.call_method("view_as", (routed, hidden_states))
-    g.output((out, weights) if block.returns_weights else out)
+    out = routed if block.flattens_output else g.call_method("view_as", (routed, hidden_states))
+    second = {None: None, "weights": weights, "logits": logits}[block.second_output]
+    g.output(out if second is None else (out, second))
     gm = torch.fx.GraphModule(root, g, class_name="CanonicalMoEBlock")
     gm.meta["moefx_block"] = replace(block, module=None)  # the descriptor, without the original module
     return gm
@@ -239,6 +248,12 @@ def selection_nodes(graph: torch.fx.Graph) -> tuple[torch.fx.Node, torch.fx.Node
     selection = next(n for n in graph.nodes if n.op == "call_function" and n.target is select_experts)
     outputs = {u.args[1]: u for u in selection.users if u.target is operator.getitem}
     return selection, outputs[0], outputs[1]
+
+
+def runs_per_slot_rows(graph: torch.fx.Graph) -> bool:
+    """Whether a canonical block's experts run on :func:`~moefx.experts.per_slot_rows` (its routing weights
+    scale the experts' inputs)."""
+    return any(n.op == "call_function" and n.target is per_slot_rows for n in graph.nodes)
 
 
 def max_block_diff(original: nn.Module, canonical: nn.Module, hidden_size: int, ndim: int, seed: int = 0) -> float:

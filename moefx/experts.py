@@ -99,6 +99,22 @@ def dispatch(
     return out
 
 
+def per_slot_rows(
+    tokens: torch.Tensor, index: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Experts whose inputs the routing weights scale (Llama 4's), posed as a bank whose outputs they scale:
+    one row ``weights[t, j] * tokens[t]`` per (token, slot), routed to that slot's expert with weight 1.
+    Returns ``(rows [T*k, H], index [T*k, 1], weights [T*k, 1])``; :func:`sum_slots` undoes the rows."""
+    rows = (tokens.unsqueeze(1) * weights.unsqueeze(-1).to(tokens.dtype)).flatten(0, 1)
+    return rows, index.reshape(-1, 1), torch.ones_like(weights).reshape(-1, 1)
+
+
+def sum_slots(row_outputs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``[T*k, H]`` outputs of :func:`per_slot_rows`' rows summed to ``[T, H]`` (``index``: the ``[T, k]``
+    selection the rows were made from)."""
+    return row_outputs.unflatten(0, index.shape).sum(dim=1)
+
+
 class FusedExperts(nn.Module):
     """E FFN experts stored as stacked tensors: ``act(x @ in_proj[e].T + in_bias[e]) @ out_proj[e].T + out_bias[e]``."""
 

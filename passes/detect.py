@@ -207,15 +207,18 @@ def _read_routing(graph: _Graph, linear: fx.Node, selection: fx.Node, block: str
     if scoring_node is None:  # sqrt(softplus(logits)) (DeepSeek-V4)
         softplus = [n for n in near if _packet(n) is aten.softplus]
         scoring_node = next((u for n in softplus for u in n.users if _packet(u) is aten.sqrt), None)
-    if scoring_node is None:  # a sigmoid of the selected logits (Kolibri): elementwise, so the sigmoid scoring
-        gathered = [
-            n for n in _reach(linear, 2) if _packet(n) is aten.gather and _strip(n.args[0], _TRANSPARENT) is linear
-        ]
-        scoring_node = next((u for g in gathered for u in g.users if _packet(u) is aten.sigmoid), None)
     selection_packet = _packet(selection)
-    if selection_packet is aten.topk and _strip(selection.args[0], _TRANSPARENT) is linear:
+    topk_of_logits = selection_packet is aten.topk and _strip(selection.args[0], _TRANSPARENT) is linear
+    if scoring_node is None:  # a sigmoid of the selected logits, which Kolibri gathers and Llama 4 scatters to
+        picked = [  # [T, E]: elementwise and monotone, so the sigmoid scoring
+            n for n in _reach(linear, 2) if _packet(n) is aten.gather and _strip(n.args[0], _TRANSPARENT) is linear
+        ] + ([selection] if topk_of_logits else [])
+        through = _TRANSPARENT | {operator.getitem, aten.scatter, aten.scatter_}
+        scoring_node = next((u for p in picked for u in _reach(p, 4, through) if _packet(u) is aten.sigmoid), None)
+    sigmoid = scoring_node is not None and _packet(scoring_node) is aten.sigmoid
+    if topk_of_logits and not sigmoid:
         scoring = "softmax_topk"
-    elif scoring_node is not None and _packet(scoring_node) is aten.sigmoid:
+    elif sigmoid:
         scoring = "sigmoid"
     elif scoring_node is not None and _packet(scoring_node) is aten.sqrt:
         scoring = "sqrtsoftplus"
@@ -594,15 +597,17 @@ def _describe_block(graph: _Graph, model: nn.Module, linear: fx.Node, selection:
     ndim = len(_shape(block_input))
     with torch.no_grad():
         probe = float32_reference(module)(torch.randn(2, 3, hidden) if ndim == 3 else torch.randn(6, hidden))
-    returns_weights = isinstance(probe, tuple) and len(probe) == 2
+    second_outputs = ["weights", "logits"] if isinstance(probe, tuple) and len(probe) == 2 else [None]
+    flattens_output = ndim == 3 and (probe[0] if isinstance(probe, tuple) else probe).ndim == 2
     inputs = {n.target for n in ancestors(block_input) if n.op == "placeholder"}
     mask_key = "decoder_attention_mask" if inputs & {"decoder_input_ids", "decoder_inputs_embeds"} else "attention_mask"
-    candidates = [
+    candidates = [  # weights scaling the experts' inputs (Llama 4) last: the usual readings are tried first
         MoEBlock(
             **common, intermediate_size=intermediate, experts_source=source, gated=gated, shared_experts=shared,
-            shared_expert_gates=gates, returns_weights=returns_weights, mask_key=mask_key, input_ndim=ndim,
+            shared_expert_gates=gates, second_output=second, scales_inputs=scales_inputs, mask_key=mask_key,
+            input_ndim=ndim, flattens_output=flattens_output,
         )
-        for source in sources
+        for scales_inputs in (False, True) for second in second_outputs for source in sources
     ]  # fmt: skip
     found = first_verified(candidates, ndim)
     src = found.experts_source

@@ -28,7 +28,7 @@ from onnx.defs import OpSchema
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from moefx.block import selection_nodes
+from moefx.block import runs_per_slot_rows, selection_nodes
 from moefx.experts import FusedExperts, ModuleExperts
 from moefx.routing import combine_by_group
 
@@ -297,6 +297,7 @@ def operator_computes_routing(graph_module: fx.GraphModule) -> bool:
         and not isinstance(selection.args[1], fx.Node)  # a correction bias
         and routing.get("scale", 1.0) == 1.0
         and not any(n.target is combine_by_group for n in graph_module.graph.nodes)
+        and not runs_per_slot_rows(graph_module.graph)  # the experts see one row per slot, weighted at its input
     )
 
 
@@ -359,7 +360,7 @@ class LowerToFusedMoE(PassBase):
         experts = next(n for n in graph.nodes if n.op == "call_module" and n.target == "experts")
         tokens, index, weights = experts.args
         native = bits is None and operator_computes_routing(graph_module)
-        k = min(routing["top_k"], bank.num_experts)
+        k = 1 if runs_per_slot_rows(graph) else min(routing["top_k"], bank.num_experts)
         act = (activation["activation"], activation["alpha"], activation["beta"], activation["limit"])
         with graph.inserting_before(experts):
             attrs = {name: graph.get_attr(name) for name in buffers}

@@ -31,7 +31,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from moefx.block import MoEBlock, selection_nodes
+from moefx.block import MoEBlock
 from moefx.config import CompressionConfig
 from moefx.errors import ConfigError
 from moefx.experts import FFN
@@ -284,12 +284,12 @@ def plan_compression(
 class MergeExperts(PassBase):
     """Replace a canonical block's experts with the merged experts of its plan.
 
-    Matches: the ``experts`` call_module and the ``select_experts`` node of a canonical block.
+    Matches: the ``experts`` call_module of a canonical block.
     Rewrites: the ``experts`` module becomes a bank of ``plan.num_groups`` experts (each group merged as
     planned; real weights, nothing aliased), and a ``combine_by_group`` call with the plan's ``E -> G``
-    table (buffer ``expert_to_group``) is inserted between the selection and the experts, so each token runs
-    each distinct group once with the summed weights of its selected members. An identity plan changes
-    nothing.
+    table (buffer ``expert_to_group``) is inserted before the experts on their index and weights, so each
+    token (or per-slot row) runs each distinct group once with the summed weights of its selected members.
+    An identity plan changes nothing.
     """
 
     def __init__(self, plan: BlockPlan) -> None:
@@ -308,14 +308,14 @@ class MergeExperts(PassBase):
         graph_module.experts = bank.with_experts(merged, representatives)
         graph_module.register_buffer("expert_to_group", torch.tensor(plan.expert_to_group, dtype=torch.long))
         graph = graph_module.graph
-        _, weights, index = selection_nodes(graph)
         experts = next(n for n in graph.nodes if n.op == "call_module" and n.target == "experts")
+        tokens, index, weights = experts.args  # the selection's, or its per-slot rows (weights scaling inputs)
         with graph.inserting_before(experts):
             table = graph.get_attr("expert_to_group")
             combined = graph.call_function(combine_by_group, (weights, index, table))
             group_weights = graph.call_function(operator.getitem, (combined, 0))
             group_index = graph.call_function(operator.getitem, (combined, 1))
-        experts.args = (experts.args[0], group_index, group_weights)
+        experts.args = (tokens, group_index, group_weights)
         graph.lint()
         graph_module.recompile()
         return PassResult(graph_module, True)

@@ -22,7 +22,7 @@ from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.utils.hooks import RemovableHandle
 
-from moefx.block import selection_nodes
+from moefx.block import runs_per_slot_rows, selection_nodes
 from moefx.experts import dispatch
 from moefx.routing import group_logit_targets
 
@@ -153,10 +153,13 @@ class ObservedExperts(nn.Module):
 
     TOKEN_CHUNK_ELEMENTS = 2**24  # every expert's outputs on a chunk of tokens: 128 MiB in float64
 
-    def __init__(self, bank: nn.Module, hidden: int, mask_key: str, needs: CalibrationNeeds) -> None:
+    def __init__(
+        self, bank: nn.Module, hidden: int, mask_key: str, needs: CalibrationNeeds, rows_per_token: int = 1
+    ) -> None:
         super().__init__()
         self.bank = bank
         self.mask_key = mask_key
+        self.rows_per_token = rows_per_token  # top-k for per-slot rows (weights scaling the inputs), else 1
         self.needs = needs
         num_experts = bank.num_experts
         f64 = dict(dtype=torch.float64)
@@ -204,7 +207,8 @@ class ObservedExperts(nn.Module):
         return self.bank.num_experts
 
     def forward(self, tokens: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        valid = _token_mask(self.mask_key, tokens.shape[0], tokens.device)
+        rows = self.rows_per_token
+        valid = _token_mask(self.mask_key, tokens.shape[0] // rows, tokens.device).repeat_interleave(rows)
 
         @torch.no_grad()
         def record(e: int, token: torch.Tensor, slot: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -305,7 +309,10 @@ class InsertObservers(PassBase):
                 self.needs.router_input_moments,
             ),
         )
-        graph_module.add_submodule("observed_experts", ObservedExperts(bank, self.hidden, self.mask_key, self.needs))
+        rows_per_token = selection.kwargs["top_k"] if runs_per_slot_rows(graph) else 1
+        graph_module.add_submodule(
+            "observed_experts", ObservedExperts(bank, self.hidden, self.mask_key, self.needs, rows_per_token)
+        )
         with graph.inserting_after(max(weights, index, key=lambda n: list(graph.nodes).index(n))):
             observed = graph.call_module("routing_observer", (weights, index, logits, logits.args[0]))
         weights.replace_all_uses_with(observed, delete_user_cb=lambda user: user is not observed)

@@ -95,11 +95,11 @@ class PruneRouter(PassBase):
         if self.bias is not None:
             router.bias = nn.Parameter(self.bias.detach().clone())
         graph_module.router = router
-        selection, weights, index = selection_nodes(graph)
+        selection, _, _ = selection_nodes(graph)
         combine = next((n for n in graph.nodes if n.op == "call_function" and n.target is combine_by_group), None)
         if combine is not None:
             for user in list(combine.users):
-                user.replace_all_uses_with(weights if user.args[1] == 0 else index)
+                user.replace_all_uses_with(combine.args[0] if user.args[1] == 0 else combine.args[1])
                 graph.erase_node(user)
             table = combine.args[2]
             graph.erase_node(combine)

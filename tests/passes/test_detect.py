@@ -1,3 +1,4 @@
+import dataclasses
 import operator
 
 import pytest
@@ -10,7 +11,7 @@ from torch.fx.passes.infra.pass_manager import PassManager
 import moefx
 import moefx.export
 from moefx.block import build_block, max_block_diff
-from moefx.experts import FusedExperts, GatedActivation
+from moefx.experts import FusedExperts, GatedActivation, per_slot_rows, sum_slots
 from moefx.passes.detect import DetectMoEBlocks, find_moe_blocks
 from moefx.routing import select_experts
 from moefx.zoo import example_inputs, tiny_model, tiny_transformers_model
@@ -70,7 +71,7 @@ def test_switch_capacity_and_gpt_oss_layout(zoo):
     assert {b.routing.capacity for b in zoo("switch")[3]} == {64}
     gpt = zoo("gpt_oss")[3][0]
     assert gpt.experts_source.layout == "interleaved" and gpt.experts_source.in_transposed
-    assert gpt.returns_weights
+    assert gpt.second_output == "weights" and not gpt.scales_inputs
     mixtral = zoo("mixtral")[3][0]
     assert mixtral.experts_source.layout == "concat" and not mixtral.experts_source.in_transposed
 
@@ -208,6 +209,26 @@ def test_a_correction_bias_on_the_logits_is_read_apart_from_one_on_the_scores():
     kept_all = moefx.compile(model, batches, experts=1.0)
     with torch.no_grad():
         assert (kept_all(**batches[0]).logits - model(**batches[0]).logits).abs().max() <= 1e-5
+
+
+def test_routing_weights_that_scale_the_experts_inputs_are_read_and_run_per_slot():
+    # Llama 4 multiplies each expert's input by the sigmoid of its top-k logit and runs every expert densely:
+    # only the reading whose experts run on per-slot rows ``w * x`` reproduces it (a SwiGLU is not linear)
+    model = tiny_transformers_model("llama4_text")
+    (block,) = find_moe_blocks(model, example_inputs("llama4_text"))
+    assert (block.scales_inputs, block.scoring, block.routing.normalize) == (True, "sigmoid", False)
+    assert (block.second_output, block.flattens_output) == ("logits", True)  # as Llama4TextMoe returns them
+    graph = build_block(block.module, block)
+    experts = next(n for n in graph.graph.nodes if n.target == "experts")
+    assert all(a.target is operator.getitem and a.args[0].target is per_slot_rows for a in experts.args)
+    assert [u.target for u in experts.users] == [sum_slots]
+    x = torch.randn(3, 5, block.hidden_size)
+    with torch.no_grad():
+        expected, got = block.module(x), graph(x)
+        output_scaled = build_block(block.module, dataclasses.replace(block, scales_inputs=False))(x)
+    scale = expected[0].abs().max()
+    assert all(torch.allclose(a, b, atol=1e-4 * scale) for a, b in zip(expected, got, strict=True))
+    assert (output_scaled[0] - expected[0]).abs().max() > 0.01 * scale
 
 
 def test_bfloat16_model_is_detected():

@@ -11,6 +11,7 @@ from torch.fx.passes.infra.pass_manager import PassManager
 
 from moefx.block import build_block
 from moefx.methods import merge_coefficients
+from moefx.passes.detect import find_moe_blocks
 from moefx.passes.lower import (
     LowerToFusedMoE,
     dequantize,
@@ -23,6 +24,7 @@ from moefx.passes.lower import (
     routing_as_logits,
 )
 from moefx.passes.merge import BlockPlan, MergeExperts
+from moefx.zoo import example_inputs, tiny_transformers_model
 
 GROUPS = [[0, 4, 5], [1, 2], [3, 6, 7]]
 
@@ -66,6 +68,22 @@ def test_lowered_block_computes_what_the_canonical_block_computes(zoo, family, m
         x = torch.randn(batch, seq, block.hidden_size, generator=torch.Generator().manual_seed(seed))
         with torch.no_grad():
             torch.testing.assert_close(lowered(x), canonical(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_per_slot_rows_lower_to_one_expert_per_row(merged):
+    # Llama 4 weights the experts' inputs: the operator runs the k rows of each token with weight 1 each
+    model = tiny_transformers_model("llama4_text")
+    (block,) = find_moe_blocks(model, example_inputs("llama4_text"))
+    canonical = _merged_behind_the_exact_router(block) if merged else build_block(block.module, block)
+    assert fused_moe_blocker(canonical) is None and not operator_computes_routing(canonical)
+    lowered = PassManager([LowerToFusedMoE()])(copy.deepcopy(canonical)).graph_module
+    (fused,) = [n for n in lowered.graph.nodes if n.target is torch.ops.moefx.ort_moe.default]
+    assert fused.args[6] == 1  # k
+    x = torch.randn(2, 7, block.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = canonical(x), lowered(x)
+    torch.testing.assert_close(got[0], expected[0], atol=1e-4 * expected[0].abs().max().item(), rtol=1e-4)
 
 
 @settings(max_examples=50, deadline=None)

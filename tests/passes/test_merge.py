@@ -10,8 +10,9 @@ from torch.fx.passes.infra.pass_manager import PassManager
 
 from moefx.block import build_block, selection_nodes
 from moefx.errors import ConfigError
-from moefx.experts import FFN
+from moefx.experts import FFN, per_slot_rows
 from moefx.methods import merge_coefficients
+from moefx.passes.detect import find_moe_blocks
 from moefx.passes.merge import (
     BlockPlan,
     MergeExperts,
@@ -19,7 +20,8 @@ from moefx.passes.merge import (
     allocate_experts,
     merge_ffns,
 )
-from moefx.routing import combine_by_group
+from moefx.routing import combine_by_group, select_experts
+from moefx.zoo import example_inputs, tiny_transformers_model
 
 
 def _random_ffn(gen: torch.Generator, hidden: int, units: int, gated: bool, bias: bool) -> FFN:
@@ -139,6 +141,28 @@ def test_merging_a_neuron_permuted_copy_changes_no_output(zoo, family):
         after = merged(x)
     assert merged.experts.num_experts == 7
     before, after = (before[0], after[0]) if isinstance(before, tuple) else (before, after)
+    assert torch.allclose(after, before, atol=1e-5)
+
+
+def test_merging_per_slot_rows_keeps_each_slot_apart():
+    # Llama 4's weights scale the experts' inputs: a token whose two slots fall in one group must run the
+    # group twice, on w0 * x and w1 * x, not once with w0 + w1; expert 1 becomes a copy of expert 0
+    model = tiny_transformers_model("llama4_text")
+    (block,) = find_moe_blocks(model, example_inputs("llama4_text"))
+    graph = build_block(copy.deepcopy(block.module), block)
+    ffns = [graph.experts.ffn(e) for e in range(8)]
+    graph.experts = graph.experts.with_experts([ffns[0], *ffns[:1], *ffns[2:]], [0, 0, 2, 3, 4, 5, 6, 7])
+    with torch.no_grad():
+        graph.router.weight[1] = graph.router.weight[0] + 0.1  # experts 0 and 1 are both chosen, often
+    x = torch.randn(2, 9, block.hidden_size)
+    with torch.no_grad():
+        before = graph(x)[0]
+        merged = PassManager([MergeExperts(_plan([[0, 1], [2], [3], [4], [5], [6], [7]]))])(graph).graph_module
+        after = merged(x)[0]
+        _, index = select_experts(graph.router(x.reshape(-1, block.hidden_size)), top_k=2, scoring="sigmoid")
+    assert ((index == 0).any(-1) & (index == 1).any(-1)).any()  # the case that matters occurs
+    combine = next(n for n in merged.graph.nodes if n.target is combine_by_group)
+    assert combine.args[1].args[0].target is per_slot_rows  # grouping the rows' indices, not the selection's
     assert torch.allclose(after, before, atol=1e-5)
 
 

@@ -7,6 +7,7 @@ import torch
 from torch.fx.passes.infra.pass_manager import PassManager
 
 from moefx.block import build_block
+from moefx.passes.detect import find_moe_blocks
 from moefx.passes.observe import (
     CalibrationNeeds,
     RemoveObservers,
@@ -14,6 +15,7 @@ from moefx.passes.observe import (
     install_mask_hook,
 )
 from moefx.routing import select_experts
+from moefx.zoo import example_inputs, tiny_transformers_model
 
 
 def test_insert_observers_graph_structure_and_numerics(zoo, observed_block):
@@ -75,6 +77,24 @@ def test_padding_tokens_are_excluded(zoo, observed_block):
     stats = collect_statistics(model.get_submodule(blocks[0].name))
     assert stats.tokens == 11
     assert stats.counts.sum() == 22 and stats.routed.sum() == 22
+
+
+def test_padding_rows_of_per_slot_experts_are_excluded(observed_block):
+    # Llama 4's experts run on one row per (token, slot): a padding token's k rows are all left out
+    model = tiny_transformers_model("llama4_text")
+    inputs = example_inputs("llama4_text")
+    (block,) = find_moe_blocks(model, inputs)
+    model.set_submodule(block.name, observed_block(block, CalibrationNeeds(substitution_errors=True)))
+    hooks = install_mask_hook(model)
+    mask = torch.ones_like(inputs["attention_mask"])
+    mask[0, :5] = 0
+    with torch.no_grad():
+        model(input_ids=inputs["input_ids"], attention_mask=mask)
+    for h in hooks:
+        h.remove()
+    stats = collect_statistics(model.get_submodule(block.name))
+    valid = int(mask.sum())
+    assert stats.tokens == valid and stats.counts.sum() == 2 * valid and stats.routed.sum() == 2 * valid
 
 
 def test_dropped_tokens_count_as_routed_nowhere(zoo, observed_block):
