@@ -190,7 +190,8 @@ def _reshape_block(graph: fx.GraphModule, block: MoEBlock, saved: dict) -> fx.Gr
         plan = BlockPlan(block.name, block.num_experts, members, [[1.0 / len(m)] * len(m) for m in members], table,
                          False, "exact")  # fmt: skip
         PassManager([MergeExperts(plan)])(graph)
-        if saved["router_outputs"] == groups and groups != block.num_experts:
+        pruned = saved["router_outputs"] == groups + block.identity_experts  # one output per group, identities after
+        if pruned and groups != block.num_experts:
             router = graph.router
             bias = None if router.bias is None else router.bias[:groups]
             PassManager([PruneRouter(plan, router.weight[:groups], bias)])(graph)
@@ -304,14 +305,16 @@ def _set_field(config: Any, path: str, value: Any) -> None:
 
 
 def _changes_router(cls: type, block: MoEBlock, groups: int) -> Any:
-    """``accept`` for :func:`_config_field`: setting the field to ``groups`` gives the router ``groups`` rows."""
+    """``accept`` for :func:`_config_field`: setting the field to ``groups`` gives the router ``groups`` rows
+    (and its identity experts' rows after them)."""
 
     def accept(key: str, config: Any) -> bool:
         trial = copy.deepcopy(config)
         _set_field(trial, key, groups)
         with torch.device("meta"):
             probe = cls(trial)
-        return probe.get_submodule(block.name).get_parameter(block.router_weight_path).shape[0] == groups
+        rows = probe.get_submodule(block.name).get_parameter(block.router_weight_path).shape[0]
+        return rows == groups + block.identity_experts
 
     return accept
 

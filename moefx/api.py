@@ -390,7 +390,7 @@ def _keep_exact_routers_that_cannot_be_pruned(
     blocks: list[MoEBlock], plans: dict[str, BlockPlan], config: CompressionConfig
 ) -> None:
     for b in blocks:
-        reason = router_prune_blocker(b.routing, merges=not config.method_object.prunes)
+        reason = router_prune_blocker(b.routing, not config.method_object.prunes, b.identity_experts)
         if plans[b.name].router == "pruned" and reason is not None:
             warnings.warn(
                 f"{b.name}: router='pruned' is not possible here ({reason}); keeping the exact router",

@@ -26,7 +26,7 @@ from torch import nn
 
 from moefx.errors import DetectionError, first_line
 from moefx.experts import FusedExperts, ModuleExperts, per_slot_rows, sum_slots
-from moefx.routing import RoutingSpec, select_experts
+from moefx.routing import RoutingSpec, select_experts, split_identity_experts
 
 BLOCK_TOLERANCE = 1e-5
 
@@ -86,6 +86,7 @@ class MoEBlock:
     mask_key: str = "attention_mask"  # the model input that marks this block's padding tokens
     input_ndim: int = 3  # the rank of the block's input: [batch, seq, H] or [tokens, H]
     flattens_output: bool = False  # returns [tokens, H] for a [batch, seq, H] input (Llama 4)
+    identity_experts: int = 0  # router columns after the experts' that pass the token through (LongCat-Flash)
 
     @property
     def top_k(self) -> int:
@@ -132,6 +133,7 @@ class MoEBlock:
             "shared_expert_gate": bool(self.shared_expert_gates),
             "output_norm": self.output_norm is not None,
             "scales_inputs": self.scales_inputs,
+            "identity_experts": self.identity_experts,
         }
 
     @property
@@ -213,12 +215,17 @@ def build_block(module: nn.Module, block: MoEBlock) -> torch.fx.GraphModule:
     selection = g.call_function(select_experts, (logits, bias), block.routing.as_kwargs())
     weights = g.call_function(operator.getitem, (selection, 0))
     index = g.call_function(operator.getitem, (selection, 1))
+    if block.identity_experts:
+        split = g.call_function(split_identity_experts, (tokens, weights, index, block.num_experts))
+        weights, index, identity_out = (g.call_function(operator.getitem, (split, i)) for i in range(3))
     if block.scales_inputs:
         rows = g.call_function(per_slot_rows, (tokens, index, weights))
         row_args = tuple(g.call_function(operator.getitem, (rows, i)) for i in range(3))
         routed = g.call_function(sum_slots, (g.call_module("experts", row_args), index))
     else:
         routed = g.call_module("experts", (tokens, index, weights))
+    if block.identity_experts:
+        routed = g.call_function(operator.add, (routed, identity_out))
     for i in range(len(block.shared_experts)):
         shared = g.call_module(f"shared_expert_{i}", (tokens,))
         if i < len(block.shared_expert_gates):

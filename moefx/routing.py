@@ -147,6 +147,18 @@ def _top1_with_capacity(logits: torch.Tensor, capacity: int) -> tuple[torch.Tens
     return weights.reshape(-1, 1), index.reshape(-1, 1)
 
 
+def split_identity_experts(
+    tokens: torch.Tensor, weights: torch.Tensor, index: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Take the identity experts (router columns from ``num_experts`` on: LongCat-Flash's zero-computation
+    experts) out of a selection. Returns the real experts' weights and indices (an identity slot becomes
+    ``-1`` with weight 0) and the identity experts' output: each token times its identity slots' summed
+    weight."""
+    identity = index >= num_experts
+    identity_out = tokens * weights.masked_fill(~identity, 0.0).sum(dim=-1, keepdim=True).to(tokens.dtype)
+    return weights.masked_fill(identity, 0.0), index.masked_fill(identity, -1), identity_out
+
+
 def combine_by_group(
     weights: torch.Tensor, index: torch.Tensor, expert_to_group: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:

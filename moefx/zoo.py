@@ -235,6 +235,7 @@ _TINY_SIZES = dict(
     linear_head_dim=8, linear_num_heads=4,
     mamba_n_heads=4, mamba_d_head=16, mamba_num_heads=4, mamba_head_dim=16, mamba_d_state=8, ssm_state_size=8,
     mamba_dt_rank=4, mamba_chunk_size=8, chunk_size=8, mamba_n_groups=1, n_groups=1,
+    zero_expert_num=2, expert_ffn_hidden_size=16,
     index_n_heads=2, index_head_dim=8, index_topk=4, o_lora_rank=8, o_groups=2, hc_lowrank=8,
     router_hidden_size=16, hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB,
     ple_embed_dim=8, ngram_vocab_size_base=VOCAB, make_ngram_vocab_size_divisible_by=8, split_ngram_parts=2,

@@ -62,6 +62,11 @@ def _packet(node: fx.Node) -> Any:
     return getattr(node.target, "overloadpacket", node.target) if node.op == "call_function" else None
 
 
+def _floating(node: fx.Node) -> bool:
+    value = node.meta.get("val")
+    return isinstance(value, torch.Tensor) and value.is_floating_point()
+
+
 def _owner(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack")
     return list(stack.values())[-1][0] if stack else ""
@@ -112,12 +117,32 @@ def _inside(path: str, base: str) -> bool:
     return not base or path == base or path.startswith(base + ".")
 
 
+def _with_grad_regions_inlined(gm: fx.GraphModule) -> fx.Graph:
+    """A copy of ``gm``'s graph in which each grad-mode region (torch.export's record of a ``torch.no_grad()``
+    block, such as LongCat-Flash's or PhiMoE's expert choice) is replaced by its body, so that detection
+    follows the data through it. ``gm`` is not changed; node metadata is shared with its nodes."""
+    region_op = torch.ops.higher_order.wrap_with_set_grad_enabled
+    graph, env, outputs = fx.Graph(), {}, {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is region_op:
+            body = gm.get_submodule(node.args[1].target).graph
+            inputs = [n for n in body.nodes if n.op == "placeholder"]
+            mapped = {p: env[a] for p, a in zip(inputs, node.args[2:], strict=True)}
+            outputs[node] = graph.graph_copy(body, mapped)
+        elif node.op == "call_function" and node.target is operator.getitem and node.args[0] in outputs:
+            env[node] = outputs[node.args[0]][node.args[1]]
+        else:
+            env[node] = graph.node_copy(node, env.__getitem__)
+    return graph
+
+
 class _Graph:
     """The captured graph with the lookups detection needs."""
 
     def __init__(self, gm: fx.GraphModule) -> None:
         self.gm = gm
-        self.nodes = list(gm.graph.nodes)
+        self.graph = _with_grad_regions_inlined(gm)
+        self.nodes = list(self.graph.nodes)
         self.order = {n: i for i, n in enumerate(self.nodes)}
 
     def attr(self, node: Any, through: set = _WEIGHT_VIEWS) -> tuple[str, torch.Tensor] | None:
@@ -180,17 +205,8 @@ def _sparse_mixer_routing(graph: _Graph, linear: fx.Node, first: fx.Node, block:
     """The sparse mixer's k (one masked softmax per slot) and ``jitter_eps`` (half the constant the masks'
     comparison uses: ``(best - logits) / max(|logits|, best) > 2 * jitter_eps``)."""
     slots = [n for n in _reach(linear, _ROUTING_DEPTH) if _is_sparse_mixer_mask(n, linear)]
-    mask, comparisons = first.args[1], []
-    if _packet(mask) is aten.gt:
-        comparisons = [mask]
-    elif _packet(mask) is operator.getitem:  # computed under no_grad: an output of a higher-order op's subgraph
-        region, position = mask.args
-        body = region.args[1] if len(region.args) > 1 else None
-        hop = torch.ops.higher_order.wrap_with_set_grad_enabled
-        if region.target is hop and isinstance(body, fx.Node) and body.op == "get_attr":
-            subgraph = graph.gm.get_submodule(body.target).graph
-            output = next(n for n in subgraph.nodes if n.op == "output").args[0][position]
-            comparisons = [n for n in ancestors(output) | {output} if _packet(n) is aten.gt]
+    mask = first.args[1]
+    comparisons = [mask] if _packet(mask) is aten.gt else []
     constants = {float(n.args[1]) for n in comparisons if isinstance(n.args[1], (int, float))}
     if len(constants) != 1 or first not in slots:
         raise DetectionError(f"{block}: a sparse-mixer routing whose threshold moefx cannot read")
@@ -299,8 +315,8 @@ def _read_weight_transform(
                 l1_norm = _packet(divisor) is aten.linalg_vector_norm and divisor.args[1:2] == (1,)  # DBRX
                 if _packet(divisor) is aten.sum or l1_norm:
                     normalize = True
-            elif packet in (aten.mul, aten.mul_) and isinstance(node.args[1], (int, float)):
-                scale = float(node.args[1])
+            elif packet in (aten.mul, aten.mul_) and isinstance(node.args[1], (int, float)) and _floating(node):
+                scale = float(node.args[1])  # of the weights, not of indices (LongCat-Flash spreads its own)
     return normalize, eps, floor, scale
 
 
@@ -332,6 +348,24 @@ def _find_experts(
         flat = _flat_stacks(module, block, router_owner, num_experts, hidden)
         if len(flat) == 1:
             return block, flat[0], None
+    raise LookupError
+
+
+def _find_fewer_experts(
+    model: nn.Module, router_owner: str, num_outputs: int, hidden: int
+) -> tuple[int, tuple[str, list[str], str | None]]:
+    """Fused experts fewer than the router's outputs, beside the router (its module's two nearest
+    ancestors): the router's other columns choose identity experts (LongCat-Flash's zero-computation
+    experts). Returns the number of experts and what :func:`_find_experts` returns for it."""
+    parts = router_owner.split(".")
+    for depth in range(len(parts) - 1, max(len(parts) - 3, 0), -1):
+        module = model.get_submodule(".".join(parts[:depth]))
+        sizes = {p.shape[0] for p in module.parameters() if p.ndim == 3 and 1 < p.shape[0] < num_outputs}
+        for size in sorted(sizes, reverse=True):
+            try:
+                return size, _find_experts(model, router_owner, size, hidden)
+            except LookupError:
+                continue
     raise LookupError
 
 
@@ -381,7 +415,7 @@ def _extract_activation(graph: _Graph, in_node: fx.Node, out_node: fx.Node, in_b
     if end is None:
         raise DetectionError("fused experts whose activation feeds the output projection indirectly")
     try:
-        return extract_subgraph(graph.gm.graph, [start], end, "ExpertActivation")
+        return extract_subgraph(graph.graph, [start], end, "ExpertActivation")
     except ValueError:
         raise DetectionError("the experts' activation depends on values other than the projection output") from None
 
@@ -546,12 +580,16 @@ def _block_input(graph: _Graph, block: str) -> fx.Node:
 
 def _describe_block(graph: _Graph, model: nn.Module, linear: fx.Node, selection: fx.Node) -> MoEBlock | None:
     weight_path, weight = _router_weight(graph, linear)
-    num_experts, hidden = weight.shape
+    num_outputs, hidden = weight.shape
     router_owner = weight_path.rpartition(".")[0]
     try:
-        block, fused_names, container = _find_experts(model, router_owner, num_experts, hidden)
+        num_experts, found = num_outputs, _find_experts(model, router_owner, num_outputs, hidden)
     except LookupError:
-        return None
+        try:
+            num_experts, found = _find_fewer_experts(model, router_owner, num_outputs, hidden)
+        except LookupError:
+            return None
+    block, fused_names, container = found
     spec, correction_bias = _read_routing(graph, linear, selection, block or type(model).__name__)
     bias_arg = linear.args[2] if len(linear.args) > 2 else None
     router_bias = graph.attr(bias_arg) if bias_arg is not None else None
@@ -560,6 +598,7 @@ def _describe_block(graph: _Graph, model: nn.Module, linear: fx.Node, selection:
     top_children = {_relative(weight_path, block).split(".")[0]}
     common = dict(
         name=block, module=module, num_experts=num_experts, hidden_size=hidden, routing=spec,
+        identity_experts=num_outputs - num_experts,
         router_weight_path=_relative(weight_path, block),
         router_bias_path=None if router_bias is None else _relative(router_bias[0], block),
         correction_bias_path=correction_bias, route_on_sequence=len(_shape(linear.args[0]) or ()) >= 3,

@@ -30,7 +30,6 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from moefx.block import runs_per_slot_rows, selection_nodes
 from moefx.experts import FusedExperts, ModuleExperts
-from moefx.routing import combine_by_group
 
 # ONNX Runtime's MoE GELU is an approximation (about 1e-4 off exact GELU), so GELU experts stay portable.
 _PLAIN_ACTIVATIONS = {"relu": F.relu, "silu": F.silu, "identity": lambda h: h}
@@ -288,7 +287,8 @@ def routing_as_logits(
 
 def operator_computes_routing(graph_module: fx.GraphModule) -> bool:
     """Whether the operator's own routing (softmax top-k over the router's logits) is the block's."""
-    selection, _, _ = selection_nodes(graph_module.graph)
+    selection, _, index = selection_nodes(graph_module.graph)
+    experts = next(n for n in graph_module.graph.nodes if n.op == "call_module" and n.target == "experts")
     routing = selection.kwargs
     return (
         routing["scoring"] in ("softmax", "softmax_topk")
@@ -296,8 +296,7 @@ def operator_computes_routing(graph_module: fx.GraphModule) -> bool:
         and routing.get("n_group") is None
         and not isinstance(selection.args[1], fx.Node)  # a correction bias
         and routing.get("scale", 1.0) == 1.0
-        and not any(n.target is combine_by_group for n in graph_module.graph.nodes)
-        and not runs_per_slot_rows(graph_module.graph)  # the experts see one row per slot, weighted at its input
+        and experts.args[1] is index  # not mapped to groups, split per slot or from identity experts
     )
 
 

@@ -70,7 +70,8 @@ class CalibrationNeeds:
 class RoutingObserver(nn.Module):
     """Records routing statistics; returns the routing weights unchanged.
 
-    Buffers (float64): ``tokens`` (valid tokens), ``dropped`` (valid tokens routed nowhere), ``counts[E]``
+    Buffers (float64): ``tokens`` (valid tokens), ``dropped`` (valid tokens routed to no expert:
+    dropped by a capacity, or routed only to identity experts), ``counts[E]``
     (how often each expert is in a token's top-k), ``weight_sums[E]``, ``logit_gram[E, E]`` and
     ``logit_sums[E]`` (for cosine similarity of router-logit columns), and with ``router_input_moments``
     ``router_input_gram[H, H]`` and ``router_input_sum[H]``.
@@ -108,19 +109,18 @@ class RoutingObserver(nn.Module):
     def observe(self, weights: torch.Tensor, index: torch.Tensor, logits: torch.Tensor, router_input: torch.Tensor):
         num_tokens, num_experts = index.shape[0], self.counts.shape[0]
         valid = _token_mask(self.mask_key, num_tokens, index.device)
+        logits = logits.reshape(num_tokens, -1)[:, :num_experts]  # without identity experts' columns
         if self.expert_to_group is not None:
             x = router_input.reshape(num_tokens, -1)[valid].double()
-            targets = group_logit_targets(
-                logits.reshape(num_tokens, num_experts)[valid], self.expert_to_group, self.group_cross.shape[1]
-            )
+            targets = group_logit_targets(logits[valid], self.expert_to_group, self.group_cross.shape[1])
             self.group_cross += x.T @ targets
             self.group_target_sums += targets.sum(dim=0)
             return
         index, weights = index[valid], weights[valid].double()
-        logits = logits.reshape(num_tokens, num_experts)[valid].double()
+        logits = logits[valid].double()
         self.tokens += valid.sum()
-        self.dropped += (index < 0).all(dim=-1).sum()
-        routed = index >= 0
+        routed = (index >= 0) & (index < num_experts)
+        self.dropped += (~routed).all(dim=-1).sum()
         self.counts += torch.bincount(index[routed], minlength=num_experts).double()
         self.weight_sums.index_add_(0, index[routed], weights[routed])
         self.logit_gram += logits.T @ logits
@@ -303,7 +303,7 @@ class InsertObservers(PassBase):
         graph_module.add_submodule(
             "routing_observer",
             RoutingObserver(
-                graph_module.get_submodule("router").out_features,
+                bank.num_experts,  # the router's first columns; any after them choose identity experts
                 self.hidden,
                 self.mask_key,
                 self.needs.router_input_moments,

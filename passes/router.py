@@ -23,11 +23,13 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from moefx.block import selection_nodes
 from moefx.passes.merge import BlockPlan
 from moefx.passes.observe import BlockStats
-from moefx.routing import INDEPENDENT_SCORINGS, RoutingSpec, combine_by_group
+from moefx.routing import INDEPENDENT_SCORINGS, RoutingSpec, combine_by_group, split_identity_experts
 
 
-def router_prune_blocker(routing: RoutingSpec, merges: bool) -> str | None:
+def router_prune_blocker(routing: RoutingSpec, merges: bool, identity_experts: int = 0) -> str | None:
     """Why this routing cannot be given fewer outputs soundly, or None if it can."""
+    if identity_experts and merges:
+        return "merged experts' pooled logits cannot be fitted beside identity experts' fixed ones"
     if routing.n_group is not None:
         return "its group-limited expert selection cannot be expressed over a different number of experts"
     if merges and routing.scoring in INDEPENDENT_SCORINGS:
@@ -77,10 +79,12 @@ class PruneRouter(PassBase):
     """Give a merged canonical block a router with one output per group.
 
     Matches: the ``router`` call_module, the ``select_experts`` call and the ``combine_by_group`` call that
-    :class:`~moefx.passes.merge.MergeExperts` inserted. Rewrites: ``router`` becomes an ``nn.Linear`` with
-    the given ``[G, H]`` weight; ``combine_by_group`` and its table are removed so the experts take the
-    selection's outputs directly; the selection picks ``min(top_k, G)`` groups, its correction bias keeps the
-    representatives' entries, and a capacity grows by ``ceil(E / G)`` (a group serves that many experts).
+    :class:`~moefx.passes.merge.MergeExperts` inserted, and a ``split_identity_experts`` call if there is
+    one. Rewrites: ``router`` becomes an ``nn.Linear`` with the given ``[G, H]`` weight, followed by the
+    identity experts' rows, whose split then starts at G; ``combine_by_group`` and its table are removed so
+    the experts take the selection's outputs directly; the selection picks at most ``top_k`` of the router's
+    outputs, its correction bias keeps the representatives' (and identity experts') entries, and a capacity
+    grows by ``ceil(E / G)`` (a group serves that many experts).
     """
 
     def __init__(self, plan: BlockPlan, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -90,10 +94,18 @@ class PruneRouter(PassBase):
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         graph = graph_module.graph
         num_groups, hidden = self.weight.shape
-        router = nn.Linear(hidden, num_groups, bias=self.bias is not None, device="meta")
-        router.weight = nn.Parameter(self.weight.detach().clone())
-        if self.bias is not None:
-            router.bias = nn.Parameter(self.bias.detach().clone())
+        weight, bias, kept = self.weight, self.bias, [g[0] for g in self.plan.groups]
+        split = next((n for n in graph.nodes if n.target is split_identity_experts), None)
+        if split is not None:  # the identity experts' columns follow the groups'
+            identities = list(range(self.plan.num_experts, graph_module.router.out_features))
+            weight = torch.cat([weight, graph_module.router.weight[identities]])
+            bias = None if bias is None else torch.cat([bias, graph_module.router.bias[identities]])
+            kept += identities
+            split.args = (*split.args[:3], num_groups)
+        router = nn.Linear(hidden, weight.shape[0], bias=bias is not None, device="meta")
+        router.weight = nn.Parameter(weight.detach().clone())
+        if bias is not None:
+            router.bias = nn.Parameter(bias.detach().clone())
         graph_module.router = router
         selection, _, _ = selection_nodes(graph)
         combine = next((n for n in graph.nodes if n.op == "call_function" and n.target is combine_by_group), None)
@@ -106,13 +118,12 @@ class PruneRouter(PassBase):
             graph.erase_node(table)
             delattr(graph_module, "expert_to_group")
         kwargs = dict(selection.kwargs)
-        kwargs["top_k"] = min(kwargs["top_k"], num_groups)
+        kwargs["top_k"] = min(kwargs["top_k"], router.out_features)
         if kwargs.get("capacity") is not None:
             kwargs["capacity"] = kwargs["capacity"] * math.ceil(self.plan.num_experts / num_groups)
         selection.kwargs = kwargs
         if isinstance(selection.args[1], fx.Node):  # the correction bias of the kept experts
-            representatives = torch.tensor([g[0] for g in self.plan.groups])
-            graph_module.correction_bias = graph_module.correction_bias[..., representatives].clone()
+            graph_module.correction_bias = graph_module.correction_bias[..., torch.tensor(kept)].clone()
         graph.lint()
         graph_module.recompile()
         return PassResult(graph_module, True)

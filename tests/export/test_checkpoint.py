@@ -104,6 +104,25 @@ def test_dbrx_checkpoint_keeps_its_2d_expert_layout_and_nested_expert_count(tmp_
         assert max_output_diff(plain(**batches[0]).logits, compressed(**batches[0]).logits) <= 1e-5
 
 
+def test_identity_experts_keep_their_router_rows_through_both_checkpoints(tmp_path):
+    # LongCat-Flash: REAP keeps 4 of 8 experts; the pruned router keeps its 2 identity experts' rows after them
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_transformers_model("longcat_flash")
+    batches = [example_inputs("longcat_flash", seed=s) for s in range(2)]
+    compressed = moefx.compile(model, batches, experts=0.5, method="reap", router="pruned")
+    moefx.save(compressed, tmp_path / "moefx", batches[0])
+    moefx.export.save_pretrained(compressed, tmp_path / "hf", batches[0])
+    loaded = moefx.load(tmp_path / "moefx", tiny_transformers_model("longcat_flash"))
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert (plain.config.n_routed_experts, plain.config.zero_expert_num) == (4, 2)
+    assert plain.model.layers[0].mlp.router.classifier.weight.shape == (6, 32)
+    with torch.no_grad():
+        expected = compressed(**batches[0]).logits
+        assert max_output_diff(loaded(**batches[0]).logits, expected) <= 1e-5
+        assert max_output_diff(plain(**batches[0]).logits, expected) <= 1e-5
+
+
 def test_save_pretrained_refuses_what_transformers_cannot_hold(compiled_tiny, tmp_path):
     with pytest.raises(moefx.MoefxError, match="exact router"):
         moefx.export.save_pretrained(compiled_tiny("mixtral", experts=0.5), tmp_path / "a", example_inputs("mixtral"))

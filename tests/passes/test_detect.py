@@ -13,7 +13,7 @@ import moefx.export
 from moefx.block import build_block, max_block_diff
 from moefx.experts import FusedExperts, GatedActivation, per_slot_rows, sum_slots
 from moefx.passes.detect import DetectMoEBlocks, find_moe_blocks
-from moefx.routing import select_experts
+from moefx.routing import select_experts, split_identity_experts
 from moefx.zoo import example_inputs, tiny_model, tiny_transformers_model
 
 EXPECTED = {
@@ -229,6 +229,36 @@ def test_routing_weights_that_scale_the_experts_inputs_are_read_and_run_per_slot
     scale = expected[0].abs().max()
     assert all(torch.allclose(a, b, atol=1e-4 * scale) for a, b in zip(expected, got, strict=True))
     assert (output_scaled[0] - expected[0]).abs().max() > 0.01 * scale
+
+
+def _longcat_choosing_identity_experts():
+    """LongCat-Flash's tiny model, 8 experts and 2 identity experts, with a correction bias that makes the
+    identity experts a common choice; and its first block's reading."""
+    model = tiny_transformers_model("longcat_flash")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.router.e_score_correction_bias[8:] = 0.05
+    return model, find_moe_blocks(model, example_inputs("longcat_flash"))[0]
+
+
+def test_identity_experts_are_read_beside_fewer_experts():
+    # LongCat-Flash's router has 10 columns for 8 experts: its last 2 choose zero-computation experts,
+    # which pass the token through, times their weight
+    _, block = _longcat_choosing_identity_experts()
+    assert (block.num_experts, block.identity_experts, block.routing.scale) == (8, 2, 6.0)
+    assert block.router_weight.shape[0] == 10 and block.routing.has_correction_bias
+    graph = build_block(block.module, block)
+    split = next(n for n in graph.graph.nodes if n.target is split_identity_experts)
+    experts = next(n for n in graph.graph.nodes if n.target == "experts")
+    assert split.args[3] == 8 and all(a.args[0] is split for a in experts.args[1:])
+    x = torch.randn(3, 5, block.hidden_size)
+    with torch.no_grad():
+        index = select_experts(graph.router(x.reshape(15, -1)), graph.correction_bias, **block.routing.as_kwargs())[1]
+        expected, got = block.module(x), graph(x)
+        without = build_block(block.module, dataclasses.replace(block, identity_experts=0))(x)
+    assert (index >= 8).any()  # identity experts are chosen
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert not torch.allclose(without, expected, atol=1e-3)
 
 
 def test_bfloat16_model_is_detected():

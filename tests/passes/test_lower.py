@@ -71,6 +71,23 @@ def test_lowered_block_computes_what_the_canonical_block_computes(zoo, family, m
 
 
 @pytest.mark.parametrize("merged", [False, True])
+def test_identity_experts_stay_outside_the_operator(merged):
+    # LongCat-Flash: the operator runs the 8 experts on the weights left after the identity experts' split
+    model = tiny_transformers_model("longcat_flash")
+    with torch.no_grad():
+        model.model.layers[0].mlp.router.e_score_correction_bias[8:] = 0.05
+    (block, _) = find_moe_blocks(model, example_inputs("longcat_flash"))
+    canonical = _merged_behind_the_exact_router(block) if merged else build_block(block.module, block)
+    assert not operator_computes_routing(canonical)
+    lowered = PassManager([LowerToFusedMoE()])(copy.deepcopy(canonical)).graph_module
+    assert [n.target for n in lowered.graph.nodes].count(torch.ops.moefx.ort_moe.default) == 1
+    x = torch.randn(2, 7, block.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = canonical(x), lowered(x)
+    torch.testing.assert_close(got, expected, atol=1e-4 * expected.abs().max().item(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("merged", [False, True])
 def test_per_slot_rows_lower_to_one_expert_per_row(merged):
     # Llama 4 weights the experts' inputs: the operator runs the k rows of each token with weight 1 each
     model = tiny_transformers_model("llama4_text")

@@ -97,6 +97,26 @@ def test_padding_rows_of_per_slot_experts_are_excluded(observed_block):
     assert stats.tokens == valid and stats.counts.sum() == 2 * valid and stats.routed.sum() == 2 * valid
 
 
+def test_routing_statistics_leave_out_identity_experts(observed_block):
+    # LongCat-Flash: the router's 2 columns after its 8 experts' choose identity experts
+    model = tiny_transformers_model("longcat_flash")
+    with torch.no_grad():
+        model.model.layers[0].mlp.router.e_score_correction_bias[8:] = 0.05
+    (block, _) = find_moe_blocks(model, example_inputs("longcat_flash"))
+    observed = observed_block(block)
+    x = torch.randn(4, 6, block.hidden_size)
+    with torch.no_grad():
+        observed(x)
+        logits = observed.router(x.reshape(24, -1)).double()
+        _, index = select_experts(logits, observed.correction_bias, **block.routing.as_kwargs())
+    stats = collect_statistics(observed)
+    real = index < 8
+    assert (~real).any() and stats.counts.shape == (8,) and stats.logit_gram.shape == (8, 8)
+    assert torch.equal(stats.counts, torch.bincount(index[real], minlength=8).double())
+    assert stats.dropped == (~real).all(dim=-1).sum()  # tokens that chose identity experts only
+    assert torch.allclose(stats.logit_gram, logits[:, :8].T @ logits[:, :8])
+
+
 def test_dropped_tokens_count_as_routed_nowhere(zoo, observed_block):
     block = zoo("switch")[3][0]
     observed = observed_block(block)

@@ -8,11 +8,12 @@ from torch.fx.passes.infra.pass_manager import PassManager
 import moefx
 from moefx.block import build_block, selection_nodes
 from moefx.methods import merge_coefficients
+from moefx.passes.detect import find_moe_blocks
 from moefx.passes.merge import BlockPlan, MergeExperts
 from moefx.passes.observe import BlockStats
 from moefx.passes.router import PruneRouter, fit_pruned_router, router_prune_blocker
-from moefx.routing import RoutingSpec, combine_by_group, group_logit_targets, select_experts
-from moefx.zoo import example_inputs, tiny_model
+from moefx.routing import RoutingSpec, combine_by_group, group_logit_targets, select_experts, split_identity_experts
+from moefx.zoo import example_inputs, tiny_model, tiny_transformers_model
 
 GROUPS = [[0, 4, 5], [1, 2], [3, 6, 7]]
 
@@ -59,6 +60,29 @@ def test_pruning_plan_keeps_the_kept_rows_and_their_correction_bias(zoo):
     original_bias = graph.correction_bias.clone()
     pruned = PruneRouter(plan, weight, bias)(graph).graph_module
     assert torch.equal(pruned.correction_bias, original_bias[[1, 4, 6]])
+
+
+def test_a_pruned_router_keeps_the_identity_experts_columns_after_the_kept_experts():
+    model = tiny_transformers_model("longcat_flash")
+    (block, _) = find_moe_blocks(model, example_inputs("longcat_flash"))
+    full = block.router_weight
+    for groups in ([[3], [0], [1], [2], [4], [5], [6], [7]], [[1], [4], [6], [7]]):  # every expert, reordered; 4
+        plan = _plan(groups)
+        graph = PassManager([MergeExperts(plan)])(build_block(copy.deepcopy(block.module), block)).graph_module
+        original = copy.deepcopy(graph)
+        bias = graph.correction_bias.clone()
+        weight, _ = fit_pruned_router(graph.router.weight, None, plan, _empty_stats())
+        pruned = PruneRouter(plan, weight, None)(graph).graph_module
+        rows = [g[0] for g in groups] + [8, 9]
+        assert torch.equal(pruned.router.weight, full[rows]) and torch.equal(pruned.correction_bias, bias[rows])
+        split = next(n for n in pruned.graph.nodes if n.target is split_identity_experts)
+        assert split.args[3] == len(groups)
+        if len(groups) == 8:  # the same experts and identities, in another order: the same function
+            x = torch.randn(2, 7, block.hidden_size)
+            with torch.no_grad():
+                assert torch.allclose(pruned(x), original(x), atol=1e-5)
+    assert router_prune_blocker(block.routing, merges=True, identity_experts=2)
+    assert router_prune_blocker(block.routing, merges=False, identity_experts=2) is None
 
 
 def test_capacity_grows_with_the_group_size(zoo):
