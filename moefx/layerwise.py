@@ -40,7 +40,7 @@ from moefx.errors import CalibrationError, ConfigError, DetectionError
 from moefx.passes.detect import warn_unread_expert_banks
 
 # the decoder-layer arguments that carry per-batch tensors (transformers 5 names); caches are never passed
-_LAYER_ARGUMENTS = ("attention_mask", "position_embeddings", "position_ids", "cache_position")
+_LAYER_ARGUMENTS = ("attention_mask", "position_embeddings", "position_ids", "cache_position", "input_ids")
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -86,9 +86,11 @@ class LayerCall(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         position_ids: torch.Tensor | None = None,
         cache_position: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         given = {"attention_mask": layer_attention_mask, "position_embeddings": position_embeddings,
-                 "position_ids": position_ids, "cache_position": cache_position}  # fmt: skip
+                 "position_ids": position_ids, "cache_position": cache_position,
+                 "input_ids": input_ids}  # fmt: skip
         out = self.get_submodule(self.path)(hidden_states, **{k: v for k, v in given.items() if v is not None})
         return out[0] if isinstance(out, tuple) else out
 
@@ -100,7 +102,9 @@ class _Caught(Exception):
 def first_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: Iterable[Any]) -> list[dict[str, Any]]:
     """Each batch's keyword arguments for :class:`LayerCall` on the first decoder layer, hidden states in
     float32. Only the layers' parameters may be on the meta device: the model runs up to the first layer."""
-    accepted = set(inspect.signature(layers[0].forward).parameters)
+    parameters = inspect.signature(layers[0].forward).parameters.values()
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)  # DeepSeek-V4 passes them on
+    accepted = set(_LAYER_ARGUMENTS) if takes_any else {p.name for p in parameters}
     calls: list[dict[str, Any]] = []
 
     def catch(_: nn.Module, args: tuple, kwargs: dict) -> None:

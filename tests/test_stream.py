@@ -14,7 +14,7 @@ from moefx.capture import max_output_diff
 from moefx.export.checkpoint import transformers_block_state
 from moefx.passes.detect import find_moe_blocks
 from moefx.stream import compress_checkpoint, output_format
-from moefx.zoo import example_inputs, tiny_model
+from moefx.zoo import example_inputs, tiny_model, tiny_transformers_model
 
 DECODERS = ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss"]
 
@@ -226,6 +226,18 @@ def test_layerwise_warnings_name_blocks_by_their_path_in_the_model():
                       sequential=True)  # fmt: skip
     messages = [str(w.message) for w in caught if "router='pruned' is not possible" in str(w.message)]
     assert messages and all(m.startswith("model.layers.") for m in messages)
+
+
+def test_layers_that_take_their_arguments_as_keywords_compress_layer_by_layer():
+    # DeepSeek-V4's decoder layer takes the attention's arguments through **kwargs, and input_ids for its
+    # hash-routed blocks (left as they are, with a warning): the layer-wise driver passes both on
+    model = tiny_transformers_model("deepseek_v4")
+    calib = _calibration("deepseek_v4")
+    with pytest.warns(moefx.MoefxWarning, match="left as they are"):
+        in_memory = moefx.compile(model, calib, experts=0.5)
+        layerwise = moefx.compile(model, calib, experts=0.5, sequential=True)
+    assert [b.name for b in layerwise.moefx_report.blocks] == [b.name for b in in_memory.moefx_report.blocks]
+    assert max_output_diff(_logits(layerwise, "deepseek_v4"), _logits(in_memory, "deepseek_v4")) <= 1e-5
 
 
 def test_sequential_needs_a_decoder_stack_and_per_layer_options():
