@@ -10,10 +10,12 @@ dynamic batch and sequence dimensions, and adds four things:
 * ``use_cache`` is switched off on every config in the model while tracing (a KV cache is not a graph output);
 * ``Module.to()`` called inside ``forward`` is a no-op when it would change nothing (SwitchTransformers'
   router does this, and torch.export cannot swap parameters while tracing);
-* a submodule whose ``forward`` loops over a data-dependent number of experts cannot be traced by any
-  tracer. Such a module is captured as an opaque ``call_module`` node (a leaf, as in symbolic_trace), provided
-  it takes tensors only and returns a tensor shaped like its first input, which is what an experts container
-  does. The captured graph is checked against eager on the example inputs, so a wrong guess cannot pass.
+* a submodule whose ``forward`` branches on tensor data (a loop over the experts that tokens chose, an
+  attention indexer's selection) cannot be traced by any tracer. Such a module is captured as an opaque
+  ``call_module`` node (a leaf, as in symbolic_trace) with the arguments it was given. Its outputs' shapes
+  come from an eager run on the example inputs, each dimension as symbolic as the first argument dimension
+  of that size. The captured graph is checked against eager on the example inputs, so a wrong guess cannot
+  pass.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import inspect
 import io
 import itertools
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,19 +35,55 @@ from torch.utils import _pytree as pytree
 
 from moefx.errors import CaptureError, MoefxError, first_line
 
-_OPAQUE_MODULES: dict[int, nn.Module] = {}
+_TENSOR = object()  # where a traced call's argument was a tensor
+
+
+@dataclass
+class _Opaque:
+    """A module captured opaque: ``recorded`` holds, for each of its calls in an eager run, its tensor
+    arguments' shapes and its output (tensors on the meta device); ``traced`` the argument structure of each
+    traced call, with its tensors left out (``_TENSOR``), by its place in a run (torch.export may run the model
+    more than once); ``calls`` counts the traced calls."""
+
+    module: nn.Module
+    recorded: list[tuple[list[torch.Size], Any]] = field(default_factory=list)
+    traced: dict[int, tuple[pytree.TreeSpec, list[Any]]] = field(default_factory=dict)
+    calls: int = 0
+
+    def arguments(self, call: int, tensors: list[Any]) -> tuple[tuple, dict]:
+        """Call ``call``'s ``(args, kwargs)`` with its tensors taken in order from ``tensors``."""
+        spec, leaves = self.traced[call]
+        given = iter(tensors)
+        return pytree.tree_unflatten([next(given) if leaf is _TENSOR else leaf for leaf in leaves], spec)
+
+
+_OPAQUE_MODULES: dict[int, _Opaque] = {}
 _HANDLES = itertools.count()
 
 
+def _tensors(tree: Any) -> list[torch.Tensor]:
+    return [x for x in pytree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
+
+
 @torch.library.custom_op("moefx::opaque_module", mutates_args=())
-def _opaque_module(inputs: list[torch.Tensor], handle: int) -> torch.Tensor:
-    module = _OPAQUE_MODULES[handle]
-    return type(module).forward(module, *inputs)  # the class's forward: the instance's is the opaque stand-in
+def _opaque_module(inputs: list[torch.Tensor], handle: int, call: int) -> list[torch.Tensor]:
+    opaque = _OPAQUE_MODULES[handle]
+    args, kwargs = opaque.arguments(call, inputs)
+    output = type(opaque.module).forward(opaque.module, *args, **kwargs)  # the class's: the instance's is the stand-in
+    return [t.clone() for t in _tensors(output)]  # a custom op may not return its inputs
 
 
 @_opaque_module.register_fake
-def _(inputs: list[torch.Tensor], handle: int) -> torch.Tensor:
-    return torch.empty_like(inputs[0])
+def _(inputs: list[torch.Tensor], handle: int, call: int) -> list[torch.Tensor]:
+    """Outputs shaped as in the eager run, each dimension as symbolic as the first argument dimension of that
+    size (so a batch or sequence length stays one): a guess the capture's check against eager tests."""
+    shapes, output = _OPAQUE_MODULES[handle].recorded[call]
+    sizes = [(size, fake.shape[d]) for shape, fake in zip(shapes, inputs, strict=True) for d, size in enumerate(shape)]
+    return [
+        torch.empty([next((sym for size, sym in sizes if size == n), n) for n in t.shape], dtype=t.dtype,
+                    device=inputs[0].device)
+        for t in _tensors(output)
+    ]  # fmt: skip
 
 
 try:  # the data-dependent failures that mean "this forward loops over data"
@@ -154,33 +193,66 @@ def _innermost_forward_module(exc: BaseException) -> nn.Module | None:
 
 
 def _make_opaque(module: nn.Module, handle: int) -> None:
-    def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
-        if kwargs or not args or not all(isinstance(a, torch.Tensor) for a in args):
-            raise CaptureError(
-                f"{type(module).__name__} has data-dependent control flow and takes non-tensor or keyword "
-                "arguments, so it cannot be captured; call it with tensors only"
-            )
-        return torch.ops.moefx.opaque_module(list(args), handle)
+    opaque = _OPAQUE_MODULES[handle] = _Opaque(module)
 
-    _OPAQUE_MODULES[handle] = module
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        call = opaque.calls % len(opaque.recorded)
+        opaque.calls += 1
+        opaque.traced[call] = (spec, [_TENSOR if isinstance(x, torch.Tensor) else x for x in leaves])
+        tensors = iter(torch.ops.moefx.opaque_module(_tensors(leaves), handle, call))
+        return pytree.tree_map(lambda x: next(tensors) if isinstance(x, torch.Tensor) else x, opaque.recorded[call][1])
+
     module.forward = forward  # instance attribute shadows the class's forward; removed after tracing
 
 
+def _record_opaque_calls(model: nn.Module, args: tuple, kwargs: dict, handles: list[int]) -> None:
+    """Run ``model`` once in eager mode, recording each call of the opaque modules of ``handles``."""
+
+    def record(opaque: _Opaque) -> Any:
+        def hook(_: nn.Module, hook_args: tuple, hook_kwargs: dict, output: Any) -> None:
+            shapes = [t.shape for t in _tensors((hook_args, hook_kwargs))]
+            opaque.recorded.append(
+                (shapes, pytree.tree_map(lambda x: x.to("meta") if torch.is_tensor(x) else x, output))
+            )
+
+        return hook
+
+    opaques = [_OPAQUE_MODULES[h] for h in handles]
+    stand_ins = [o.module.__dict__.pop("forward") for o in opaques]  # eager mode runs the class's forward
+    hooks = [o.module.register_forward_hook(record(o), with_kwargs=True) for o in opaques]
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for o, stand_in, hook in zip(opaques, stand_ins, hooks, strict=True):
+            hook.remove()
+            o.module.forward = stand_in
+
+
+def _tensor_outputs(output: Any) -> list[torch.Tensor]:
+    """The tensors of an opaque module's output, in order (the custom op's outputs)."""
+    return _tensors(output)
+
+
 def _replace_opaque_nodes(gm: torch.fx.GraphModule, paths: dict[int, str]) -> None:
-    """Turn each opaque custom-op call into a ``call_module`` node on the module it stands for."""
+    """Turn each opaque custom-op call into a ``call_module`` node on the module it stands for, with the
+    arguments that call was given, followed by a call that lists its output's tensors as the op did."""
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not torch.ops.moefx.opaque_module.default:
             continue
-        inputs, handle = node.args
-        path = paths[handle]
-        gm.add_submodule(path, _OPAQUE_MODULES[handle])
+        inputs, handle, call = node.args
+        path, opaque = paths[handle], _OPAQUE_MODULES[handle]
+        gm.add_submodule(path, opaque.module)
+        args, kwargs = opaque.arguments(call, inputs)
         with gm.graph.inserting_before(node):
-            call = gm.graph.call_module(path, tuple(inputs))
-        call.meta = dict(node.meta)
+            called = gm.graph.call_module(path, args, kwargs)
+            tensors = gm.graph.call_function(_tensor_outputs, (called,))
         stack = dict(node.meta.get("nn_module_stack", {}))
-        stack[path] = (path, f"{type(_OPAQUE_MODULES[handle]).__module__}.{type(_OPAQUE_MODULES[handle]).__name__}")
-        call.meta["nn_module_stack"] = stack
-        node.replace_all_uses_with(call)
+        stack[path] = (path, f"{type(opaque.module).__module__}.{type(opaque.module).__name__}")
+        called.meta = {**node.meta, "nn_module_stack": stack}
+        tensors.meta = {**node.meta, "nn_module_stack": stack}
+        node.replace_all_uses_with(tensors)
         gm.graph.erase_node(node)
     gm.graph.lint()
     gm.recompile()
@@ -243,6 +315,10 @@ def trace(model: nn.Module, example_inputs: Any, *, check: bool = True, max_opaq
                             handle = next(_HANDLES)
                             _make_opaque(m, handle)
                             opaque[handle] = paths[id(m)]
+                    for o in (_OPAQUE_MODULES[h] for h in opaque):  # the next attempt traces every call anew
+                        o.recorded.clear()
+                        o.calls = 0
+                    _record_opaque_calls(model, args, kwargs, list(opaque))
             else:
                 raise CaptureError(f"could not capture {type(model).__name__}: too many data-dependent modules")
             gm = exported.module()
@@ -266,7 +342,6 @@ def trace(model: nn.Module, example_inputs: Any, *, check: bool = True, max_opaq
         ) from exc
     finally:
         for handle in opaque:
-            module = _OPAQUE_MODULES.pop(handle)
-            module.__dict__.pop("forward", None)
+            _OPAQUE_MODULES.pop(handle).module.__dict__.pop("forward", None)
     gm.meta["moefx_opaque_modules"] = sorted(opaque.values())
     return gm

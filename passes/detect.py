@@ -359,13 +359,16 @@ def _find_fewer_experts(
     experts). Returns the number of experts and what :func:`_find_experts` returns for it."""
     parts = router_owner.split(".")
     for depth in range(len(parts) - 1, max(len(parts) - 3, 0), -1):
-        module = model.get_submodule(".".join(parts[:depth]))
+        path = ".".join(parts[:depth])
+        module = model.get_submodule(path)
         sizes = {p.shape[0] for p in module.parameters() if p.ndim == 3 and 1 < p.shape[0] < num_outputs}
         for size in sorted(sizes, reverse=True):
             try:
-                return size, _find_experts(model, router_owner, size, hidden)
+                found = _find_experts(model, router_owner, size, hidden)
             except LookupError:
                 continue
+            if _inside(found[0], path):  # not a bank further out (an attention indexer's linear is no router)
+                return size, found
     raise LookupError
 
 
@@ -578,18 +581,41 @@ def _block_input(graph: _Graph, block: str) -> fx.Node:
     return inputs.pop()
 
 
-def _describe_block(graph: _Graph, model: nn.Module, linear: fx.Node, selection: fx.Node) -> MoEBlock | None:
+@dataclasses.dataclass
+class _Located:
+    """Where a router's experts are: the block, its fused expert tensors or container, and their number."""
+
+    block: str
+    fused_names: list[str]
+    container: str | None
+    num_experts: int
+
+    @property
+    def banks(self) -> set[str]:
+        """The paths of the modules holding the experts."""
+        names = [n.rpartition(".")[0] for n in self.fused_names] if self.container is None else [self.container]
+        return {_join(self.block, n) for n in names}
+
+
+def _locate(graph: _Graph, model: nn.Module, linear: fx.Node) -> _Located | None:
+    """The experts beside the router ``linear``, or None where it has none."""
     weight_path, weight = _router_weight(graph, linear)
     num_outputs, hidden = weight.shape
     router_owner = weight_path.rpartition(".")[0]
     try:
-        num_experts, found = num_outputs, _find_experts(model, router_owner, num_outputs, hidden)
+        return _Located(*_find_experts(model, router_owner, num_outputs, hidden), num_outputs)
     except LookupError:
         try:
             num_experts, found = _find_fewer_experts(model, router_owner, num_outputs, hidden)
         except LookupError:
             return None
-    block, fused_names, container = found
+    return _Located(*found, num_experts)
+
+
+def _describe_block(graph: _Graph, model: nn.Module, linear: fx.Node, selection: fx.Node, at: _Located) -> MoEBlock:
+    weight_path, weight = _router_weight(graph, linear)
+    num_outputs, hidden = weight.shape
+    block, fused_names, container, num_experts = at.block, at.fused_names, at.container, at.num_experts
     spec, correction_bias = _read_routing(graph, linear, selection, block or type(model).__name__)
     bias_arg = linear.args[2] if len(linear.args) > 2 else None
     router_bias = graph.attr(bias_arg) if bias_arg is not None else None
@@ -680,17 +706,28 @@ class DetectMoEBlocks(PassBase):
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         graph = _Graph(graph_module)
         blocks: dict[str, MoEBlock] = {}
+        read: set[str] = set()
+        failures: list[tuple[DetectionError, set[str]]] = []
         for node in graph.nodes:
             found = _router_weight(graph, node)
             if found is None:
                 continue
             self.routers_examined += 1
             selection = _selection(node, found[1].shape[0])
-            if selection is None:
+            located = None if selection is None else _locate(graph, self.model, node)
+            if located is None:
                 continue
-            block = _describe_block(graph, self.model, node, selection)
-            if block is not None and block.name not in blocks:
-                blocks[block.name] = block
+            try:
+                block = _describe_block(graph, self.model, node, selection, located)
+            except DetectionError as exc:
+                failures.append((exc, located.banks))
+                continue
+            read |= located.banks
+            blocks.setdefault(block.name, block)
+        # a linear that merely feeds a top-k (Qwen4-Exp's hyper-connections) fails beside experts a router reads
+        for exc, banks in failures:
+            if not banks <= read:
+                raise exc
         self.blocks = list(blocks.values())
         return PassResult(graph_module, False)
 

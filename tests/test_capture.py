@@ -89,6 +89,42 @@ def test_uncapturable_model_gets_a_clear_error():
     assert "\n" not in str(info.value)
 
 
+class Selector(nn.Module):
+    """Branches on data, takes keywords and None, returns a tuple holding None and a tensor of another shape:
+    an attention indexer's form (Kolibri-1.1, Qwen4-Exp)."""
+
+    def forward(self, scores, mask=None, *, keep=2):
+        picked = scores.topk(keep, dim=-1).indices
+        if (picked == 0).any():  # data-dependent
+            picked = picked.flip(-1)
+        chosen = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, picked, True)
+        return chosen if mask is None else chosen & mask, None, scores.new_ones(*scores.shape[:-1], keep)
+
+
+class IndexedModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.selector = Selector()
+
+    def forward(self, x):
+        scores = self.proj(x)
+        chosen, nothing, extra = self.selector(scores, None, keep=3)
+        assert nothing is None
+        return torch.where(chosen, scores, 0.0).sum(-1) + extra.sum(-1)
+
+
+def test_a_data_dependent_module_with_keywords_and_tuple_outputs_is_captured_as_a_leaf():
+    model = IndexedModel()
+    graph = moefx.trace(model, torch.randn(4, 5, 8))  # checked against eager inside
+    (call,) = [n for n in graph.graph.nodes if n.op == "call_module" and n.target == "selector"]
+    assert call.args[1] is None and call.kwargs == {"keep": 3}
+    for shape in [(2, 7, 8), (6, 3, 8)]:  # the leaf's output shapes follow the inputs'
+        x = torch.randn(shape)
+        with torch.no_grad():
+            assert max_output_diff(graph(x), model(x)) <= 1e-6
+
+
 def test_meta_device_model_is_rejected():
     with torch.device("meta"):
         model = nn.Linear(4, 4)

@@ -261,6 +261,19 @@ def test_identity_experts_are_read_beside_fewer_experts():
     assert not torch.allclose(without, expected, atol=1e-3)
 
 
+def test_a_linear_feeding_a_top_k_beside_experts_another_router_reads_is_no_block():
+    # Qwen4-Exp's hyper-connections: a linear with as many outputs as there are experts, whose top-k is not a
+    # routing; moefx looks for experts around it, finds the layer's, cannot read it, and must not fail for it
+    model = tiny_model("mixtral")
+    for layer in model.model.layers:
+        layer.hyper = torch.nn.Linear(32, 8)
+        layer.post_attention_layernorm.register_forward_hook(
+            lambda m, args, out, hyper=layer.hyper: out + hyper(out).topk(2).values.mean(-1, keepdim=True)
+        )
+    blocks = find_moe_blocks(model, example_inputs("mixtral"))
+    assert [b.name for b in blocks] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+
+
 def test_bfloat16_model_is_detected():
     model = tiny_model("mixtral").to(torch.bfloat16)
     blocks = find_moe_blocks(model, example_inputs("mixtral"))
