@@ -215,6 +215,7 @@ def build_block(module: nn.Module, block: MoEBlock) -> torch.fx.GraphModule:
     selection = g.call_function(select_experts, (logits, bias), block.routing.as_kwargs())
     weights = g.call_function(operator.getitem, (selection, 0))
     index = g.call_function(operator.getitem, (selection, 1))
+    selected_weights = weights
     if block.identity_experts:
         split = g.call_function(split_identity_experts, (tokens, weights, index, block.num_experts))
         weights, index, identity_out = (g.call_function(operator.getitem, (split, i)) for i in range(3))
@@ -235,7 +236,7 @@ def build_block(module: nn.Module, block: MoEBlock) -> torch.fx.GraphModule:
     if block.output_norm is not None:
         routed = g.call_module("output_norm", (routed,))
     out = routed if block.flattens_output else g.call_method("view_as", (routed, hidden_states))
-    second = {None: None, "weights": weights, "logits": logits}[block.second_output]
+    second = {None: None, "weights": selected_weights, "logits": logits}[block.second_output]
     g.output(out if second is None else (out, second))
     gm = torch.fx.GraphModule(root, g, class_name="CanonicalMoEBlock")
     gm.meta["moefx_block"] = replace(block, module=None)  # the descriptor, without the original module
@@ -261,6 +262,12 @@ def runs_per_slot_rows(graph: torch.fx.Graph) -> bool:
     """Whether a canonical block's experts run on :func:`~moefx.experts.per_slot_rows` (its routing weights
     scale the experts' inputs)."""
     return any(n.op == "call_function" and n.target is per_slot_rows for n in graph.nodes)
+
+
+def identity_split(graph: torch.fx.Graph) -> torch.fx.Node | None:
+    """A canonical block's :func:`~moefx.routing.split_identity_experts` node, if its router has identity
+    experts' columns."""
+    return next((n for n in graph.nodes if n.op == "call_function" and n.target is split_identity_experts), None)
 
 
 def max_block_diff(original: nn.Module, canonical: nn.Module, hidden_size: int, ndim: int, seed: int = 0) -> float:

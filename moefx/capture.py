@@ -14,8 +14,7 @@ dynamic batch and sequence dimensions, and adds four things:
   attention indexer's selection) cannot be traced by any tracer. Such a module is captured as an opaque
   ``call_module`` node (a leaf, as in symbolic_trace) with the arguments it was given. Its outputs' shapes
   come from an eager run on the example inputs, each dimension as symbolic as the first argument dimension
-  of that size. The captured graph is checked against eager on the example inputs, so a wrong guess cannot
-  pass.
+  of that size. The captured graph is checked against eager on the example inputs.
 """
 
 from __future__ import annotations
@@ -75,15 +74,20 @@ def _opaque_module(inputs: list[torch.Tensor], handle: int, call: int) -> list[t
 
 @_opaque_module.register_fake
 def _(inputs: list[torch.Tensor], handle: int, call: int) -> list[torch.Tensor]:
-    """Outputs shaped as in the eager run, each dimension as symbolic as the first argument dimension of that
-    size (so a batch or sequence length stays one): a guess the capture's check against eager tests."""
+    """Outputs shaped as in the eager run: a dimension of the first argument's size at the same place is that
+    dimension (an experts container's output is shaped like its input), another dimension as symbolic as the
+    first argument dimension of its size (so a batch or sequence length stays one), or else fixed. A guess,
+    which the capture's check against eager tests on the example inputs."""
     shapes, output = _OPAQUE_MODULES[handle].recorded[call]
     sizes = [(size, fake.shape[d]) for shape, fake in zip(shapes, inputs, strict=True) for d, size in enumerate(shape)]
-    return [
-        torch.empty([next((sym for size, sym in sizes if size == n), n) for n in t.shape], dtype=t.dtype,
-                    device=inputs[0].device)
-        for t in _tensors(output)
-    ]  # fmt: skip
+
+    def dim(d: int, n: int) -> Any:
+        if d < len(shapes[0]) and shapes[0][d] == n:
+            return inputs[0].shape[d]
+        return next((sym for size, sym in sizes if size == n), n)
+
+    return [torch.empty([dim(d, n) for d, n in enumerate(t.shape)], dtype=t.dtype, device=inputs[0].device)
+            for t in _tensors(output)]  # fmt: skip
 
 
 try:  # the data-dependent failures that mean "this forward loops over data"
@@ -197,6 +201,11 @@ def _make_opaque(module: nn.Module, handle: int) -> None:
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         leaves, spec = pytree.tree_flatten((args, kwargs))
+        if not opaque.recorded or any(isinstance(x, torch.SymInt) for x in leaves):
+            raise CaptureError(
+                f"{type(module).__name__} branches on tensor data and is called with a symbolic size or where eager "
+                "mode does not call it, so moefx cannot capture it"
+            )
         call = opaque.calls % len(opaque.recorded)
         opaque.calls += 1
         opaque.traced[call] = (spec, [_TENSOR if isinstance(x, torch.Tensor) else x for x in leaves])
@@ -230,11 +239,6 @@ def _record_opaque_calls(model: nn.Module, args: tuple, kwargs: dict, handles: l
             o.module.forward = stand_in
 
 
-def _tensor_outputs(output: Any) -> list[torch.Tensor]:
-    """The tensors of an opaque module's output, in order (the custom op's outputs)."""
-    return _tensors(output)
-
-
 def _replace_opaque_nodes(gm: torch.fx.GraphModule, paths: dict[int, str]) -> None:
     """Turn each opaque custom-op call into a ``call_module`` node on the module it stands for, with the
     arguments that call was given, followed by a call that lists its output's tensors as the op did."""
@@ -247,7 +251,7 @@ def _replace_opaque_nodes(gm: torch.fx.GraphModule, paths: dict[int, str]) -> No
         args, kwargs = opaque.arguments(call, inputs)
         with gm.graph.inserting_before(node):
             called = gm.graph.call_module(path, args, kwargs)
-            tensors = gm.graph.call_function(_tensor_outputs, (called,))
+            tensors = gm.graph.call_function(_tensors, (called,))
         stack = dict(node.meta.get("nn_module_stack", {}))
         stack[path] = (path, f"{type(opaque.module).__module__}.{type(opaque.module).__name__}")
         called.meta = {**node.meta, "nn_module_stack": stack}
@@ -301,6 +305,11 @@ def trace(model: nn.Module, example_inputs: Any, *, check: bool = True, max_opaq
                     with contextlib.redirect_stderr(io.StringIO()):
                         exported = torch.export.export(
                             model, args, kwargs, dynamic_shapes=_dynamic_shapes(model, args, kwargs), strict=False
+                        )
+                    if any(o.recorded and o.calls % len(o.recorded) for o in map(_OPAQUE_MODULES.get, opaque)):
+                        raise CaptureError(
+                            f"could not capture {type(model).__name__}: a module that branches on tensor data is "
+                            "called a different number of times while traced than in eager mode"
                         )
                     break
                 except _DATA_DEPENDENT as exc:

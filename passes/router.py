@@ -20,10 +20,10 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from moefx.block import selection_nodes
+from moefx.block import identity_split, selection_nodes
 from moefx.passes.merge import BlockPlan
 from moefx.passes.observe import BlockStats
-from moefx.routing import INDEPENDENT_SCORINGS, RoutingSpec, combine_by_group, split_identity_experts
+from moefx.routing import INDEPENDENT_SCORINGS, RoutingSpec, combine_by_group
 
 
 def router_prune_blocker(routing: RoutingSpec, merges: bool, identity_experts: int = 0) -> str | None:
@@ -95,7 +95,7 @@ class PruneRouter(PassBase):
         graph = graph_module.graph
         num_groups, hidden = self.weight.shape
         weight, bias, kept = self.weight, self.bias, [g[0] for g in self.plan.groups]
-        split = next((n for n in graph.nodes if n.target is split_identity_experts), None)
+        split = identity_split(graph)
         if split is not None:  # the identity experts' columns follow the groups'
             identities = list(range(self.plan.num_experts, graph_module.router.out_features))
             weight = torch.cat([weight, graph_module.router.weight[identities]])
