@@ -258,16 +258,20 @@ def selection_nodes(graph: torch.fx.Graph) -> tuple[torch.fx.Node, torch.fx.Node
     return selection, outputs[0], outputs[1]
 
 
+def _call_of(graph: torch.fx.Graph, function: Any) -> torch.fx.Node | None:
+    return next((n for n in graph.nodes if n.op == "call_function" and n.target is function), None)
+
+
 def runs_per_slot_rows(graph: torch.fx.Graph) -> bool:
     """Whether a canonical block's experts run on :func:`~moefx.experts.per_slot_rows` (its routing weights
     scale the experts' inputs)."""
-    return any(n.op == "call_function" and n.target is per_slot_rows for n in graph.nodes)
+    return _call_of(graph, per_slot_rows) is not None
 
 
 def identity_split(graph: torch.fx.Graph) -> torch.fx.Node | None:
     """A canonical block's :func:`~moefx.routing.split_identity_experts` node, if its router has identity
     experts' columns."""
-    return next((n for n in graph.nodes if n.op == "call_function" and n.target is split_identity_experts), None)
+    return _call_of(graph, split_identity_experts)
 
 
 def max_block_diff(original: nn.Module, canonical: nn.Module, hidden_size: int, ndim: int, seed: int = 0) -> float:

@@ -210,24 +210,26 @@ def _make_opaque(module: nn.Module, handle: int) -> None:
         opaque.calls += 1
         opaque.traced[call] = (spec, [_TENSOR if isinstance(x, torch.Tensor) else x for x in leaves])
         tensors = iter(torch.ops.moefx.opaque_module(_tensors(leaves), handle, call))
-        return pytree.tree_map(lambda x: next(tensors) if isinstance(x, torch.Tensor) else x, opaque.recorded[call][1])
+        return pytree.tree_map_only(torch.Tensor, lambda _: next(tensors), opaque.recorded[call][1])
 
     module.forward = forward  # instance attribute shadows the class's forward; removed after tracing
 
 
 def _record_opaque_calls(model: nn.Module, args: tuple, kwargs: dict, handles: list[int]) -> None:
-    """Run ``model`` once in eager mode, recording each call of the opaque modules of ``handles``."""
+    """Run ``model`` once in eager mode, recording each call of the opaque modules of ``handles`` anew (the
+    next trace numbers its calls from 0)."""
 
     def record(opaque: _Opaque) -> Any:
         def hook(_: nn.Module, hook_args: tuple, hook_kwargs: dict, output: Any) -> None:
             shapes = [t.shape for t in _tensors((hook_args, hook_kwargs))]
-            opaque.recorded.append(
-                (shapes, pytree.tree_map(lambda x: x.to("meta") if torch.is_tensor(x) else x, output))
-            )
+            opaque.recorded.append((shapes, pytree.tree_map_only(torch.Tensor, lambda t: t.to("meta"), output)))
 
         return hook
 
     opaques = [_OPAQUE_MODULES[h] for h in handles]
+    for o in opaques:
+        o.recorded.clear()
+        o.calls = 0
     stand_ins = [o.module.__dict__.pop("forward") for o in opaques]  # eager mode runs the class's forward
     hooks = [o.module.register_forward_hook(record(o), with_kwargs=True) for o in opaques]
     try:
@@ -264,8 +266,7 @@ def _replace_opaque_nodes(gm: torch.fx.GraphModule, paths: dict[int, str]) -> No
 
 def max_output_diff(a: Any, b: Any) -> float:
     """Largest absolute difference between the floating-point tensors of two output pytrees."""
-    la = [x for x in pytree.tree_leaves(a) if isinstance(x, torch.Tensor)]
-    lb = [x for x in pytree.tree_leaves(b) if isinstance(x, torch.Tensor)]
+    la, lb = _tensors(a), _tensors(b)
     if len(la) != len(lb):
         return float("inf")
     worst = 0.0
@@ -324,9 +325,6 @@ def trace(model: nn.Module, example_inputs: Any, *, check: bool = True, max_opaq
                             handle = next(_HANDLES)
                             _make_opaque(m, handle)
                             opaque[handle] = paths[id(m)]
-                    for o in (_OPAQUE_MODULES[h] for h in opaque):  # the next attempt traces every call anew
-                        o.recorded.clear()
-                        o.calls = 0
                     _record_opaque_calls(model, args, kwargs, list(opaque))
             else:
                 raise CaptureError(f"could not capture {type(model).__name__}: too many data-dependent modules")

@@ -583,12 +583,16 @@ def _block_input(graph: _Graph, block: str) -> fx.Node:
 
 @dataclasses.dataclass
 class _Located:
-    """Where a router's experts are: the block, its fused expert tensors or container, and their number."""
+    """Where a router's experts are: the block, its fused expert tensors or container, and their number; and
+    the router weight's path and ``[outputs, hidden]`` shape."""
 
     block: str
     fused_names: list[str]
     container: str | None
     num_experts: int
+    router_path: str
+    num_outputs: int
+    hidden: int
 
     @property
     def banks(self) -> set[str]:
@@ -603,18 +607,17 @@ def _locate(graph: _Graph, model: nn.Module, linear: fx.Node) -> _Located | None
     num_outputs, hidden = weight.shape
     router_owner = weight_path.rpartition(".")[0]
     try:
-        return _Located(*_find_experts(model, router_owner, num_outputs, hidden), num_outputs)
+        num_experts, found = num_outputs, _find_experts(model, router_owner, num_outputs, hidden)
     except LookupError:
         try:
             num_experts, found = _find_fewer_experts(model, router_owner, num_outputs, hidden)
         except LookupError:
             return None
-    return _Located(*found, num_experts)
+    return _Located(*found, num_experts, weight_path, num_outputs, hidden)
 
 
 def _describe_block(graph: _Graph, model: nn.Module, linear: fx.Node, selection: fx.Node, at: _Located) -> MoEBlock:
-    weight_path, weight = _router_weight(graph, linear)
-    num_outputs, hidden = weight.shape
+    weight_path, num_outputs, hidden = at.router_path, at.num_outputs, at.hidden
     block, fused_names, container, num_experts = at.block, at.fused_names, at.container, at.num_experts
     spec, correction_bias = _read_routing(graph, linear, selection, block or type(model).__name__)
     bias_arg = linear.args[2] if len(linear.args) > 2 else None
