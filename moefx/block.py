@@ -57,6 +57,15 @@ class ModuleExpertsSource:
     act: nn.Module  # the activation between the linears, one argument per input linear
 
 
+@dataclass(frozen=True)
+class TokenIdRouting:
+    """Where a hash-routed block (experts chosen by token id) finds its table and the token ids."""
+
+    table: str  # the [V, k] table of expert indices, relative to the block
+    argument: str  # the block's forward argument that carries the token ids
+    vocab_size: int  # V
+
+
 @dataclass
 class MoEBlock:
     """One MoE block of a model, as detection found it.
@@ -87,6 +96,7 @@ class MoEBlock:
     input_ndim: int = 3  # the rank of the block's input: [batch, seq, H] or [tokens, H]
     flattens_output: bool = False  # returns [tokens, H] for a [batch, seq, H] input (Llama 4)
     identity_experts: int = 0  # router columns after the experts' that pass the token through (LongCat-Flash)
+    token_id_routing: TokenIdRouting | None = None  # where ``routing.hash_routed`` looks experts up
 
     @property
     def top_k(self) -> int:
@@ -134,6 +144,7 @@ class MoEBlock:
             "output_norm": self.output_norm is not None,
             "scales_inputs": self.scales_inputs,
             "identity_experts": self.identity_experts,
+            "hash_routed": r.hash_routed,
         }
 
     @property
@@ -204,15 +215,20 @@ def build_block(module: nn.Module, block: MoEBlock) -> torch.fx.GraphModule:
         root.add_module(f"shared_expert_gate_{i}", module.get_submodule(path))
     if block.output_norm is not None:
         root.add_module("output_norm", module.get_submodule(block.output_norm))
+    if block.token_id_routing is not None:
+        root.register_buffer("hash_table", _get_tensor(module, block.token_id_routing.table))
 
     g = torch.fx.Graph()
     hidden_states = g.placeholder("hidden_states")
-    for name, default in _optional_parameters(module):  # accepted as the block accepts them; unused (verified)
-        g.placeholder(name, default_value=default)
+    # accepted as the block accepts them; unused (verified) but for a hash-routed block's token ids
+    optional = {name: g.placeholder(name, default_value=default) for name, default in _optional_parameters(module)}
     tokens = g.call_method("reshape", (hidden_states, -1, block.hidden_size))
     logits = g.call_module("router", (hidden_states if block.route_on_sequence else tokens,))
     bias = g.get_attr("correction_bias") if block.correction_bias_path is not None else None
-    selection = g.call_function(select_experts, (logits, bias), block.routing.as_kwargs())
+    selection_args = (logits, bias)
+    if block.token_id_routing is not None:
+        selection_args += (g.get_attr("hash_table"), optional[block.token_id_routing.argument])
+    selection = g.call_function(select_experts, selection_args, block.routing.as_kwargs())
     weights = g.call_function(operator.getitem, (selection, 0))
     index = g.call_function(operator.getitem, (selection, 1))
     selected_weights = weights
@@ -274,13 +290,21 @@ def identity_split(graph: torch.fx.Graph) -> torch.fx.Node | None:
     return _call_of(graph, split_identity_experts)
 
 
-def max_block_diff(original: nn.Module, canonical: nn.Module, hidden_size: int, ndim: int, seed: int = 0) -> float:
-    """Largest output difference of two block modules on random hidden states (float32)."""
+def random_block_inputs(block: MoEBlock, ndim: int, seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Random hidden states for ``block`` (``[2, 7, H]``, or ``[14, H]`` for ``ndim`` 2), and the keyword
+    arguments it needs besides them (a hash-routed block's token ids)."""
     g = torch.Generator().manual_seed(seed)
-    shape = (2, 7, hidden_size) if ndim == 3 else (14, hidden_size)
+    shape = (2, 7, block.hidden_size) if ndim == 3 else (14, block.hidden_size)
     x = torch.randn(shape, generator=g)
+    by_id = block.token_id_routing
+    return x, {} if by_id is None else {by_id.argument: torch.randint(by_id.vocab_size, shape[:-1], generator=g)}
+
+
+def max_block_diff(original: nn.Module, canonical: nn.Module, block: MoEBlock, ndim: int, seed: int = 0) -> float:
+    """Largest output difference of two modules of ``block`` on random inputs (float32)."""
+    x, kwargs = random_block_inputs(block, ndim, seed)
     with torch.no_grad():
-        ref, got = original(x), canonical(x)
+        ref, got = original(x, **kwargs), canonical(x, **kwargs)
     ref = ref if isinstance(ref, tuple) else (ref,)
     got = got if isinstance(got, tuple) else (got,)
     if len(ref) != len(got) or any(a.shape != b.shape for a, b in zip(ref, got, strict=False)):
@@ -302,7 +326,7 @@ def verify_block(block: MoEBlock, ndim: int) -> float:
     :func:`float32_reference`); returns the diff."""
     reference = float32_reference(block.module)
     canonical = build_block(reference, block)
-    return max(max_block_diff(reference, canonical, block.hidden_size, ndim, seed) for seed in (0, 1))
+    return max(max_block_diff(reference, canonical, block, ndim, seed) for seed in (0, 1))
 
 
 def first_verified(candidates: list[MoEBlock], ndim: int) -> MoEBlock:

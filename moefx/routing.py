@@ -39,6 +39,8 @@ class RoutingSpec:
       ``topk_group`` groups are eligible.
     * ``capacity``: top-1 routing where each expert takes at most ``capacity`` tokens per sequence, in
       order; later tokens are dropped (SwitchTransformers).
+    * ``hash_routed``: the k experts of a token are row ``token id`` of a fixed ``[V, k]`` table, not a
+      choice by score; the scores only weight them (DeepSeek-V4's first layers).
     """
 
     top_k: int
@@ -54,16 +56,20 @@ class RoutingSpec:
     capacity: int | None = None
     jitter_eps: float = 0.0
     bias_on_logits: bool = False
+    hash_routed: bool = False
 
     def as_kwargs(self) -> dict:
         kwargs = asdict(self)
         kwargs.pop("has_correction_bias")
+        kwargs.pop("hash_routed")  # the table and the token ids are arguments
         return kwargs
 
 
 def select_experts(
     logits: torch.Tensor,
     correction_bias: torch.Tensor | None = None,
+    hash_table: torch.Tensor | None = None,
+    token_ids: torch.Tensor | None = None,
     *,
     top_k: int,
     scoring: str = "softmax",
@@ -81,7 +87,9 @@ def select_experts(
     """Route tokens: ``logits [..., E]`` to ``(weights [T, k] float32, index [T, k] int64)``.
 
     Leading dimensions are flattened to tokens after routing; capacity counts along dimension -2 (the
-    sequence when logits are ``[batch, seq, E]``).
+    sequence when logits are ``[batch, seq, E]``). With a ``hash_table`` (``[V, k]`` expert indices), each
+    token's experts are its row, looked up by ``token_ids`` (in the logits' token order), and weighted by
+    their scores.
     """
     num_experts = logits.shape[-1]
     if capacity is not None:
@@ -92,6 +100,9 @@ def select_experts(
         weights = torch.softmax(values, dim=-1)
     elif scoring == "sparsemixer":
         weights, index = _sparse_mixer(flat, top_k, jitter_eps)
+    elif hash_table is not None:
+        index = hash_table[token_ids.reshape(-1)].long()
+        weights = _scores(flat, scoring).gather(1, index)
     else:
         scores = _scores(flat, scoring)
         choice = scores if correction_bias is None else (flat if bias_on_logits else scores) + correction_bias

@@ -320,7 +320,7 @@ class _LayerSink:
         plain = copy.deepcopy(self.plain.get_submodule(name))  # on the meta device until its weights are assigned
         plain.load_state_dict({k.removeprefix(f"{name}."): v.float() for k, v in block_state.items()}, assign=True)
         block = graph.meta["moefx_block"]
-        diff = max_block_diff(float32_reference(graph), plain.eval(), block.hidden_size, block.input_ndim)
+        diff = max_block_diff(float32_reference(graph), plain.eval(), block, block.input_ndim)
         if not diff <= BLOCK_TOLERANCE:
             raise CheckpointError(f"the plain transformers form of {name} differs from moefx's block by {diff:.3g}: "
                                   "compress with --router exact for moefx's own format")  # fmt: skip

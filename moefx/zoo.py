@@ -196,7 +196,9 @@ def tiny_model(family: str, seed: int = 0) -> nn.Module:
 def _spread_router_weights(model: nn.Module) -> None:
     """transformers initialises routers with std 0.02, which makes every tiny router nearly uniform.
     A wider spread gives the tests routing decisions that are far from ties. Correction biases start at
-    zero, where a trained model's are not: they get a spread too, so that the tests exercise them."""
+    zero, where a trained model's are not: they get a spread too, so that the tests exercise them. So do
+    tables of experts by token id (``[vocab, k]`` integers: DeepSeek-V4's), which start at expert 0 for every
+    token and slot: each token gets k distinct random experts."""
     with torch.no_grad():
         for p in model.parameters():
             if p.shape == (NUM_EXPERTS, HIDDEN):
@@ -204,6 +206,8 @@ def _spread_router_weights(model: nn.Module) -> None:
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
             if name.endswith("correction_bias") and t.shape[-1:] == (NUM_EXPERTS,):
                 t.normal_(0.0, 0.05)
+            if not t.is_floating_point() and t.ndim == 2 and t.shape[0] == VOCAB and t.shape[1] < NUM_EXPERTS:
+                t.copy_(torch.rand(VOCAB, NUM_EXPERTS).argsort(dim=-1)[:, : t.shape[1]])
 
 
 def example_inputs(family: str, batch: int = 2, seq: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -3,8 +3,9 @@
 Matches, in the ATen graph that :func:`moefx.trace` captures:
 
 * a **router**: a linear whose 2-D weight ``[E, H]`` feeds a top-k / argmax selection over its E outputs
-  (through softmax, sigmoid, sqrt-softplus, or a softmax of the selected logits), or a sparse mixer's masked
-  softmaxes (PhiMoE);
+  (through softmax, sigmoid, sqrt-softplus, or a softmax of the selected logits), a sparse mixer's masked
+  softmaxes (PhiMoE), or a gather of its scores at experts a fixed table lists for the token id
+  (DeepSeek-V4's hash routing);
 * the **experts** beside it: the nearest enclosing module that holds 3-D parameters with a leading
   dimension of E (fused experts), a container of E structurally identical expert modules, or 2-D
   parameters of width H stacking E matrices (``[E*I, H]``, DBRX). That module is the **block**; its other
@@ -15,13 +16,14 @@ capacity) is read from the ops between the router and the selection; a fused ban
 subgraph between its two matmuls, extracted as a GraphModule, or, where capture keeps the experts' loop
 opaque, the one parameterless module beside their weights. Detection works on structure and shapes, not
 class names, and each block's reading is verified by running moefx's canonical form of it against the
-original module. Expert banks that no router read here selects (experts chosen by token id) are left as
-they are, with a warning (:func:`unread_expert_banks`). Rewrites nothing.
+original module. Expert banks that no router read here selects are left as they are, with a warning
+(:func:`unread_expert_banks`). Rewrites nothing.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import operator
 import warnings
 from collections import deque
@@ -35,6 +37,7 @@ from moefx.block import (
     FusedExpertsSource,
     ModuleExpertsSource,
     MoEBlock,
+    TokenIdRouting,
     build_experts,
     first_verified,
     float32_reference,
@@ -172,9 +175,10 @@ def _router_weight(graph: _Graph, node: fx.Node) -> tuple[str, torch.Tensor] | N
     return found
 
 
-def _selection(linear: fx.Node, num_experts: int) -> fx.Node | None:
+def _selection(graph: _Graph, linear: fx.Node, num_experts: int) -> fx.Node | None:
     """The top-k / argmax node that chooses among the E outputs of ``linear``; for a sparse mixer (PhiMoE),
-    whose choices come from max ops inside a no-grad region, its first masking of the logits with -inf."""
+    whose choices come from max ops inside a no-grad region, its first masking of the logits with -inf; for
+    experts chosen by token id, the gather of their scores (:func:`_hash_table`)."""
     masking = None
     for node in _reach(linear, _ROUTING_DEPTH):
         packet = _packet(node)
@@ -182,9 +186,23 @@ def _selection(linear: fx.Node, num_experts: int) -> fx.Node | None:
             k = node.args[1] if packet is aten.topk else 1
             if isinstance(k, int) and k < num_experts:
                 return node
+        if packet is aten.gather and _last_dim(node.args[0]) == num_experts and _hash_table(graph, node):
+            return node
         if masking is None and _is_sparse_mixer_mask(node, linear):
             masking = node
     return masking
+
+
+def _hash_table(graph: _Graph, gather: fx.Node) -> tuple[str, torch.Tensor, fx.Node] | None:
+    """Where a gather of router scores takes its indices from a fixed integer table ``[V, k]`` indexed by
+    token id (DeepSeek-V4's hash routing): the table's path, the table and the token ids' node."""
+    lookup = _strip(gather.args[2], _TRANSPARENT)
+    if _packet(lookup) is not aten.index or len(lookup.args[1]) != 1:
+        return None
+    found = graph.attr(lookup.args[0], _TRANSPARENT)
+    if found is None or found[1].ndim != 2 or found[1].is_floating_point():
+        return None
+    return found[0], found[1], _strip(lookup.args[1][0], _TRANSPARENT)
 
 
 def _is_sparse_mixer_mask(node: fx.Node, logits: fx.Node) -> bool:
@@ -213,10 +231,13 @@ def _sparse_mixer_routing(graph: _Graph, linear: fx.Node, first: fx.Node, block:
     return RoutingSpec(top_k=len(slots), scoring="sparsemixer", jitter_eps=constants.pop() / 2)
 
 
-def _read_routing(graph: _Graph, linear: fx.Node, selection: fx.Node, block: str) -> tuple[RoutingSpec, str | None]:
-    """Routing semantics between the router's logits and the selection; also the correction bias path."""
+def _read_routing(
+    graph: _Graph, linear: fx.Node, selection: fx.Node, block: str
+) -> tuple[RoutingSpec, str | None, tuple[str, torch.Tensor, fx.Node] | None]:
+    """Routing semantics between the router's logits and the selection; also the correction bias path, and
+    the table of a hash-routed block (:func:`_hash_table`)."""
     if _packet(selection) is aten.masked_fill:
-        return _sparse_mixer_routing(graph, linear, selection, block), None
+        return _sparse_mixer_routing(graph, linear, selection, block), None, None
     num_experts = _last_dim(linear)
     near = _reach(linear, 4, _TRANSPARENT)
     scoring_node = next((n for n in near if _packet(n) in (aten.softmax, aten._softmax, aten.sigmoid)), None)
@@ -245,7 +266,8 @@ def _read_routing(graph: _Graph, linear: fx.Node, selection: fx.Node, block: str
             f"{block}: the router's scores are not a softmax, sigmoid or sqrt-softplus of its logits, "
             "a routing variant moefx does not support yet"
         )
-    top_k = selection.args[1] if selection_packet is aten.topk else 1
+    hashed = _hash_table(graph, selection) if selection_packet is aten.gather else None
+    top_k = selection.args[1] if selection_packet is aten.topk else hashed[1].shape[1] if hashed else 1
 
     between = set(_reach(scoring_node or linear, _ROUTING_DEPTH)) & ancestors(selection)
     if scoring_node is not None and scoring_node not in ancestors(selection):  # scored after choosing: the choice
@@ -287,9 +309,9 @@ def _read_routing(graph: _Graph, linear: fx.Node, selection: fx.Node, block: str
     spec = RoutingSpec(
         top_k=top_k, scoring=scoring, normalize=normalize, norm_eps=norm_eps, norm_min=norm_min, scale=scale,
         has_correction_bias=correction_bias is not None, n_group=n_group, topk_group=topk_group,
-        group_topk=group_topk, capacity=capacity, bias_on_logits=bias_on_logits,
+        group_topk=group_topk, capacity=capacity, bias_on_logits=bias_on_logits, hash_routed=hashed is not None,
     )  # fmt: skip
-    return spec, correction_bias
+    return spec, correction_bias, hashed
 
 
 def _read_weight_transform(
@@ -619,11 +641,12 @@ def _locate(graph: _Graph, model: nn.Module, linear: fx.Node) -> _Located | None
 def _describe_block(graph: _Graph, model: nn.Module, linear: fx.Node, selection: fx.Node, at: _Located) -> MoEBlock:
     weight_path, num_outputs, hidden = at.router_path, at.num_outputs, at.hidden
     block, fused_names, container, num_experts = at.block, at.fused_names, at.container, at.num_experts
-    spec, correction_bias = _read_routing(graph, linear, selection, block or type(model).__name__)
+    spec, correction_bias, hashed = _read_routing(graph, linear, selection, block or type(model).__name__)
     bias_arg = linear.args[2] if len(linear.args) > 2 else None
     router_bias = graph.attr(bias_arg) if bias_arg is not None else None
     block_input = _block_input(graph, block)
     module = model.get_submodule(block)
+    by_id = None if hashed is None else _token_id_routing(module, block, *hashed)
     top_children = {_relative(weight_path, block).split(".")[0]}
     common = dict(
         name=block, module=module, num_experts=num_experts, hidden_size=hidden, routing=spec,
@@ -631,6 +654,7 @@ def _describe_block(graph: _Graph, model: nn.Module, linear: fx.Node, selection:
         router_weight_path=_relative(weight_path, block),
         router_bias_path=None if router_bias is None else _relative(router_bias[0], block),
         correction_bias_path=correction_bias, route_on_sequence=len(_shape(linear.args[0]) or ()) >= 3,
+        token_id_routing=by_id,
     )  # fmt: skip
     if container is not None:
         experts = list(module.get_submodule(container).children())
@@ -663,8 +687,10 @@ def _describe_block(graph: _Graph, model: nn.Module, linear: fx.Node, selection:
     if scale != 1.0:
         common["routing"] = dataclasses.replace(spec, scale=spec.scale * scale)
     ndim = len(_shape(block_input))
+    positions = (2, 3) if ndim == 3 else (6,)
+    ids = {} if by_id is None else {by_id.argument: torch.randint(by_id.vocab_size, positions)}
     with torch.no_grad():
-        probe = float32_reference(module)(torch.randn(2, 3, hidden) if ndim == 3 else torch.randn(6, hidden))
+        probe = float32_reference(module)(torch.randn(*positions, hidden), **ids)
     second_outputs = ["weights", "logits"] if isinstance(probe, tuple) and len(probe) == 2 else [None]
     flattens_output = ndim == 3 and (probe[0] if isinstance(probe, tuple) else probe).ndim == 2
     inputs = {n.target for n in ancestors(block_input) if n.op == "placeholder"}
@@ -684,6 +710,20 @@ def _describe_block(graph: _Graph, model: nn.Module, linear: fx.Node, selection:
         if src.layout is None:
             raise DetectionError(f"{block}: gated experts whose gate/up row pairing moefx cannot determine")
     return found
+
+
+def _token_id_routing(
+    module: nn.Module, block: str, table_path: str, table: torch.Tensor, ids: fx.Node
+) -> TokenIdRouting:
+    """Where a hash-routed block finds its table and token ids: the model input the ids come from must reach
+    the block as the argument of that name."""
+    accepted = list(inspect.signature(module.forward).parameters)
+    if ids.op != "placeholder" or ids.name not in accepted:
+        raise DetectionError(
+            f"{block}: its experts are chosen by token id, but from {ids.name!r}, which the block's forward does not "
+            f"take by that name (it takes {', '.join(accepted)})"
+        )
+    return TokenIdRouting(_relative(table_path, block), ids.name, table.shape[0])
 
 
 def rebind(block: MoEBlock, model: nn.Module) -> MoEBlock:
@@ -716,7 +756,7 @@ class DetectMoEBlocks(PassBase):
             if found is None:
                 continue
             self.routers_examined += 1
-            selection = _selection(node, found[1].shape[0])
+            selection = _selection(graph, node, found[1].shape[0])
             located = None if selection is None else _locate(graph, self.model, node)
             if located is None:
                 continue
@@ -737,8 +777,8 @@ class DetectMoEBlocks(PassBase):
 
 def unread_expert_banks(model: nn.Module, blocks: list[str]) -> list[str]:
     """Modules outside the ``blocks`` (paths) that hold a fused expert bank (two or more 3-D parameters
-    sharing a leading expert dimension) whose experts no router that detection reads selects: DeepSeek-V4's
-    hash-routed blocks, which choose experts by token id. They are left as they are."""
+    sharing a leading expert dimension) whose experts no router that detection reads selects (a routing it
+    does not know). They are left as they are."""
     found = []
     for name, module in model.named_modules():
         leading = [p.shape[0] for p in module.parameters(recurse=False) if p.ndim == 3]

@@ -294,7 +294,7 @@ def operator_computes_routing(graph_module: fx.GraphModule) -> bool:
         routing["scoring"] in ("softmax", "softmax_topk")
         and routing.get("capacity") is None
         and routing.get("n_group") is None
-        and not isinstance(selection.args[1], fx.Node)  # a correction bias
+        and not any(isinstance(a, fx.Node) for a in selection.args[1:])  # a correction bias, a hash table
         and routing.get("scale", 1.0) == 1.0
         and experts.args[1] is index  # not mapped to groups, split per slot or from identity experts
     )

@@ -28,6 +28,8 @@ from moefx.routing import INDEPENDENT_SCORINGS, RoutingSpec, combine_by_group
 
 def router_prune_blocker(routing: RoutingSpec, merges: bool, identity_experts: int = 0) -> str | None:
     """Why this routing cannot be given fewer outputs soundly, or None if it can."""
+    if routing.hash_routed:
+        return "its experts are chosen by token id from a fixed table, which names the experts it has"
     if identity_experts and merges:
         return "merged experts' pooled logits cannot be fitted beside identity experts' fixed ones"
     if routing.n_group is not None:

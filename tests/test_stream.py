@@ -230,14 +230,18 @@ def test_layerwise_warnings_name_blocks_by_their_path_in_the_model():
 
 def test_layers_that_take_their_arguments_as_keywords_compress_layer_by_layer():
     # DeepSeek-V4's decoder layer takes the attention's arguments through **kwargs, and input_ids for its
-    # hash-routed blocks (left as they are, with a warning): the layer-wise driver passes both on
+    # hash-routed blocks (experts chosen by token id): the layer-wise driver passes both on
     model = tiny_transformers_model("deepseek_v4")
     calib = _calibration("deepseek_v4")
-    with pytest.warns(moefx.MoefxWarning, match="left as they are"):
-        in_memory = moefx.compile(model, calib, experts=0.5)
-        layerwise = moefx.compile(model, calib, experts=0.5, sequential=True)
+    in_memory = moefx.compile(model, calib, experts=0.5)
+    layerwise = moefx.compile(model, calib, experts=0.5, sequential=True)
     assert [b.name for b in layerwise.moefx_report.blocks] == [b.name for b in in_memory.moefx_report.blocks]
-    assert max_output_diff(_logits(layerwise, "deepseek_v4"), _logits(in_memory, "deepseek_v4")) <= 1e-5
+    assert len(in_memory.moefx_report.blocks) == 2  # the hash-routed first layer's block too
+    # the first layer sees the same inputs either way (the second sees the compressed first layer's outputs)
+    first, joint = "model.layers.0.", in_memory.state_dict()
+    assert all(torch.allclose(v, joint[k], atol=1e-6) for k, v in layerwise.state_dict().items() if k.startswith(first))
+    same = moefx.compile(model, calib, experts=1.0, sequential=True)
+    assert max_output_diff(_logits(same, "deepseek_v4"), _logits(model, "deepseek_v4")) <= 1e-5
 
 
 def test_sequential_needs_a_decoder_stack_and_per_layer_options():

@@ -10,9 +10,10 @@ from torch.fx.passes.infra.pass_manager import PassManager
 
 import moefx
 import moefx.export
-from moefx.block import build_block, max_block_diff
+from moefx.block import TokenIdRouting, build_block, max_block_diff
 from moefx.experts import FusedExperts, GatedActivation, per_slot_rows, sum_slots
-from moefx.passes.detect import DetectMoEBlocks, find_moe_blocks
+from moefx.passes.detect import DetectMoEBlocks, find_moe_blocks, unread_expert_banks
+from moefx.passes.lower import operator_computes_routing
 from moefx.routing import select_experts, split_identity_experts
 from moefx.zoo import example_inputs, tiny_model, tiny_transformers_model
 
@@ -81,7 +82,7 @@ def test_canonical_block_reproduces_original(prepared):
     for b in blocks:
         canonical = build_block(b.module, b)
         for seed in range(3):
-            assert max_block_diff(b.module, canonical, b.hidden_size, ndim=3, seed=seed) <= 1e-5
+            assert max_block_diff(b.module, canonical, b, ndim=3, seed=seed) <= 1e-5
 
 
 def test_canonical_block_graph_structure(prepared):
@@ -131,7 +132,7 @@ def test_dbrx_experts_stacked_in_2d_with_gate_and_up_apart():
         graph = build_block(b.module, b)
         assert isinstance(graph.experts, FusedExperts) and isinstance(graph.experts.act, GatedActivation)
         assert graph.experts.in_proj.shape == (8, 96, 32) and graph.experts.out_proj.shape == (8, 32, 48)
-        assert max_block_diff(b.module, graph, 32, b.input_ndim) <= 1e-5
+        assert max_block_diff(b.module, graph, b, b.input_ndim) <= 1e-5
 
 
 def test_dbrx_weights_normalised_by_another_norm_are_reported_not_approximated():
@@ -314,12 +315,14 @@ class ToyMoE(torch.nn.Module):
     def forward(self, x):
         flat = x.reshape(-1, 8)
         w, idx = self.scores_of(self.router(flat)).topk(2, dim=-1)
-        w = self.weights_of(w)
+        return self.run_experts(flat, self.weights_of(w), idx).reshape(x.shape)
+
+    def run_experts(self, flat, w, idx):
         out = torch.zeros_like(flat)
         for e, expert in enumerate(self.experts):
             tok, slot = torch.where(idx == e)
             out.index_add_(0, tok, expert(flat[tok]) * w[tok, slot, None])
-        return out.reshape(x.shape)
+        return out
 
 
 @pytest.mark.parametrize(
@@ -397,3 +400,85 @@ def test_a_norm_after_the_experts_is_read_as_the_output_norm():
     assert (block.output_norm, block.shared_experts) == ("norm", ["shared"])  # verified numerically
     canonical = build_block(block.module, block)
     assert [n.target for n in canonical.graph.nodes if n.op == "call_module"][-1] == "output_norm"
+
+
+class HashRouted(ToyMoE):
+    """DeepSeek-V4's hash routing, with softmax scores: a token's experts are its row of a fixed table, and
+    the router's scores only weight them."""
+
+    def __init__(self):
+        super().__init__(lambda logits: torch.softmax(logits, -1), lambda w: w / w.sum(-1, keepdim=True))
+        self.register_buffer("table", torch.rand(16, 4, generator=torch.Generator().manual_seed(0)).argsort(-1)[:, :2])
+
+    def forward(self, x, input_ids=None):
+        flat = x.reshape(-1, 8)
+        idx = self.table[input_ids.reshape(-1)]
+        w = self.weights_of(self.scores_of(self.router(flat)).gather(1, idx))
+        return self.run_experts(flat, w, idx).reshape(x.shape)
+
+
+class TakingTokenIds(HashRouted):
+    def forward(self, x, token_ids=None):
+        return super().forward(x, token_ids)
+
+
+class HashRoutedLM(torch.nn.Module):
+    def __init__(self, moe: HashRouted):
+        super().__init__()
+        self.embed, self.moe = torch.nn.Embedding(16, 8), moe
+
+    def forward(self, input_ids):
+        hidden = self.embed(input_ids)
+        if isinstance(self.moe, TakingTokenIds):
+            return self.moe(hidden, token_ids=input_ids)
+        return self.moe(hidden, input_ids=input_ids)
+
+
+def test_experts_chosen_by_token_id_are_read_and_keep_their_table(tmp_path):
+    model, ids = HashRoutedLM(HashRouted()), torch.randint(0, 16, (2, 6))
+    (block,) = find_moe_blocks(model, ids)
+    assert block.routing.hash_routed and (block.scoring, block.top_k, block.routing.normalize) == ("softmax", 2, True)
+    assert block.token_id_routing == TokenIdRouting("table", "input_ids", 16)
+    canonical = build_block(block.module, block)
+    selection = next(n for n in canonical.graph.nodes if n.target is select_experts)
+    assert [a.target for a in selection.args[2:]] == ["hash_table", "input_ids"]
+    assert not operator_computes_routing(canonical)  # softmax scores, but the table chooses
+    with torch.no_grad():
+        assert (moefx.compile(model, [ids], experts=1.0)(ids) - model(ids)).abs().max() <= 1e-5
+        with pytest.warns(moefx.MoefxWarning, match="chosen by token id"):
+            pruned = moefx.compile(model, [ids], experts=0.5, router="pruned")
+    assert [b.kept for b in pruned.moefx_report.blocks] == [2] and torch.isfinite(pruned(ids)).all()
+    assert moefx.export.onnx(pruned, tmp_path / "m.onnx", ids).is_file()  # its parity with eager is checked inside
+
+
+def test_token_ids_the_block_takes_under_another_name_get_one_line():
+    model = HashRoutedLM(TakingTokenIds())
+    with pytest.raises(moefx.DetectionError, match="chosen by token id, but from 'input_ids'") as info:
+        find_moe_blocks(model, torch.randint(0, 16, (2, 6)))
+    assert "\n" not in str(info.value)
+
+
+class ChosenByPosition(torch.nn.Module):
+    """Fused experts that no router chooses: token t of the flattened batch goes to expert t mod 4."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Parameter(torch.randn(4, 8, 16))
+        self.down = torch.nn.Parameter(torch.randn(4, 16, 8))
+
+    def forward(self, x):
+        flat = x.reshape(-1, 8)
+        expert = torch.arange(flat.shape[0]) % 4
+        hidden = torch.relu(torch.bmm(flat[:, None], self.up[expert]))
+        return torch.bmm(hidden, self.down[expert]).reshape(x.shape)
+
+
+def test_expert_banks_no_router_chooses_are_named_and_left_as_they_are():
+    model, x = (
+        torch.nn.Sequential(ToyMoE(lambda logits: torch.softmax(logits, -1), lambda w: w), ChosenByPosition()),
+        torch.randn(2, 5, 8),
+    )
+    assert unread_expert_banks(model, ["0"]) == ["1"]
+    with pytest.warns(moefx.MoefxWarning, match=r"^1: expert weights that no router moefx can read selects"):
+        half = moefx.compile(model, [x], experts=0.5)
+    assert torch.equal(half[1].up, model[1].up) and [b.name for b in half.moefx_report.blocks] == ["0"]
