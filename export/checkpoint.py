@@ -203,7 +203,7 @@ def _reshape_block(graph: fx.GraphModule, block: MoEBlock, saved: dict) -> fx.Gr
             shapes = [w.shape for w in (*ffn.in_weights, ffn.out_weight)]
             dtype = ffn.out_weight.dtype
             built = [_empty_losparse(shape, spec, dtype) for shape, spec in zip(shapes, linears, strict=True)]
-            experts.append(LoSparseFFN(built[:-1], built[-1], parts_activation(bank)))
+            experts.append(LoSparseFFN.like(ffn, built, parts_activation(bank)))
         PassManager([CompressExperts(experts)])(graph)
     selection = selection_nodes(graph.graph)[0]
     selection.kwargs = saved["selection"]
@@ -347,6 +347,8 @@ def _transformers_state(
             state[f"{prefix}{src.in_bias}"] = bank.in_bias.detach()
         if src.out_bias is not None:
             state[f"{prefix}{src.out_bias}"] = bank.out_bias.detach()
+        if src.out_norm is not None:
+            state[f"{prefix}{src.out_norm}"] = bank.out_norm.detach()
     else:
         for child, expert in zip(expert_names, bank.experts, strict=True):
             for name, tensor in expert.state_dict().items():

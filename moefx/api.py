@@ -303,7 +303,12 @@ def convert(
     for name, s in stats.items():  # planning's per-expert input moments (E x H^2, gigabytes) are done with
         s.weighted_input_grams = graphs[name].get_submodule("observed_experts").weighted_input_grams = None
     refit = config.resolved("refit") != "none"
-    second = [b for b in state.blocks if _needs_second_pass(plans[b.name], refit, config)]
+    normed = [name for name, f in ffns.items() if f[0].out_norm is not None and plans[name].merged_groups]
+    if refit and normed:  # a least-squares fit of the output projection would miss the norm after it
+        warnings.warn(f"{', '.join(normed)}: experts that end in their own RMSNorm are refit on their input "
+                      "projections only", MoefxWarning, stacklevel=2)  # fmt: skip
+    refits_output = {name: refit and name not in normed for name in graphs}
+    second = [b for b in state.blocks if _needs_second_pass(plans[b.name], refits_output[b.name], config)]
     if second and calib_batches is None:
         if refit:
             warnings.warn("merged experts were not refit: refitting needs calib_batches", MoefxWarning, stacklevel=2)
@@ -316,7 +321,7 @@ def convert(
                 plan, graph = plans[b.name], graphs[b.name]
                 if plan.router == "pruned" and not config.method_object.prunes:
                     graph.get_submodule("routing_observer").fit_groups(plan.expert_to_group)
-                if refit and plan.merged_groups:
+                if refits_output[b.name] and plan.merged_groups:
                     merged = banks[b.name].with_experts(plan.merged, [g[0] for g in plan.groups])
                     plan.merged = [merged.ffn(g) for g in range(merged.num_experts)]  # views: held once
                     observed_experts = graph.get_submodule("observed_experts")
@@ -327,7 +332,7 @@ def convert(
         # the block's statistics, original bank and merged weights are let go once used
         plan, graph, s, bank = plans[b.name], graphs[b.name], stats.pop(b.name), banks.pop(b.name)
         with stage("merging and rewriting"):
-            if refit and s.refit_grams is not None:
+            if s.refit_grams is not None:
                 for slot, g in enumerate(s.refit_groups.tolist()):
                     plan.merged[g] = least_squares_output(plan.merged[g], s.refit_grams[slot], s.refit_cross[slot],
                                                           config.ridge)  # fmt: skip

@@ -45,6 +45,8 @@ class FusedExpertsSource:
     layout: str | None  # "concat" / "interleaved" pairing of gate and up rows, None for a plain FFN
     up_proj: str | None = None  # the up projection where it is stored apart (after the gate's rows: "concat")
     flat: bool = False  # stored 2-D, the experts' matrices stacked along the first axis ([E*rows, cols])
+    out_norm: str | None = None  # [E, H]: each expert's own RMSNorm weight, applied to its output (Ergo)
+    norm_eps: float | None = None
 
 
 @dataclass
@@ -145,6 +147,7 @@ class MoEBlock:
             "scales_inputs": self.scales_inputs,
             "identity_experts": self.identity_experts,
             "hash_routed": r.hash_routed,
+            "expert_output_norms": self.experts_kind == "fused" and self.experts_source.out_norm is not None,
         }
 
     @property
@@ -184,6 +187,8 @@ def build_experts(module: nn.Module, block: MoEBlock) -> FusedExperts | ModuleEx
         None if src.in_bias is None else _get_tensor(module, src.in_bias),
         None if src.out_bias is None else _get_tensor(module, src.out_bias),
         src.layout,
+        None if src.out_norm is None else _get_tensor(module, src.out_norm),
+        src.norm_eps,
     )
 
 

@@ -16,6 +16,7 @@ Both expose each expert as an :class:`FFN`, the view that alignment and merging 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,30 +34,33 @@ class FFN:
     """One expert's weights, in ``nn.Linear`` layout.
 
     ``in_weights`` are the matrices applied to the token (``[I, H]`` each: gate and up for a gated FFN, one
-    for a plain FFN), ``in_biases`` their biases (or None), ``out_weight`` is ``[H, I]``. The hidden units
-    (the I dimension) can be permuted without changing the function: rows of every input matrix and bias,
-    columns of the output matrix.
+    for a plain FFN), ``in_biases`` their biases (or None), ``out_weight`` is ``[H, I]``. ``out_norm``, where
+    the expert ends in its own RMSNorm (Ergo's), is that norm's ``[H]`` weight, and ``norm_eps`` its epsilon.
+    The hidden units (the I dimension) can be permuted without changing the function: rows of every input
+    matrix and bias, columns of the output matrix.
     """
 
     in_weights: list[torch.Tensor]
     in_biases: list[torch.Tensor | None]
     out_weight: torch.Tensor
     out_bias: torch.Tensor | None
+    out_norm: torch.Tensor | None = None
+    norm_eps: float | None = None
 
     @property
     def hidden_units(self) -> int:
         return self.out_weight.shape[1]
 
     def permuted(self, perm: torch.Tensor) -> FFN:
-        return FFN(
-            [w[perm] for w in self.in_weights],
-            [None if b is None else b[perm] for b in self.in_biases],
-            self.out_weight[:, perm],
-            self.out_bias,
+        return dataclasses.replace(
+            self,
+            in_weights=[w[perm] for w in self.in_weights],
+            in_biases=[None if b is None else b[perm] for b in self.in_biases],
+            out_weight=self.out_weight[:, perm],
         )
 
     def tensors(self) -> list[torch.Tensor | None]:
-        return [*self.in_weights, *self.in_biases, self.out_weight, self.out_bias]
+        return [*self.in_weights, *self.in_biases, self.out_weight, self.out_bias, self.out_norm]
 
     @staticmethod
     def weighted_sum(ffns: list[FFN], coefficients: list[float]) -> FFN:
@@ -73,7 +77,15 @@ class FFN:
         n_in = len(ffns[0].in_weights)
         columns = list(zip(*(f.tensors() for f in ffns), strict=True))
         merged = [combine(list(col)) for col in columns]
-        return FFN(merged[:n_in], merged[n_in : 2 * n_in], merged[2 * n_in], merged[2 * n_in + 1])
+        return FFN(merged[:n_in], merged[n_in : 2 * n_in], *merged[2 * n_in :], norm_eps=ffns[0].norm_eps)
+
+
+def rms_normed(y: torch.Tensor, weight: torch.Tensor | None, eps: float | None) -> torch.Tensor:
+    """``y`` through an RMSNorm of ``weight`` (computed in float32, as transformers' norms are), or ``y`` itself
+    where ``weight`` is None."""
+    if weight is None:
+        return y
+    return (F.rms_norm(y.float(), (y.shape[-1],), eps=eps) * weight.float()).to(y.dtype)
 
 
 def dispatch(
@@ -116,7 +128,8 @@ def sum_slots(row_outputs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 class FusedExperts(nn.Module):
-    """E FFN experts stored as stacked tensors: ``act(x @ in_proj[e].T + in_bias[e]) @ out_proj[e].T + out_bias[e]``."""
+    """E FFN experts stored as stacked tensors: ``act(x @ in_proj[e].T + in_bias[e]) @ out_proj[e].T + out_bias[e]``,
+    through an RMSNorm of weight ``out_norm[e]`` where the experts have their own output norms."""
 
     def __init__(
         self,
@@ -126,6 +139,8 @@ class FusedExperts(nn.Module):
         in_bias: torch.Tensor | None = None,
         out_bias: torch.Tensor | None = None,
         layout: str | None = None,
+        out_norm: torch.Tensor | None = None,
+        norm_eps: float | None = None,
     ) -> None:
         super().__init__()
         if layout is not None and layout not in GATED_LAYOUTS:
@@ -134,6 +149,8 @@ class FusedExperts(nn.Module):
         self.out_proj = _as_parameter(out_proj)
         self.in_bias = None if in_bias is None else _as_parameter(in_bias)
         self.out_bias = None if out_bias is None else _as_parameter(out_bias)
+        self.out_norm = None if out_norm is None else _as_parameter(out_norm)
+        self.norm_eps = norm_eps
         self.act = act
         self.layout = layout
 
@@ -150,7 +167,8 @@ class FusedExperts(nn.Module):
         return self.act(F.linear(x, self.in_proj[e], None if self.in_bias is None else self.in_bias[e]))
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.expert_hidden(e, x), self.out_proj[e], None if self.out_bias is None else self.out_bias[e])
+        y = F.linear(self.expert_hidden(e, x), self.out_proj[e], None if self.out_bias is None else self.out_bias[e])
+        return rms_normed(y, None if self.out_norm is None else self.out_norm[e], self.norm_eps)
 
     def forward(self, tokens: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return dispatch(self.expert_forward, self.num_experts, tokens, index, weights)
@@ -176,6 +194,8 @@ class FusedExperts(nn.Module):
             [None if self.in_bias is None else self.in_bias[e][r] for r in rows],
             self.out_proj[e],
             None if self.out_bias is None else self.out_bias[e],
+            None if self.out_norm is None else self.out_norm[e],
+            self.norm_eps,
         )
 
     def with_experts(self, ffns: list[FFN], templates: list[int] | None = None) -> FusedExperts:
@@ -199,12 +219,15 @@ class FusedExperts(nn.Module):
             stack_in([f.in_biases for f in ffns]) if has_in_bias else None,
             torch.stack([f.out_bias for f in ffns]) if self.out_bias is not None else None,
             self.layout,
+            torch.stack([f.out_norm for f in ffns]) if self.out_norm is not None else None,
+            self.norm_eps,
         )
 
     def extra_repr(self) -> str:
         return (
             f"num_experts={self.num_experts}, hidden={self.out_proj.shape[1]}, "
-            f"intermediate={self.intermediate_size}, layout={self.layout}, bias={self.in_bias is not None}"
+            f"intermediate={self.intermediate_size}, layout={self.layout}, bias={self.in_bias is not None}, "
+            f"out_norm={self.out_norm is not None}"
         )
 
 

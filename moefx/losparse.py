@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moefx.experts import FFN, dispatch
+from moefx.experts import FFN, dispatch, rms_normed
 
 SPARSE_AXES = ("columns", "rows")
 
@@ -214,16 +214,32 @@ class LoSparseLinear(nn.Module):
 
 
 class LoSparseFFN(nn.Module):
-    """An FFN expert of LoSparse linears: ``out(act(in_0(x), [in_1(x)]))``."""
+    """An FFN expert of LoSparse linears: ``out(act(in_0(x), [in_1(x)]))``, through the expert's own RMSNorm
+    where it has one (``out_norm``, see :class:`~moefx.experts.FFN`)."""
 
-    def __init__(self, in_linears: list[nn.Module], out_linear: nn.Module, act: nn.Module) -> None:
+    def __init__(
+        self,
+        in_linears: list[nn.Module],
+        out_linear: nn.Module,
+        act: nn.Module,
+        out_norm: torch.Tensor | None = None,
+        norm_eps: float | None = None,
+    ) -> None:
         super().__init__()
         self.in_linears = nn.ModuleList(in_linears)
         self.out_linear = out_linear
         self.act = act
+        self.out_norm = None if out_norm is None else nn.Parameter(out_norm.detach().clone())
+        self.norm_eps = norm_eps
+
+    @classmethod
+    def like(cls, ffn: FFN, built: list[nn.Module], act: nn.Module) -> LoSparseFFN:
+        """The LoSparse expert of ``ffn`` whose linears (input projections, then output) are ``built``."""
+        return cls(built[:-1], built[-1], act, ffn.out_norm, ffn.norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out_linear(self.act(*[linear(x) for linear in self.in_linears]))
+        return rms_normed(self.out_linear(self.act(*[linear(x) for linear in self.in_linears])), self.out_norm,
+                          self.norm_eps)  # fmt: skip
 
 
 class LoSparseExperts(nn.Module):
@@ -252,7 +268,8 @@ class LoSparseExperts(nn.Module):
         """Expert ``e`` as dense weights (materialised, for analysis)."""
         expert = self.experts[e]
         ins, out = list(expert.in_linears), expert.out_linear
-        return FFN([m.dense_weight() for m in ins], [m.bias for m in ins], out.dense_weight(), out.bias)
+        dense_ins = [m.dense_weight() for m in ins]
+        return FFN(dense_ins, [m.bias for m in ins], out.dense_weight(), out.bias, expert.out_norm, expert.norm_eps)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -497,6 +497,11 @@ def _fused_sources(
         for n in nodes.values()
         if n.target not in absolute.values() and graph.attr(n)[1].ndim == 2 and graph.attr(n)[1].shape[0] == num_experts
     ]
+    norms = {t: eps for t in biases if (eps := _output_norm_eps(nodes[t])) is not False}
+    if len(norms) > 1:
+        raise DetectionError(f"{block}: fused experts with {len(norms)} per-expert output norms (expected 1 at most)")
+    out_norm, norm_eps = next(iter(norms.items()), (None, None))
+    biases = [t for t in biases if t not in norms]
     biases.sort(key=lambda t: min((graph.order[u] for u in nodes[t].users), default=1 << 30))
     in_bias = out_bias = None
     if len(biases) == 2:
@@ -522,13 +527,30 @@ def _fused_sources(
                 FusedExpertsSource(
                     in_name, out_name, in_bias and _relative(in_bias, block), out_bias and _relative(out_bias, block),
                     in_t, out_t, GatedActivation(act) if gated and up_name is not None else act,
-                    "concat" if gated else None, up_name, flat,
+                    "concat" if gated else None, up_name, flat, out_norm and _relative(out_norm, block), norm_eps,
                 )
             )  # fmt: skip
     if not sources:
         raise DetectionError(f"{block}: stacked expert weights {in_shape} and {out_shape} do not form an FFN")
     inter = out_shape[2] if not sources[0].out_transposed else out_shape[1]
     return sources, inter, sources[0].layout is not None
+
+
+def _output_norm_eps(weight: fx.Node) -> float | None | bool:
+    """Where the ``[E, H]`` tensor ``weight``, indexed by expert, multiplies an RMSNorm without a weight of its
+    own (each expert's output norm, Ergo's), that norm's epsilon (None: torch's default); False elsewhere (an
+    output bias)."""
+    for indexed in weight.users:
+        if _packet(indexed) not in (aten.index, aten.select, aten.embedding):
+            continue
+        for user in _reach(indexed, 3, _TRANSPARENT | {aten.unsqueeze}):
+            if _packet(user) not in (aten.mul, aten.mul_):
+                continue
+            for operand in user.args:
+                normed = _strip(operand, _TRANSPARENT)
+                if _packet(normed) is aten.rms_norm and len(normed.args) > 2 and normed.args[2] is None:
+                    return normed.args[3] if len(normed.args) > 3 else normed.kwargs.get("eps")
+    return False
 
 
 def _opaque_activation(module: nn.Module, block: str, owner: str) -> nn.Module:

@@ -86,7 +86,7 @@ def decompose_experts(
                 every = torch.arange(residual.shape[1] if axis == "columns" else residual.shape[0])
                 built.append(LoSparseLinear.from_parts(u, v, residual, every, bias, axis, weight.dtype))
                 scores.append(sparse_scores(residual, axis, moment))
-            result[name].append(LoSparseFFN(built[:-1], built[-1], parts_activation(bank)))
+            result[name].append(LoSparseFFN.like(ffn, built, parts_activation(bank)))
     return result, scores
 
 

@@ -305,6 +305,8 @@ def fused_moe_blocker(graph_module: fx.GraphModule) -> str | None:
     bank = graph_module.get_submodule("experts")
     if not isinstance(bank, (FusedExperts, ModuleExperts)):
         return f"{type(bank).__name__} experts"
+    if bank.ffn(0).out_norm is not None:
+        return "experts that end in their own RMSNorm, which the operator does not apply"
     if ort_activation(bank) is None:
         return "an activation the operator does not have"
     return None

@@ -20,6 +20,8 @@ re-fits each merged expert by ridge least squares on calibration statistics:
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from moefx.experts import FFN
@@ -60,8 +62,8 @@ def least_squares_output(ffn: FFN, gram: torch.Tensor, cross: torch.Tensor, ridg
     solution = _ridge_solve(gram, cross, _with_bias_column(ffn.out_weight, ffn.out_bias), ridge)
     dtype = ffn.out_weight.dtype
     if ffn.out_bias is not None:
-        return FFN(ffn.in_weights, ffn.in_biases, solution[:, :-1].to(dtype), solution[:, -1].to(dtype))
-    return FFN(ffn.in_weights, ffn.in_biases, solution.to(dtype), None)
+        return dataclasses.replace(ffn, out_weight=solution[:, :-1].to(dtype), out_bias=solution[:, -1].to(dtype))
+    return dataclasses.replace(ffn, out_weight=solution.to(dtype))
 
 
 def least_squares_inputs(merged: FFN, aligned: list[FFN], grams: list[torch.Tensor], ridge: float = 1e-2) -> FFN:
@@ -92,4 +94,4 @@ def least_squares_inputs(merged: FFN, aligned: list[FFN], grams: list[torch.Tens
     for part in solution.split([w.shape[0] for w in merged.in_weights]):
         in_weights.append((part[:, :-1] if with_bias else part).to(dtype))
         in_biases.append(part[:, -1].to(dtype) if with_bias else None)
-    return FFN(in_weights, in_biases, merged.out_weight, merged.out_bias)
+    return dataclasses.replace(merged, in_weights=in_weights, in_biases=in_biases)

@@ -482,3 +482,26 @@ def test_expert_banks_no_router_chooses_are_named_and_left_as_they_are():
     with pytest.warns(moefx.MoefxWarning, match=r"^1: expert weights that no router moefx can read selects"):
         half = moefx.compile(model, [x], experts=0.5)
     assert torch.equal(half[1].up, model[1].up) and [b.name for b in half.moefx_report.blocks] == ["0"]
+
+
+def test_experts_that_end_in_their_own_rms_norm_are_read_with_it():
+    # Ergo: each expert's output goes through an RMSNorm with the expert's own weight, before its routing weight
+    model, batches = tiny_transformers_model("ergo"), [example_inputs("ergo", seed=s) for s in range(2)]
+    blocks = find_moe_blocks(model, batches[0])
+    assert len(blocks) == 2
+    src = blocks[0].experts_source
+    assert (src.out_norm, src.norm_eps, src.out_bias) == ("experts.post_expert_norm.weight", 1e-12, None)
+    canonical = build_block(blocks[0].module, blocks[0])
+    without = build_block(
+        blocks[0].module, dataclasses.replace(blocks[0], experts_source=dataclasses.replace(src, out_norm=None))
+    )
+    x = torch.randn(2, 5, blocks[0].hidden_size)
+    with torch.no_grad():
+        assert (canonical(x) - blocks[0].module(x)).abs().max() <= 1e-5
+        assert (without(x) - blocks[0].module(x)).abs().max() > 1e-2
+    with pytest.warns(moefx.MoefxWarning, match="refit on their input projections only"):
+        half = moefx.compile(model, batches, experts=0.5)
+    merged = half.get_submodule(blocks[0].name).experts
+    assert merged.out_norm.shape == (4, blocks[0].hidden_size)
+    mc = moefx.compile(model, batches, experts=0.5, method="mc-smoe")
+    assert all(e.out_norm is not None for e in mc.get_submodule(blocks[0].name).experts.experts)  # LoSparse experts

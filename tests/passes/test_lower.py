@@ -149,3 +149,11 @@ def test_quantization_rounds_each_weight_to_its_nearest_code_and_is_idempotent(b
     assert ((rounded - weight).abs() <= per_column / 2 * (1 + 1e-5)).all()  # the nearest code
     assert ((rounded / per_column).round() - rounded / per_column).abs().max() < 1e-4  # on the code grid
     torch.testing.assert_close(fake_quantize(rounded, bits, block_size), rounded, atol=1e-6, rtol=1e-5)
+
+
+def test_experts_with_their_own_output_norms_stay_portable():
+    model = tiny_transformers_model("ergo")
+    block = find_moe_blocks(model, example_inputs("ergo"))[0]
+    canonical = build_block(block.module, block)
+    assert "their own RMSNorm" in fused_moe_blocker(canonical)
+    assert not PassManager([LowerToFusedMoE()])(canonical).modified

@@ -24,27 +24,32 @@ from moefx.routing import combine_by_group, select_experts
 from moefx.zoo import example_inputs, tiny_transformers_model
 
 
-def _random_ffn(gen: torch.Generator, hidden: int, units: int, gated: bool, bias: bool) -> FFN:
+def _random_ffn(gen: torch.Generator, hidden: int, units: int, gated: bool, bias: bool, normed: bool = False) -> FFN:
     n_in = 2 if gated else 1
     return FFN(
         [torch.randn(units, hidden, generator=gen) for _ in range(n_in)],
         [torch.randn(units, generator=gen) if bias else None for _ in range(n_in)],
         torch.randn(hidden, units, generator=gen),
         torch.randn(hidden, generator=gen) if bias else None,
+        torch.randn(hidden, generator=gen) if normed else None,
+        1e-6 if normed else None,
     )
 
 
 def _ffn_forward(f: FFN, x: torch.Tensor) -> torch.Tensor:
     hs = [torch.nn.functional.linear(x, w, b) for w, b in zip(f.in_weights, f.in_biases, strict=True)]
     h = torch.nn.functional.silu(hs[0]) * hs[1] if len(hs) == 2 else torch.nn.functional.gelu(hs[0])
-    return torch.nn.functional.linear(h, f.out_weight, f.out_bias)
+    y = torch.nn.functional.linear(h, f.out_weight, f.out_bias)
+    return y if f.out_norm is None else torch.nn.functional.rms_norm(y, (y.shape[-1],), f.out_norm, f.norm_eps)
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 10_000), units=st.integers(2, 24), gated=st.booleans(), bias=st.booleans())
-def test_alignment_recovers_a_permutation_and_preserves_function(seed, units, gated, bias):
+@given(
+    seed=st.integers(0, 10_000), units=st.integers(2, 24), gated=st.booleans(), bias=st.booleans(), normed=st.booleans()
+)
+def test_alignment_recovers_a_permutation_and_preserves_function(seed, units, gated, bias, normed):
     gen = torch.Generator().manual_seed(seed)
-    reference = _random_ffn(gen, 8, units, gated, bias)
+    reference = _random_ffn(gen, 8, units, gated, bias, normed)
     perm = torch.randperm(units, generator=gen)
     shuffled = reference.permuted(perm)
     x = torch.randn(5, 8, generator=gen)
@@ -55,10 +60,12 @@ def test_alignment_recovers_a_permutation_and_preserves_function(seed, units, ga
 
 
 @settings(max_examples=30, deadline=None)
-@given(seed=st.integers(0, 10_000), units=st.integers(2, 16), gated=st.booleans(), bias=st.booleans())
-def test_alignment_of_unrelated_experts_keeps_their_function(seed, units, gated, bias):
+@given(
+    seed=st.integers(0, 10_000), units=st.integers(2, 16), gated=st.booleans(), bias=st.booleans(), normed=st.booleans()
+)
+def test_alignment_of_unrelated_experts_keeps_their_function(seed, units, gated, bias, normed):
     gen = torch.Generator().manual_seed(seed)
-    a, b = (_random_ffn(gen, 6, units, gated, bias) for _ in range(2))
+    a, b = (_random_ffn(gen, 6, units, gated, bias, normed) for _ in range(2))
     x = torch.randn(4, 6, generator=gen)
     aligned = b.permuted(align_ffn(a, b))
     assert torch.allclose(_ffn_forward(aligned, x), _ffn_forward(b, x), atol=1e-5)
@@ -66,7 +73,7 @@ def test_alignment_of_unrelated_experts_keeps_their_function(seed, units, gated,
 
 def test_merging_a_permuted_copy_returns_the_original():
     gen = torch.Generator().manual_seed(0)
-    ffn = _random_ffn(gen, 8, 12, gated=True, bias=True)
+    ffn = _random_ffn(gen, 8, 12, gated=True, bias=True, normed=True)
     copy_ = ffn.permuted(torch.randperm(12, generator=gen))
     merged = merge_ffns([ffn, copy_], [0.3, 0.7], align=True)
     assert all(torch.allclose(m, o, atol=1e-6) for m, o in zip(merged.tensors(), ffn.tensors(), strict=True))
