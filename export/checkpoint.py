@@ -190,7 +190,7 @@ def _reshape_block(graph: fx.GraphModule, block: MoEBlock, saved: dict) -> fx.Gr
         plan = BlockPlan(block.name, block.num_experts, members, [[1.0 / len(m)] * len(m) for m in members], table,
                          False, "exact")  # fmt: skip
         PassManager([MergeExperts(plan)])(graph)
-        pruned = saved["router_outputs"] == groups + block.identity_experts  # one output per group, identities after
+        pruned = saved["router_outputs"] == groups + block.extra_router_outputs  # one output per group
         if pruned and groups != block.num_experts:
             router = graph.router
             bias = None if router.bias is None else router.bias[:groups]
@@ -306,7 +306,7 @@ def _set_field(config: Any, path: str, value: Any) -> None:
 
 def _changes_router(cls: type, block: MoEBlock, groups: int) -> Any:
     """``accept`` for :func:`_config_field`: setting the field to ``groups`` gives the router ``groups`` rows
-    (and its identity experts' rows after them)."""
+    (and its identity or shared experts' rows after them)."""
 
     def accept(key: str, config: Any) -> bool:
         trial = copy.deepcopy(config)
@@ -314,7 +314,7 @@ def _changes_router(cls: type, block: MoEBlock, groups: int) -> Any:
         with torch.device("meta"):
             probe = cls(trial)
         rows = probe.get_submodule(block.name).get_parameter(block.router_weight_path).shape[0]
-        return rows == groups + block.identity_experts
+        return rows == groups + block.extra_router_outputs
 
     return accept
 
@@ -331,6 +331,8 @@ def _transformers_state(
         state[f"{prefix}{block.router_bias_path}"] = graph.router.bias.detach()
     if block.correction_bias_path is not None:
         state[f"{prefix}{block.correction_bias_path}"] = graph.correction_bias.detach()
+    if block.scale_parameter_path is not None:
+        state[f"{prefix}{block.scale_parameter_path}"] = graph.scale_parameter
     bank = graph.experts
     src = block.experts_source
     if isinstance(src, FusedExpertsSource):

@@ -26,7 +26,7 @@ from torch import nn
 
 from moefx.errors import DetectionError, first_line
 from moefx.experts import FusedExperts, ModuleExperts, per_slot_rows, sum_slots
-from moefx.routing import RoutingSpec, select_experts, split_identity_experts
+from moefx.routing import RoutingSpec, select_experts, split_identity_experts, split_shared_columns
 
 BLOCK_TOLERANCE = 1e-5
 
@@ -99,6 +99,7 @@ class MoEBlock:
     flattens_output: bool = False  # returns [tokens, H] for a [batch, seq, H] input (Llama 4)
     identity_experts: int = 0  # router columns after the experts' that pass the token through (LongCat-Flash)
     token_id_routing: TokenIdRouting | None = None  # where ``routing.hash_routed`` looks experts up
+    scale_parameter_path: str | None = None  # a learned scalar folded into ``routing.scale`` (kept as it is)
 
     @property
     def top_k(self) -> int:
@@ -107,6 +108,11 @@ class MoEBlock:
     @property
     def scoring(self) -> str:
         return self.routing.scoring
+
+    @property
+    def extra_router_outputs(self) -> int:
+        """The router's outputs after its experts' (identity experts', or shared experts' scores)."""
+        return self.identity_experts + self.routing.shared_columns
 
     @property
     def experts_kind(self) -> str:
@@ -147,6 +153,7 @@ class MoEBlock:
             "scales_inputs": self.scales_inputs,
             "identity_experts": self.identity_experts,
             "hash_routed": r.hash_routed,
+            "shared_columns": r.shared_columns,
             "expert_output_norms": self.experts_kind == "fused" and self.experts_source.out_norm is not None,
         }
 
@@ -236,7 +243,11 @@ def build_block(module: nn.Module, block: MoEBlock) -> torch.fx.GraphModule:
     selection = g.call_function(select_experts, selection_args, block.routing.as_kwargs())
     weights = g.call_function(operator.getitem, (selection, 0))
     index = g.call_function(operator.getitem, (selection, 1))
-    selected_weights = weights
+    selected_weights, shared_args = weights, ()
+    if block.routing.shared_columns:
+        split = g.call_function(split_shared_columns, (weights, index, block.routing.shared_columns))
+        weights, index, gammas = (g.call_function(operator.getitem, (split, i)) for i in range(3))
+        shared_args = (gammas,)
     if block.identity_experts:
         split = g.call_function(split_identity_experts, (tokens, weights, index, block.num_experts))
         weights, index, identity_out = (g.call_function(operator.getitem, (split, i)) for i in range(3))
@@ -249,7 +260,7 @@ def build_block(module: nn.Module, block: MoEBlock) -> torch.fx.GraphModule:
     if block.identity_experts:
         routed = g.call_function(operator.add, (routed, identity_out))
     for i in range(len(block.shared_experts)):
-        shared = g.call_module(f"shared_expert_{i}", (tokens,))
+        shared = g.call_module(f"shared_expert_{i}", (tokens, *shared_args))
         if i < len(block.shared_expert_gates):
             gate = g.call_function(torch.sigmoid, (g.call_module(f"shared_expert_gate_{i}", (tokens,)),))
             shared = g.call_function(operator.mul, (gate, shared))
@@ -260,6 +271,8 @@ def build_block(module: nn.Module, block: MoEBlock) -> torch.fx.GraphModule:
     second = {None: None, "weights": selected_weights, "logits": logits}[block.second_output]
     g.output(out if second is None else (out, second))
     gm = torch.fx.GraphModule(root, g, class_name="CanonicalMoEBlock")
+    if block.scale_parameter_path is not None:  # its value is in the selection's scale; held for checkpoints
+        gm.register_buffer("scale_parameter", _get_tensor(module, block.scale_parameter_path).detach())
     gm.meta["moefx_block"] = replace(block, module=None)  # the descriptor, without the original module
     return gm
 

@@ -41,6 +41,9 @@ class RoutingSpec:
       order; later tokens are dropped (SwitchTransformers).
     * ``hash_routed``: the k experts of a token are row ``token id`` of a fixed ``[V, k]`` table, not a
       choice by score; the scores only weight them (DeepSeek-V4's first layers).
+    * ``shared_columns``: the router's last S columns score the block's S shared experts, which every token
+      takes: their scores join the k chosen ones' (as slots ``E .. E+S-1``) before renormalisation and
+      scaling, and :func:`split_shared_columns` gives them to the shared experts (Inkling).
     """
 
     top_k: int
@@ -57,6 +60,7 @@ class RoutingSpec:
     jitter_eps: float = 0.0
     bias_on_logits: bool = False
     hash_routed: bool = False
+    shared_columns: int = 0
 
     def as_kwargs(self) -> dict:
         kwargs = asdict(self)
@@ -83,6 +87,7 @@ def select_experts(
     capacity: int | None = None,
     jitter_eps: float = 0.0,
     bias_on_logits: bool = False,
+    shared_columns: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Route tokens: ``logits [..., E]`` to ``(weights [T, k] float32, index [T, k] int64)``.
 
@@ -91,10 +96,11 @@ def select_experts(
     token's experts are its row, looked up by ``token_ids`` (in the logits' token order), and weighted by
     their scores.
     """
-    num_experts = logits.shape[-1]
     if capacity is not None:
         return _top1_with_capacity(logits, capacity)
-    flat = logits.reshape(-1, num_experts).float()
+    flat = logits.reshape(-1, logits.shape[-1]).float()
+    flat, shared = flat.split([flat.shape[-1] - shared_columns, shared_columns], dim=-1)
+    num_experts = flat.shape[-1]
     if scoring == "softmax_topk":
         values, index = torch.topk(flat, top_k, dim=-1)
         weights = torch.softmax(values, dim=-1)
@@ -118,6 +124,10 @@ def select_experts(
         else:
             index = torch.topk(choice, top_k, dim=-1, sorted=False)[1]
             weights = scores.gather(1, index)
+    if shared_columns:
+        weights = torch.cat([weights, _scores(shared, scoring)], dim=-1)
+        every = torch.arange(num_experts, num_experts + shared_columns, device=index.device).expand(len(index), -1)
+        index = torch.cat([index, every], dim=-1)
     if normalize:
         total = weights.sum(dim=-1, keepdim=True) + norm_eps
         weights = weights / (total.clamp(min=norm_min) if norm_min > 0 else total)
@@ -156,6 +166,16 @@ def _top1_with_capacity(logits: torch.Tensor, capacity: int) -> tuple[torch.Tens
     index = torch.where(kept, index, torch.full_like(index, -1))
     weights = torch.where(kept, weights, torch.zeros_like(weights))
     return weights.reshape(-1, 1), index.reshape(-1, 1)
+
+
+def split_shared_columns(
+    weights: torch.Tensor, index: torch.Tensor, shared_columns: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Take the shared experts' slots (the last ``shared_columns``, see ``RoutingSpec.shared_columns``) out
+    of a selection: the routed experts' weights and indices ``[T, k]``, and the shared experts' weights
+    ``[T, S]``."""
+    k = weights.shape[-1] - shared_columns
+    return weights[:, :k], index[:, :k], weights[:, k:]
 
 
 def split_identity_experts(

@@ -242,6 +242,7 @@ _TINY_SIZES = dict(
     zero_expert_num=2, expert_ffn_hidden_size=16,
     index_n_heads=2, index_head_dim=8, index_topk=4, o_lora_rank=8, o_groups=2, hc_lowrank=8,
     router_hidden_size=16, hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB,
+    swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=8,
     ple_embed_dim=8, ngram_vocab_size_base=VOCAB, make_ngram_vocab_size_divisible_by=8, split_ngram_parts=2,
     first_k_dense_replace=0, num_dense_layers=0, decoder_sparse_step=1, encoder_sparse_step=1, moe_layer_freq=1,
     expert_layer_period=1, expert_layer_offset=0, attn_layer_period=2, attn_layer_offset=1, mlp_only_layers=[],

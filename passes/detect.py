@@ -182,15 +182,27 @@ def _selection(graph: _Graph, linear: fx.Node, num_experts: int) -> fx.Node | No
     masking = None
     for node in _reach(linear, _ROUTING_DEPTH):
         packet = _packet(node)
-        if packet in (aten.topk, aten.argmax) and _last_dim(node.args[0]) == num_experts:
+        width = _last_dim(node.args[0]) if packet in (aten.topk, aten.argmax) else None
+        if width == num_experts or (width is not None and _leading_columns(node, linear, width)):
             k = node.args[1] if packet is aten.topk else 1
-            if isinstance(k, int) and k < num_experts:
+            if isinstance(k, int) and k < width:
                 return node
         if packet is aten.gather and _last_dim(node.args[0]) == num_experts and _hash_table(graph, node):
             return node
         if masking is None and _is_sparse_mixer_mask(node, linear):
             masking = node
     return masking
+
+
+def _leading_columns(selection: fx.Node, linear: fx.Node, width: int) -> bool:
+    """Whether ``selection`` chooses among the first ``width`` of the router's outputs only (a slice of its
+    logits or scores: Inkling's last columns score its shared experts)."""
+    near, frontier = set(_reach(linear, 3)), [selection.args[0]]
+    for _ in range(4):  # the choice is a few ops from the slice (a correction bias, a cast)
+        if any(_packet(n) is aten.slice and n in near and n.args[1:3] in ((-1, 0), (1, 0)) for n in frontier):
+            return _last_dim(selection.args[0]) == width
+        frontier = [a for n in frontier for a in n.all_input_nodes]
+    return False
 
 
 def _hash_table(graph: _Graph, gather: fx.Node) -> tuple[str, torch.Tensor, fx.Node] | None:
@@ -231,14 +243,24 @@ def _sparse_mixer_routing(graph: _Graph, linear: fx.Node, first: fx.Node, block:
     return RoutingSpec(top_k=len(slots), scoring="sparsemixer", jitter_eps=constants.pop() / 2)
 
 
-def _read_routing(
-    graph: _Graph, linear: fx.Node, selection: fx.Node, block: str
-) -> tuple[RoutingSpec, str | None, tuple[str, torch.Tensor, fx.Node] | None]:
-    """Routing semantics between the router's logits and the selection; also the correction bias path, and
-    the table of a hash-routed block (:func:`_hash_table`)."""
+@dataclasses.dataclass
+class _RoutingReading:
+    """What detection reads between a router's logits and the experts: the routing; the paths of its
+    correction bias and of a learned scalar folded into ``spec.scale``; a hash-routed block's table
+    (:func:`_hash_table`)."""
+
+    spec: RoutingSpec
+    correction_bias: str | None = None
+    scale_parameter: str | None = None
+    hash_table: tuple[str, torch.Tensor, fx.Node] | None = None
+
+
+def _read_routing(graph: _Graph, linear: fx.Node, selection: fx.Node, block: str) -> _RoutingReading:
+    """Routing semantics between the router's logits and the selection."""
     if _packet(selection) is aten.masked_fill:
-        return _sparse_mixer_routing(graph, linear, selection, block), None, None
-    num_experts = _last_dim(linear)
+        return _RoutingReading(_sparse_mixer_routing(graph, linear, selection, block))
+    num_experts = _last_dim(selection.args[0])  # the router's outputs, less any that score shared experts
+    shared_columns = _last_dim(linear) - num_experts
     near = _reach(linear, 4, _TRANSPARENT)
     scoring_node = next((n for n in near if _packet(n) in (aten.softmax, aten._softmax, aten.sigmoid)), None)
     if scoring_node is None:  # sqrt(softplus(logits)) (DeepSeek-V4)
@@ -305,30 +327,41 @@ def _read_routing(
                 for user in _reach(node, 3):
                     if _packet(user) in (aten.le, aten.lt) and isinstance(user.args[1], (int, float)):
                         capacity = int(user.args[1]) - (1 if _packet(user) is aten.lt else 0)
-    normalize, norm_eps, norm_min, scale = _read_weight_transform(selection, scoring_node, top_k)
+    weighting = _read_weight_transform(graph, selection, scoring_node, top_k + shared_columns)
+    normalize, norm_eps, norm_min, scale, scale_parameter = weighting
     spec = RoutingSpec(
         top_k=top_k, scoring=scoring, normalize=normalize, norm_eps=norm_eps, norm_min=norm_min, scale=scale,
         has_correction_bias=correction_bias is not None, n_group=n_group, topk_group=topk_group,
         group_topk=group_topk, capacity=capacity, bias_on_logits=bias_on_logits, hash_routed=hashed is not None,
+        shared_columns=shared_columns,
     )  # fmt: skip
-    return spec, correction_bias, hashed
+    return _RoutingReading(spec, correction_bias, scale_parameter, hashed)
 
 
 def _read_weight_transform(
-    selection: fx.Node, scoring_node: fx.Node | None, top_k: int
-) -> tuple[bool, float, float, float]:
-    """Renormalisation (with its epsilon and floor) and scaling applied to the k selected weights."""
+    graph: _Graph, selection: fx.Node, scoring_node: fx.Node | None, slots: int
+) -> tuple[bool, float, float, float, str | None]:
+    """Renormalisation (with its epsilon and floor) and scaling applied to the selected weights (``slots``
+    of them: the k chosen, and the shared experts' where the router scores them), and the path of a
+    learned scalar the scaling includes."""
     starts = [selection] + ([scoring_node] if scoring_node is not None else [])
-    normalize, eps, floor, scale = False, 0.0, 0.0, 1.0
+    normalize, eps, floor, scale, scale_parameter = False, 0.0, 0.0, 1.0, None
     seen = set()
     for start in starts:
         for node in _reach(start, 8):
             shape = _shape(node)
-            if node in seen or not shape or shape[-1] != top_k or len(shape) < 2:
+            if node in seen or not shape or shape[-1] != slots or len(shape) < 2:
                 continue
             seen.add(node)
             packet = _packet(node)
-            if packet in (aten.div, aten.div_) and isinstance(node.args[1], fx.Node):
+            subtrahend = _strip(node.args[1], _TRANSPARENT) if packet is aten.sub else None
+            if isinstance(subtrahend, fx.Node) and _packet(subtrahend) is aten.logsumexp:
+                normalize = True  # exp(log s - logsumexp(log s)) = s / sum(s) (Inkling's log-sigmoids)
+            elif packet in (aten.mul, aten.mul_) and _floating(node) and graph.attr(node.args[1], _TRANSPARENT):
+                path, factor = graph.attr(node.args[1], _TRANSPARENT)
+                if factor.numel() == 1 and scale_parameter is None:  # a learned scalar (Inkling's global scale)
+                    scale, scale_parameter = scale * float(factor.detach()), path
+            elif packet in (aten.div, aten.div_) and isinstance(node.args[1], fx.Node):
                 divisor = _strip(node.args[1], _TRANSPARENT)
                 if _packet(divisor) in (aten.clamp, aten.clamp_min) and isinstance(divisor.args[1], (int, float)):
                     floor, divisor = float(divisor.args[1]), _strip(divisor.args[0], _TRANSPARENT)  # Ernie 4.5
@@ -338,8 +371,8 @@ def _read_weight_transform(
                 if _packet(divisor) is aten.sum or l1_norm:
                     normalize = True
             elif packet in (aten.mul, aten.mul_) and isinstance(node.args[1], (int, float)) and _floating(node):
-                scale = float(node.args[1])  # of the weights, not of indices (LongCat-Flash spreads its own)
-    return normalize, eps, floor, scale
+                scale *= float(node.args[1])  # of the weights, not of indices (LongCat-Flash spreads its own)
+    return normalize, eps, floor, scale, scale_parameter
 
 
 def _find_experts(
@@ -663,7 +696,8 @@ def _locate(graph: _Graph, model: nn.Module, linear: fx.Node) -> _Located | None
 def _describe_block(graph: _Graph, model: nn.Module, linear: fx.Node, selection: fx.Node, at: _Located) -> MoEBlock:
     weight_path, num_outputs, hidden = at.router_path, at.num_outputs, at.hidden
     block, fused_names, container, num_experts = at.block, at.fused_names, at.container, at.num_experts
-    spec, correction_bias, hashed = _read_routing(graph, linear, selection, block or type(model).__name__)
+    reading = _read_routing(graph, linear, selection, block or type(model).__name__)
+    spec, hashed = reading.spec, reading.hash_table
     bias_arg = linear.args[2] if len(linear.args) > 2 else None
     router_bias = graph.attr(bias_arg) if bias_arg is not None else None
     block_input = _block_input(graph, block)
@@ -672,11 +706,12 @@ def _describe_block(graph: _Graph, model: nn.Module, linear: fx.Node, selection:
     top_children = {_relative(weight_path, block).split(".")[0]}
     common = dict(
         name=block, module=module, num_experts=num_experts, hidden_size=hidden, routing=spec,
-        identity_experts=num_outputs - num_experts,
+        identity_experts=num_outputs - num_experts - spec.shared_columns,
         router_weight_path=_relative(weight_path, block),
         router_bias_path=None if router_bias is None else _relative(router_bias[0], block),
-        correction_bias_path=correction_bias, route_on_sequence=len(_shape(linear.args[0]) or ()) >= 3,
+        correction_bias_path=reading.correction_bias, route_on_sequence=len(_shape(linear.args[0]) or ()) >= 3,
         token_id_routing=by_id,
+        scale_parameter_path=reading.scale_parameter and _relative(reading.scale_parameter, block),
     )  # fmt: skip
     if container is not None:
         experts = list(module.get_submodule(container).children())

@@ -301,10 +301,11 @@ class InsertObservers(PassBase):
         experts = next(n for n in graph.nodes if n.op == "call_module" and n.target == "experts")
         bank = graph_module.get_submodule("experts")
         split = identity_split(graph)  # the router's columns from split.args[3] on choose identity experts
+        scored = graph_module.get_submodule("router").out_features - selection.kwargs.get("shared_columns", 0)
         graph_module.add_submodule(
             "routing_observer",
             RoutingObserver(
-                graph_module.get_submodule("router").out_features if split is None else split.args[3],
+                scored if split is None else split.args[3],
                 self.hidden,
                 self.mask_key,
                 self.needs.router_input_moments,

@@ -32,6 +32,8 @@ def router_prune_blocker(routing: RoutingSpec, merges: bool, identity_experts: i
         return "its experts are chosen by token id from a fixed table, which names the experts it has"
     if identity_experts and merges:
         return "merged experts' pooled logits cannot be fitted beside identity experts' fixed ones"
+    if routing.shared_columns and merges:
+        return "merged experts' pooled logits cannot be fitted beside the shared experts' fixed ones"
     if routing.n_group is not None:
         return "its group-limited expert selection cannot be expressed over a different number of experts"
     if merges and routing.scoring in INDEPENDENT_SCORINGS:
@@ -83,9 +85,10 @@ class PruneRouter(PassBase):
     Matches: the ``router`` call_module, the ``select_experts`` call and the ``combine_by_group`` call that
     :class:`~moefx.passes.merge.MergeExperts` inserted, and a ``split_identity_experts`` call if there is
     one. Rewrites: ``router`` becomes an ``nn.Linear`` with the given ``[G, H]`` weight, followed by the
-    identity experts' rows, whose split then starts at G; ``combine_by_group`` and its table are removed so
-    the experts take the selection's outputs directly; the selection picks at most ``top_k`` of the router's
-    outputs, its correction bias keeps the representatives' (and identity experts') entries, and a capacity
+    identity experts' rows (whose split then starts at G) or the shared experts' scoring rows;
+    ``combine_by_group`` and its table are removed so the experts take the selection's outputs directly; the
+    selection picks at most ``top_k`` of the router's outputs, its correction bias keeps the
+    representatives' (and identity experts') entries, and a capacity
     grows by ``ceil(E / G)`` (a group serves that many experts).
     """
 
@@ -98,18 +101,19 @@ class PruneRouter(PassBase):
         num_groups, hidden = self.weight.shape
         weight, bias, kept = self.weight, self.bias, [g[0] for g in self.plan.groups]
         split = identity_split(graph)
-        if split is not None:  # the identity experts' columns follow the groups'
-            identities = list(range(self.plan.num_experts, graph_module.router.out_features))
-            weight = torch.cat([weight, graph_module.router.weight[identities]])
-            bias = None if bias is None else torch.cat([bias, graph_module.router.bias[identities]])
-            kept += identities
+        selection, _, _ = selection_nodes(graph)
+        if split is not None or selection.kwargs.get("shared_columns"):  # identity or shared experts' columns
+            extra = list(range(self.plan.num_experts, graph_module.router.out_features))  # follow the groups'
+            weight = torch.cat([weight, graph_module.router.weight[extra]])
+            bias = None if bias is None else torch.cat([bias, graph_module.router.bias[extra]])
+            kept += extra
+        if split is not None:
             split.args = (*split.args[:3], num_groups)
         router = nn.Linear(hidden, weight.shape[0], bias=bias is not None, device="meta")
         router.weight = nn.Parameter(weight.detach().clone())
         if bias is not None:
             router.bias = nn.Parameter(bias.detach().clone())
         graph_module.router = router
-        selection, _, _ = selection_nodes(graph)
         combine = next((n for n in graph.nodes if n.op == "call_function" and n.target is combine_by_group), None)
         if combine is not None:
             for user in list(combine.users):
@@ -124,8 +128,9 @@ class PruneRouter(PassBase):
         if kwargs.get("capacity") is not None:
             kwargs["capacity"] = kwargs["capacity"] * math.ceil(self.plan.num_experts / num_groups)
         selection.kwargs = kwargs
-        if isinstance(selection.args[1], fx.Node):  # the correction bias of the kept experts
-            graph_module.correction_bias = graph_module.correction_bias[..., torch.tensor(kept)].clone()
+        if isinstance(selection.args[1], fx.Node):  # the correction bias of the kept experts (of those it has)
+            scored = [e for e in kept if e < graph_module.correction_bias.shape[-1]]
+            graph_module.correction_bias = graph_module.correction_bias[..., torch.tensor(scored)].clone()
         graph.lint()
         graph_module.recompile()
         return PassResult(graph_module, True)

@@ -4,6 +4,7 @@ import operator
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.fx.passes.infra.pass_manager import PassManager
@@ -14,7 +15,7 @@ from moefx.block import TokenIdRouting, build_block, max_block_diff
 from moefx.experts import FusedExperts, GatedActivation, per_slot_rows, sum_slots
 from moefx.passes.detect import DetectMoEBlocks, find_moe_blocks, unread_expert_banks
 from moefx.passes.lower import operator_computes_routing
-from moefx.routing import select_experts, split_identity_experts
+from moefx.routing import select_experts, split_identity_experts, split_shared_columns
 from moefx.zoo import example_inputs, tiny_model, tiny_transformers_model
 
 EXPECTED = {
@@ -505,3 +506,55 @@ def test_experts_that_end_in_their_own_rms_norm_are_read_with_it():
     assert merged.out_norm.shape == (4, blocks[0].hidden_size)
     mc = moefx.compile(model, batches, experts=0.5, method="mc-smoe")
     assert all(e.out_norm is not None for e in mc.get_submodule(blocks[0].name).experts.experts)  # LoSparse experts
+
+
+def _inkling(global_scale: float = 1.5):
+    model = tiny_transformers_model("inkling_text")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.global_scale.fill_(global_scale)
+    return model
+
+
+@settings(max_examples=20, deadline=None)
+@given(tokens=st.integers(1, 12), seed=st.integers(0, 1000))
+def test_shared_columns_select_as_inklings_router_does(tokens, seed):
+    # the router's last 2 of 10 columns score the 2 shared experts: always taken, normalised with the top 2
+    gate = _inkling().model.layers[0].mlp.gate
+    x = torch.randn(tokens, 32, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        _, weights, index, gammas = gate(x)
+        got_weights, got_index = select_experts(
+            F.linear(x, gate.weight), gate.e_score_correction_bias, top_k=2, scoring="sigmoid", normalize=True,
+            scale=8.0 * 1.5, shared_columns=2,
+        )  # fmt: skip
+    routed, routed_index, shared = split_shared_columns(got_weights, got_index, 2)
+    assert torch.equal(got_index[:, 2:], torch.tensor([8, 9]).expand(tokens, 2))
+    assert torch.equal(routed_index.sort(-1).values, index.sort(-1).values)
+    torch.testing.assert_close(routed.gather(1, routed_index.argsort(-1)), weights.gather(1, index.argsort(-1)))
+    torch.testing.assert_close(shared, gammas)
+
+
+def test_router_columns_that_score_shared_experts_are_read_and_kept_by_a_pruned_router(tmp_path):
+    model, batches = _inkling(), [example_inputs("inkling_text", seed=s) for s in range(2)]
+    blocks = find_moe_blocks(model, batches[0])
+    b = blocks[0]
+    assert (b.routing.shared_columns, b.identity_experts, b.num_experts, b.routing.scale) == (2, 0, 8, 12.0)
+    assert b.scale_parameter_path == "gate.global_scale" and b.shared_experts == ["shared_experts"]
+    canonical = build_block(b.module, b)
+    split = next(n for n in canonical.graph.nodes if n.target is split_shared_columns)
+    shared = next(n for n in canonical.graph.nodes if n.target == "shared_expert_0")
+    assert shared.args[1].args == (split, 2)  # the shared experts take their scores
+    unshared = dataclasses.replace(b, routing=dataclasses.replace(b.routing, shared_columns=0))
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        assert (canonical(x) - b.module(x)).abs().max() <= 1e-5
+        with pytest.raises(RuntimeError, match="must match"):  # the plain reading cannot run: 8 biases, 10 scores
+            build_block(b.module, unshared)(x)
+    pruned = moefx.compile(model, batches, experts=0.5, method="reap", router="pruned")
+    assert pruned.get_submodule(b.name).router.out_features == 4 + 2
+    path = moefx.export.save_pretrained(pruned, tmp_path / "plain", batches[0])
+    plain = transformers.AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        assert (plain(**batches[0]).logits - pruned(**batches[0]).logits).abs().max() <= 1e-5
+    assert plain.model.layers[0].mlp.gate.global_scale.item() == 1.5
