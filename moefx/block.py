@@ -308,19 +308,22 @@ def identity_split(graph: torch.fx.Graph) -> torch.fx.Node | None:
     return _call_of(graph, split_identity_experts)
 
 
-def random_block_inputs(block: MoEBlock, ndim: int, seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Random hidden states for ``block`` (``[2, 7, H]``, or ``[14, H]`` for ``ndim`` 2), and the keyword
+def random_block_inputs(
+    hidden_size: int, ndim: int, token_id_routing: TokenIdRouting | None = None, seed: int = 0
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Random hidden states for a block (``[2, 7, H]``, or ``[14, H]`` for ``ndim`` 2), and the keyword
     arguments it needs besides them (a hash-routed block's token ids)."""
     g = torch.Generator().manual_seed(seed)
-    shape = (2, 7, block.hidden_size) if ndim == 3 else (14, block.hidden_size)
+    shape = (2, 7, hidden_size) if ndim == 3 else (14, hidden_size)
     x = torch.randn(shape, generator=g)
-    by_id = block.token_id_routing
-    return x, {} if by_id is None else {by_id.argument: torch.randint(by_id.vocab_size, shape[:-1], generator=g)}
+    if token_id_routing is None:
+        return x, {}
+    return x, {token_id_routing.argument: torch.randint(token_id_routing.vocab_size, shape[:-1], generator=g)}
 
 
 def max_block_diff(original: nn.Module, canonical: nn.Module, block: MoEBlock, ndim: int, seed: int = 0) -> float:
     """Largest output difference of two modules of ``block`` on random inputs (float32)."""
-    x, kwargs = random_block_inputs(block, ndim, seed)
+    x, kwargs = random_block_inputs(block.hidden_size, ndim, block.token_id_routing, seed)
     with torch.no_grad():
         ref, got = original(x, **kwargs), canonical(x, **kwargs)
     ref = ref if isinstance(ref, tuple) else (ref,)

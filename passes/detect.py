@@ -41,6 +41,7 @@ from moefx.block import (
     build_experts,
     first_verified,
     float32_reference,
+    random_block_inputs,
 )
 from moefx.capture import trace
 from moefx.errors import DetectionError, MoefxWarning
@@ -183,7 +184,7 @@ def _selection(graph: _Graph, linear: fx.Node, num_experts: int) -> fx.Node | No
     for node in _reach(linear, _ROUTING_DEPTH):
         packet = _packet(node)
         width = _last_dim(node.args[0]) if packet in (aten.topk, aten.argmax) else None
-        if width == num_experts or (width is not None and _leading_columns(node, linear, width)):
+        if width == num_experts or (width is not None and _leading_columns(node, linear)):
             k = node.args[1] if packet is aten.topk else 1
             if isinstance(k, int) and k < width:
                 return node
@@ -194,13 +195,13 @@ def _selection(graph: _Graph, linear: fx.Node, num_experts: int) -> fx.Node | No
     return masking
 
 
-def _leading_columns(selection: fx.Node, linear: fx.Node, width: int) -> bool:
-    """Whether ``selection`` chooses among the first ``width`` of the router's outputs only (a slice of its
+def _leading_columns(selection: fx.Node, linear: fx.Node) -> bool:
+    """Whether ``selection`` chooses among leading columns of the router's outputs only (a slice of its
     logits or scores: Inkling's last columns score its shared experts)."""
     near, frontier = set(_reach(linear, 3)), [selection.args[0]]
     for _ in range(4):  # the choice is a few ops from the slice (a correction bias, a cast)
         if any(_packet(n) is aten.slice and n in near and n.args[1:3] in ((-1, 0), (1, 0)) for n in frontier):
-            return _last_dim(selection.args[0]) == width
+            return True
         frontier = [a for n in frontier for a in n.all_input_nodes]
     return False
 
@@ -530,10 +531,11 @@ def _fused_sources(
         for n in nodes.values()
         if n.target not in absolute.values() and graph.attr(n)[1].ndim == 2 and graph.attr(n)[1].shape[0] == num_experts
     ]
-    norms = {t: eps for t in biases if (eps := _output_norm_eps(nodes[t])) is not False}
+    norms = {t: normed for t in biases if (normed := _output_norm(nodes[t])) is not None}
     if len(norms) > 1:
         raise DetectionError(f"{block}: fused experts with {len(norms)} per-expert output norms (expected 1 at most)")
-    out_norm, norm_eps = next(iter(norms.items()), (None, None))
+    out_norm, normed = next(iter(norms.items()), (None, None))
+    norm_eps = None if normed is None else normed.args[3] if len(normed.args) > 3 else normed.kwargs.get("eps")
     biases = [t for t in biases if t not in norms]
     biases.sort(key=lambda t: min((graph.order[u] for u in nodes[t].users), default=1 << 30))
     in_bias = out_bias = None
@@ -569,10 +571,9 @@ def _fused_sources(
     return sources, inter, sources[0].layout is not None
 
 
-def _output_norm_eps(weight: fx.Node) -> float | None | bool:
-    """Where the ``[E, H]`` tensor ``weight``, indexed by expert, multiplies an RMSNorm without a weight of its
-    own (each expert's output norm, Ergo's), that norm's epsilon (None: torch's default); False elsewhere (an
-    output bias)."""
+def _output_norm(weight: fx.Node) -> fx.Node | None:
+    """The RMSNorm without a weight of its own that the ``[E, H]`` tensor ``weight``, indexed by expert,
+    multiplies (each expert's output norm, Ergo's); None where it is something else (an output bias)."""
     for indexed in weight.users:
         if _packet(indexed) not in (aten.index, aten.select, aten.embedding):
             continue
@@ -582,8 +583,8 @@ def _output_norm_eps(weight: fx.Node) -> float | None | bool:
             for operand in user.args:
                 normed = _strip(operand, _TRANSPARENT)
                 if _packet(normed) is aten.rms_norm and len(normed.args) > 2 and normed.args[2] is None:
-                    return normed.args[3] if len(normed.args) > 3 else normed.kwargs.get("eps")
-    return False
+                    return normed
+    return None
 
 
 def _opaque_activation(module: nn.Module, block: str, owner: str) -> nn.Module:
@@ -744,10 +745,9 @@ def _describe_block(graph: _Graph, model: nn.Module, linear: fx.Node, selection:
     if scale != 1.0:
         common["routing"] = dataclasses.replace(spec, scale=spec.scale * scale)
     ndim = len(_shape(block_input))
-    positions = (2, 3) if ndim == 3 else (6,)
-    ids = {} if by_id is None else {by_id.argument: torch.randint(by_id.vocab_size, positions)}
+    x, ids = random_block_inputs(hidden, ndim, by_id)
     with torch.no_grad():
-        probe = float32_reference(module)(torch.randn(*positions, hidden), **ids)
+        probe = float32_reference(module)(x, **ids)
     second_outputs = ["weights", "logits"] if isinstance(probe, tuple) and len(probe) == 2 else [None]
     flattens_output = ndim == 3 and (probe[0] if isinstance(probe, tuple) else probe).ndim == 2
     inputs = {n.target for n in ancestors(block_input) if n.op == "placeholder"}

@@ -22,7 +22,7 @@ from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.utils.hooks import RemovableHandle
 
-from moefx.block import identity_split, runs_per_slot_rows, selection_nodes
+from moefx.block import runs_per_slot_rows, selection_nodes
 from moefx.experts import dispatch
 from moefx.routing import group_logit_targets
 
@@ -300,12 +300,10 @@ class InsertObservers(PassBase):
         logits = selection.args[0]
         experts = next(n for n in graph.nodes if n.op == "call_module" and n.target == "experts")
         bank = graph_module.get_submodule("experts")
-        split = identity_split(graph)  # the router's columns from split.args[3] on choose identity experts
-        scored = graph_module.get_submodule("router").out_features - selection.kwargs.get("shared_columns", 0)
         graph_module.add_submodule(
             "routing_observer",
             RoutingObserver(
-                scored if split is None else split.args[3],
+                bank.num_experts,  # the router's columns after the experts' choose identity or shared experts
                 self.hidden,
                 self.mask_key,
                 self.needs.router_input_moments,

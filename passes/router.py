@@ -100,13 +100,12 @@ class PruneRouter(PassBase):
         graph = graph_module.graph
         num_groups, hidden = self.weight.shape
         weight, bias, kept = self.weight, self.bias, [g[0] for g in self.plan.groups]
+        # the router's columns after the experts' (identity or shared experts') follow the groups'
+        extra = list(range(self.plan.num_experts, graph_module.router.out_features))
+        weight = torch.cat([weight, graph_module.router.weight[extra]])
+        bias = None if bias is None else torch.cat([bias, graph_module.router.bias[extra]])
+        kept += extra
         split = identity_split(graph)
-        selection, _, _ = selection_nodes(graph)
-        if split is not None or selection.kwargs.get("shared_columns"):  # identity or shared experts' columns
-            extra = list(range(self.plan.num_experts, graph_module.router.out_features))  # follow the groups'
-            weight = torch.cat([weight, graph_module.router.weight[extra]])
-            bias = None if bias is None else torch.cat([bias, graph_module.router.bias[extra]])
-            kept += extra
         if split is not None:
             split.args = (*split.args[:3], num_groups)
         router = nn.Linear(hidden, weight.shape[0], bias=bias is not None, device="meta")
@@ -114,6 +113,7 @@ class PruneRouter(PassBase):
         if bias is not None:
             router.bias = nn.Parameter(bias.detach().clone())
         graph_module.router = router
+        selection, _, _ = selection_nodes(graph)
         combine = next((n for n in graph.nodes if n.op == "call_function" and n.target is combine_by_group), None)
         if combine is not None:
             for user in list(combine.users):

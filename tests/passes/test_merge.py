@@ -141,7 +141,7 @@ def test_merging_a_neuron_permuted_copy_changes_no_output(zoo, family):
     ffns = [bank.ffn(e) for e in range(8)]
     ffns[1] = ffns[0].permuted(perm)  # expert 1 becomes a neuron-permuted copy of expert 0
     graph.experts = bank.with_experts(ffns, [0, 0, 2, 3, 4, 5, 6, 7])
-    x = torch.randn(2, 9, block.hidden_size)
+    x = torch.randn(2, 9, block.hidden_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = graph(x)
         merged = PassManager([MergeExperts(_plan([[0, 1], [2], [3], [4], [5], [6], [7]]))])(graph).graph_module
@@ -161,7 +161,7 @@ def test_merging_per_slot_rows_keeps_each_slot_apart():
     graph.experts = graph.experts.with_experts([ffns[0], *ffns[:1], *ffns[2:]], [0, 0, 2, 3, 4, 5, 6, 7])
     with torch.no_grad():
         graph.router.weight[1] = graph.router.weight[0] + 0.1  # experts 0 and 1 are both chosen, often
-    x = torch.randn(2, 9, block.hidden_size)
+    x = torch.randn(2, 9, block.hidden_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = graph(x)[0]
         merged = PassManager([MergeExperts(_plan([[0, 1], [2], [3], [4], [5], [6], [7]]))])(graph).graph_module
