@@ -52,7 +52,7 @@ def describe_block(graph: fx.GraphModule) -> dict:
     bank = graph.get_submodule("experts")
     selection = selection_nodes(graph.graph)[0]
     description = {
-        "router_outputs": graph.router.out_features,
+        "router_outputs": graph.router.out_features if hasattr(graph, "router") else None,  # None: routed outside
         "num_experts": bank.num_experts,
         "combine": any(n.target is combine_by_group for n in graph.graph.nodes),
         "selection": dict(selection.kwargs),
@@ -326,7 +326,9 @@ def _transformers_state(
 
     ``expert_names`` are the child names of the experts container (for experts held as modules).
     """
-    state = {f"{prefix}{block.router_weight_path}": graph.router.weight.detach()}
+    state = {}
+    if block.router_weight_path is not None:  # not routed outside the block
+        state[f"{prefix}{block.router_weight_path}"] = graph.router.weight.detach()
     if block.router_bias_path is not None:
         state[f"{prefix}{block.router_bias_path}"] = graph.router.bias.detach()
     if block.correction_bias_path is not None:
@@ -371,6 +373,8 @@ def plain_blocker(name: str, graph: fx.GraphModule) -> str | None:
     if isinstance(graph.experts, LoSparseExperts):
         return f"{name} has LoSparse experts, which transformers cannot hold: use moefx.save"
     if any(n.target is combine_by_group for n in graph.graph.nodes):
+        if graph.meta["moefx_block"].given_routing is not None:
+            return f"{name}'s experts are chosen by a router outside it, which moefx leaves as it is: use moefx.save"
         return f"{name} keeps the exact router: compile with router='pruned' for a transformers model"
     return None
 

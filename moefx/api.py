@@ -237,7 +237,8 @@ def block_flops(graph: torch.fx.GraphModule, bank: nn.Module, top_k: int) -> int
         for name, m in graph.named_modules()
         if name.startswith("shared_expert") and isinstance(m, nn.Linear)
     )
-    return int(2 * graph.router.weight.numel() + top_k * experts + shared)
+    router = 2 * graph.router.weight.numel() if hasattr(graph, "router") else 0  # routed outside the block
+    return int(router + top_k * experts + shared)
 
 
 def _mean_stable_rank(ffn: FFN) -> float:
@@ -291,7 +292,7 @@ def convert(
                 )
         banks = {name: g.get_submodule("observed_experts").bank for name, g in graphs.items()}
         ffns = {name: [bank.ffn(e) for e in range(bank.num_experts)] for name, bank in banks.items()}
-        routers = {name: g.get_submodule("router").weight for name, g in graphs.items()}
+        routers = {name: g.router.weight if hasattr(g, "router") else None for name, g in graphs.items()}
 
         def plan() -> dict[str, BlockPlan]:
             plans = plan_compression(state.blocks, stats, ffns, routers, config)

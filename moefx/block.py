@@ -8,8 +8,10 @@ compression passes rewrite::
     hidden_states -> reshape to tokens -> router (nn.Linear, E outputs) -> select_experts -> (weights, index)
         -> experts (FusedExperts | ModuleExperts) -> [+ shared experts] -> reshape back -> output
 
-Every node is a meaningful step (the router, the selection, the experts), so a pass can find and replace
-one by name. The canonical form is checked against the original module before it is used.
+A block routed outside itself (its module takes the weights and indices as arguments) has no router: its
+selection is ``given_routing`` on those arguments. Every node is a meaningful step (the router, the
+selection, the experts), so a pass can find and replace one by name. The canonical form is checked
+against the original module before it is used.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch import nn
 
 from moefx.errors import DetectionError, first_line
 from moefx.experts import FusedExperts, ModuleExperts, per_slot_rows, sum_slots
-from moefx.routing import RoutingSpec, select_experts, split_identity_experts, split_shared_columns
+from moefx.routing import RoutingSpec, given_routing, select_experts, split_identity_experts, split_shared_columns
 
 BLOCK_TOLERANCE = 1e-5
 
@@ -68,6 +70,30 @@ class TokenIdRouting:
     vocab_size: int  # V
 
 
+@dataclass(frozen=True)
+class GivenRouting:
+    """How a block routed outside itself (its module takes the routing as arguments: Gemma 4's and Zaya's
+    experts) is called: its forward's arguments after the hidden states, in order, and whether the first is
+    the expert indices (the other is their weights)."""
+
+    arguments: tuple[str, str]
+    index_first: bool
+
+    @property
+    def index(self) -> str:
+        return self.arguments[0 if self.index_first else 1]
+
+    @property
+    def weights(self) -> str:
+        return self.arguments[1 if self.index_first else 0]
+
+    def random_inputs(self, num_tokens: int, num_experts: int, top_k: int, seed: int) -> dict[str, torch.Tensor]:
+        """Random routing arguments: k distinct experts per token, weights in [0, 1)."""
+        g = torch.Generator().manual_seed(seed)
+        index = torch.rand(num_tokens, num_experts, generator=g).argsort(dim=-1)[:, :top_k]
+        return {self.index: index, self.weights: torch.rand(num_tokens, top_k, generator=g)}
+
+
 @dataclass
 class MoEBlock:
     """One MoE block of a model, as detection found it.
@@ -83,7 +109,7 @@ class MoEBlock:
     hidden_size: int
     intermediate_size: int
     routing: RoutingSpec
-    router_weight_path: str
+    router_weight_path: str | None  # None where the block is routed outside itself (``given_routing``)
     router_bias_path: str | None
     correction_bias_path: str | None
     experts_source: FusedExpertsSource | ModuleExpertsSource
@@ -100,6 +126,7 @@ class MoEBlock:
     identity_experts: int = 0  # router columns after the experts' that pass the token through (LongCat-Flash)
     token_id_routing: TokenIdRouting | None = None  # where ``routing.hash_routed`` looks experts up
     scale_parameter_path: str | None = None  # a learned scalar folded into ``routing.scale`` (kept as it is)
+    given_routing: GivenRouting | None = None  # the block takes its weights and indices from a router outside it
 
     @property
     def top_k(self) -> int:
@@ -119,8 +146,8 @@ class MoEBlock:
         return "fused" if isinstance(self.experts_source, FusedExpertsSource) else "modules"
 
     @property
-    def router_weight(self) -> torch.Tensor:
-        return _get_tensor(self.module, self.router_weight_path)
+    def router_weight(self) -> torch.Tensor | None:
+        return None if self.router_weight_path is None else _get_tensor(self.module, self.router_weight_path)
 
     @property
     def experts(self) -> nn.Module:
@@ -155,6 +182,7 @@ class MoEBlock:
             "hash_routed": r.hash_routed,
             "shared_columns": r.shared_columns,
             "expert_output_norms": self.experts_kind == "fused" and self.experts_source.out_norm is not None,
+            "routed_outside": self.given_routing is not None,
         }
 
     @property
@@ -217,7 +245,8 @@ class BlockRoot(nn.Module):
 def build_block(module: nn.Module, block: MoEBlock) -> torch.fx.GraphModule:
     """The canonical GraphModule of ``module`` (the block itself, or a copy of it) described by ``block``."""
     root = BlockRoot()
-    root.router = build_router(module, block)
+    if block.given_routing is None:
+        root.router = build_router(module, block)
     root.experts = build_experts(module, block)
     if block.correction_bias_path is not None:
         root.register_buffer("correction_bias", _get_tensor(module, block.correction_bias_path).detach())
@@ -232,15 +261,26 @@ def build_block(module: nn.Module, block: MoEBlock) -> torch.fx.GraphModule:
 
     g = torch.fx.Graph()
     hidden_states = g.placeholder("hidden_states")
-    # accepted as the block accepts them; unused (verified) but for a hash-routed block's token ids
-    optional = {name: g.placeholder(name, default_value=default) for name, default in _optional_parameters(module)}
+    given = block.given_routing
+    if given is None:
+        # accepted as the block accepts them; unused (verified) but for a hash-routed block's token ids
+        optional = {name: g.placeholder(name, default_value=default) for name, default in _optional_parameters(module)}
+    else:
+        optional = {name: g.placeholder(name) for name in given.arguments}
     tokens = g.call_method("reshape", (hidden_states, -1, block.hidden_size))
-    logits = g.call_module("router", (hidden_states if block.route_on_sequence else tokens,))
-    bias = g.get_attr("correction_bias") if block.correction_bias_path is not None else None
-    selection_args = (logits, bias)
-    if block.token_id_routing is not None:
-        selection_args += (g.get_attr("hash_table"), optional[block.token_id_routing.argument])
-    selection = g.call_function(select_experts, selection_args, block.routing.as_kwargs())
+    if given is None:
+        logits = g.call_module("router", (hidden_states if block.route_on_sequence else tokens,))
+        bias = g.get_attr("correction_bias") if block.correction_bias_path is not None else None
+        selection_args = (logits, bias)
+        if block.token_id_routing is not None:
+            selection_args += (g.get_attr("hash_table"), optional[block.token_id_routing.argument])
+        selection = g.call_function(select_experts, selection_args, block.routing.as_kwargs())
+    else:
+        logits = None
+        selection = g.call_function(
+            given_routing, (optional[given.weights], optional[given.index]),
+            {"top_k": block.top_k, "num_experts": block.num_experts},
+        )  # fmt: skip
     weights = g.call_function(operator.getitem, (selection, 0))
     index = g.call_function(operator.getitem, (selection, 1))
     selected_weights, shared_args = weights, ()
@@ -286,8 +326,8 @@ def _optional_parameters(module: nn.Module) -> list[tuple[str, Any]]:
 
 
 def selection_nodes(graph: torch.fx.Graph) -> tuple[torch.fx.Node, torch.fx.Node, torch.fx.Node]:
-    """A canonical block's ``select_experts`` node and its weights and index outputs."""
-    selection = next(n for n in graph.nodes if n.op == "call_function" and n.target is select_experts)
+    """A canonical block's ``select_experts`` (or ``given_routing``) node and its weights and index outputs."""
+    selection = next(n for n in graph.nodes if n.op == "call_function" and n.target in (select_experts, given_routing))
     outputs = {u.args[1]: u for u in selection.users if u.target is operator.getitem}
     return selection, outputs[0], outputs[1]
 
@@ -324,6 +364,9 @@ def random_block_inputs(
 def max_block_diff(original: nn.Module, canonical: nn.Module, block: MoEBlock, ndim: int, seed: int = 0) -> float:
     """Largest output difference of two modules of ``block`` on random inputs (float32)."""
     x, kwargs = random_block_inputs(block.hidden_size, ndim, block.token_id_routing, seed)
+    if block.given_routing is not None:
+        num_tokens = x.reshape(-1, block.hidden_size).shape[0]
+        kwargs |= block.given_routing.random_inputs(num_tokens, block.num_experts, block.top_k, seed)
     with torch.no_grad():
         ref, got = original(x, **kwargs), canonical(x, **kwargs)
     ref = ref if isinstance(ref, tuple) else (ref,)

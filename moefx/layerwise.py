@@ -23,6 +23,7 @@ import copy
 import ctypes
 import gc
 import inspect
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -41,6 +42,7 @@ from moefx.passes.detect import warn_unread_expert_banks
 
 # the decoder-layer arguments that carry per-batch tensors (transformers 5 names); caches are never passed
 _LAYER_ARGUMENTS = ("attention_mask", "position_embeddings", "position_ids", "cache_position", "input_ids")
+_CACHE = re.compile(r"cache|past_key")  # the KV cache arguments (capture runs without one)
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -107,7 +109,19 @@ def first_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: Iterabl
     accepted = set(_LAYER_ARGUMENTS) if takes_any else {p.name for p in parameters}
     calls: list[dict[str, Any]] = []
 
-    def catch(_: nn.Module, args: tuple, kwargs: dict) -> None:
+    def catch(layer: nn.Module, args: tuple, kwargs: dict) -> None:
+        names = list(inspect.signature(layer.forward).parameters)
+        carried = names[1 : len(args)] + [
+            k
+            for k, v in kwargs.items()
+            if k not in _LAYER_ARGUMENTS and not _CACHE.search(k) and not isinstance(v, (type(None), bool, int, str))
+        ]
+        if carried:
+            raise ConfigError(
+                f"layer-wise compression runs each decoder layer on the hidden states alone, but "
+                f"{type(layer).__name__} also takes {', '.join(carried)}, which moefx does not carry from layer to "
+                "layer: compile it with sequential=False"
+            )
         hidden = args[0] if args else kwargs["hidden_states"]
         call = {"hidden_states": hidden.float()}
         for name in _LAYER_ARGUMENTS:

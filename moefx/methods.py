@@ -10,6 +10,7 @@ and merging, and the refit the options ask for.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from scipy.cluster.hierarchy import cut_tree, linkage
 
+from moefx.errors import MoefxWarning
 from moefx.experts import FFN
 from moefx.passes.observe import BlockStats, CalibrationNeeds
 
@@ -92,7 +94,7 @@ class BlockEvidence:
     """What planning knows of one block: its calibration statistics, its router weight and its experts."""
 
     stats: BlockStats
-    router_weight: torch.Tensor
+    router_weight: torch.Tensor | None  # None for a block routed outside itself
     ffns: list[FFN]
 
 
@@ -122,6 +124,16 @@ class Method:
     ) -> list[list[int]]:
         """A block's groups, dominant (kept) expert first, from its statistics and experts."""
         kind = config.similarity
+        if len(dominants) == len(block.ffns):  # every expert kept: nothing to group
+            return [[d] for d in sorted(dominants)]
+        if kind.startswith("router-") and block.router_weight is None:
+            warnings.warn(
+                f"experts chosen by a router outside their block (left as it is) are grouped by expert-weight "
+                f"similarity: {kind} needs that router",
+                MoefxWarning,
+                stacklevel=2,
+            )
+            kind = "expert-weight"
         similarity = None if kind == "random" else expert_similarity(kind, block.stats, block.router_weight, block.ffns)
         return group_by_similarity(sorted(dominants), len(block.ffns), similarity, rng)
 

@@ -29,7 +29,8 @@ class RoutingSpec:
       DeepSeek-V4), or ``"softmax_topk"`` (top-k of the logits, then softmax over the k,
       GPT-OSS), or ``"sparsemixer"`` (PhiMoE's sparse mixer, as in eval mode: each of the k slots takes the
       best expert not yet taken, weighted by a softmax over the experts not yet taken whose logits are
-      within a relative ``2 * jitter_eps`` of its own).
+      within a relative ``2 * jitter_eps`` of its own), or ``"given"`` (the block takes its weights and
+      indices as arguments from a router outside it, which moefx leaves as it is: :func:`given_routing`).
     * ``normalize``: divide the k weights by their sum (plus ``norm_eps``, and at least ``norm_min`` when it
       is set); ``scale``: multiply them after.
     * ``has_correction_bias``: a per-expert bias added to the scores for choosing only (DeepSeek-V3), or to
@@ -166,6 +167,17 @@ def _top1_with_capacity(logits: torch.Tensor, capacity: int) -> tuple[torch.Tens
     index = torch.where(kept, index, torch.full_like(index, -1))
     weights = torch.where(kept, weights, torch.zeros_like(weights))
     return weights.reshape(-1, 1), index.reshape(-1, 1)
+
+
+def given_routing(
+    weights: torch.Tensor, index: torch.Tensor, *, top_k: int, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The selection of a block whose routing is computed outside it (Gemma 4's and Zaya's expert modules
+    take their weights and indices as arguments): the given ones as ``[T, k]`` float32 and int64, with an
+    index outside the experts (a skip slot) routed nowhere (-1, weight 0)."""
+    index = index.reshape(-1, top_k).long()
+    outside = (index < 0) | (index >= num_experts)
+    return weights.reshape(-1, top_k).float().masked_fill(outside, 0.0), index.masked_fill(outside, -1)
 
 
 def split_shared_columns(

@@ -307,9 +307,11 @@ class _LayerSink:
 
     def _check_plain(self, name: str, graph: fx.GraphModule) -> None:
         reason = plain_blocker(name, graph)
-        expected = self.plain.get_submodule(name).get_parameter(graph.meta["moefx_block"].router_weight_path)
-        if reason is None and graph.experts.num_experts != expected.shape[0]:
-            reason = f"{name} keeps {graph.experts.num_experts} experts, the layers before {expected.shape[0]}"
+        block = graph.meta["moefx_block"]  # the plain block's router rows, or its experts' (routed outside it)
+        counted = block.router_weight_path or block.experts_source.in_proj
+        expected = self.plain.get_submodule(name).get_parameter(counted).shape[0]
+        if reason is None and graph.experts.num_experts != expected:
+            reason = f"{name} keeps {graph.experts.num_experts} experts, the layers before {expected}"
         if reason is not None:
             raise CheckpointError(f"the first MoE layers were written as a transformers checkpoint, but {reason}: "
                                   "compress with --router exact for moefx's own format")  # fmt: skip

@@ -9,15 +9,18 @@ Matches, in the ATen graph that :func:`moefx.trace` captures:
 * the **experts** beside it: the nearest enclosing module that holds 3-D parameters with a leading
   dimension of E (fused experts), a container of E structurally identical expert modules, or 2-D
   parameters of width H stacking E matrices (``[E*I, H]``, DBRX). That module is the **block**; its other
-  parameterised children are shared experts, and a child linear with one output is a shared-expert gate.
+  parameterised children are shared experts, and a child linear with one output is a shared-expert gate;
+* a fused expert bank no such router's block holds, whose module takes the routing as arguments
+  (``forward(hidden, index, weights)``: Gemma 4's and Zaya's experts, chosen by a router module beside
+  them): the bank's module is a block of its own, routed outside itself (``MoEBlock.given_routing``).
 
 The routing variant (scoring, renormalisation, scaling, correction bias, group-limited selection,
 capacity) is read from the ops between the router and the selection; a fused bank's activation is the
 subgraph between its two matmuls, extracted as a GraphModule, or, where capture keeps the experts' loop
 opaque, the one parameterless module beside their weights. Detection works on structure and shapes, not
 class names, and each block's reading is verified by running moefx's canonical form of it against the
-original module. Expert banks that no router read here selects are left as they are, with a warning
-(:func:`unread_expert_banks`). Rewrites nothing.
+original module. Other expert banks (no router read here selects them, and they do not take their routing
+as arguments) are left as they are, with a warning (:func:`unread_expert_banks`). Rewrites nothing.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from moefx.block import (
     FusedExpertsSource,
+    GivenRouting,
     ModuleExpertsSource,
     MoEBlock,
     TokenIdRouting,
@@ -644,19 +648,29 @@ def _output_scale(graph: _Graph, block: str, hidden: int, routed: set[fx.Node], 
     return scale
 
 
-def _block_input(graph: _Graph, block: str) -> fx.Node:
-    region = {n for n in graph.nodes if n.op == "call_function" and _inside(_owner(n), block)}
-    region |= {n for n in graph.nodes if n.op == "call_module" and _inside(n.target, block)}
+def _region(graph: _Graph, block: str) -> list[fx.Node]:
+    """The captured nodes that module ``block`` computes, in graph order."""
+    calls = {"call_function": _owner, "call_module": lambda n: n.target}  # a leaf module's call is its own
+    return [n for n in graph.nodes if n.op in calls and _inside(calls[n.op](n), block)]
+
+
+def _region_inputs(graph: _Graph, block: str) -> list[fx.Node]:
+    """The tensors module ``block`` takes from outside it (its parameters and buffers aside), in graph order."""
+    region = set(_region(graph, block))
     inputs = {
         a
         for n in region
         for a in n.all_input_nodes
         if a not in region and a.op != "get_attr" and isinstance(a.meta.get("val"), torch.Tensor)
     }
-    inputs = {a for a in inputs if a.meta["val"].is_floating_point()}
+    return sorted(inputs, key=graph.order.get)
+
+
+def _block_input(graph: _Graph, block: str) -> fx.Node:
+    inputs = [a for a in _region_inputs(graph, block) if a.meta["val"].is_floating_point()]
     if len(inputs) != 1:
         raise DetectionError(f"{block}: an MoE block must take one hidden-states tensor, found {len(inputs)} inputs")
-    return inputs.pop()
+    return inputs[0]
 
 
 @dataclasses.dataclass
@@ -694,14 +708,15 @@ def _locate(graph: _Graph, model: nn.Module, linear: fx.Node) -> _Located | None
     return _Located(*found, num_experts, weight_path, num_outputs, hidden)
 
 
-def _describe_block(graph: _Graph, model: nn.Module, linear: fx.Node, selection: fx.Node, at: _Located) -> MoEBlock:
+def _describe_block(
+    graph: _Graph, model: nn.Module, linear: fx.Node, selection: fx.Node, at: _Located, block_input: fx.Node
+) -> MoEBlock:
     weight_path, num_outputs, hidden = at.router_path, at.num_outputs, at.hidden
     block, fused_names, container, num_experts = at.block, at.fused_names, at.container, at.num_experts
     reading = _read_routing(graph, linear, selection, block or type(model).__name__)
     spec, hashed = reading.spec, reading.hash_table
     bias_arg = linear.args[2] if len(linear.args) > 2 else None
     router_bias = graph.attr(bias_arg) if bias_arg is not None else None
-    block_input = _block_input(graph, block)
     module = model.get_submodule(block)
     by_id = None if hashed is None else _token_id_routing(module, block, *hashed)
     top_children = {_relative(weight_path, block).split(".")[0]}
@@ -760,13 +775,49 @@ def _describe_block(graph: _Graph, model: nn.Module, linear: fx.Node, selection:
         )
         for scales_inputs in (False, True) for second in second_outputs for source in sources
     ]  # fmt: skip
+    return _verified(candidates, ndim)
+
+
+def _verified(candidates: list[MoEBlock], ndim: int) -> MoEBlock:
+    """The first candidate reading that reproduces its block, with its gated experts' row pairing read."""
     found = first_verified(candidates, ndim)
     src = found.experts_source
     if isinstance(src, FusedExpertsSource) and src.layout is not None:
-        src.layout = _gated_layout(build_experts(float32_reference(module), found))
+        src.layout = _gated_layout(build_experts(float32_reference(found.module), found))
         if src.layout is None:
-            raise DetectionError(f"{block}: gated experts whose gate/up row pairing moefx cannot determine")
+            raise DetectionError(f"{found.name}: gated experts whose gate/up row pairing moefx cannot determine")
     return found
+
+
+def _routed_outside(graph: _Graph, model: nn.Module, bank: str) -> MoEBlock | None:
+    """The reading of a fused expert bank whose module takes its routing as arguments, ``forward(hidden,
+    index, weights)`` with the last two in either order (Gemma 4's and Zaya's experts, chosen by a router
+    module beside them), or None where the bank's module is not called so. The router stays as it is."""
+    module = model.get_submodule(bank)
+    parameters = list(inspect.signature(module.forward).parameters.values())
+    inputs = _region_inputs(graph, bank)
+    indices = [a for a in inputs if not a.meta["val"].is_floating_point()]
+    floats = [a for a in inputs if a.meta["val"].is_floating_point()]
+    if len(parameters) != 3 or len(indices) != 1 or len(floats) != 2 or not isinstance(_last_dim(indices[0]), int):
+        return None
+    hidden_states = [a for a in floats if _shape(a) != _shape(indices[0])]
+    if len(hidden_states) != 1:
+        return None
+    hidden, ndim = _last_dim(hidden_states[0]), len(_shape(hidden_states[0]))
+    names = [name for name, p in module.named_parameters(recurse=False) if p.ndim == 3]
+    num_experts = module.get_parameter(names[0]).shape[0]
+    sources, intermediate, gated = _fused_sources(graph, module, bank, names, hidden, num_experts)
+    arguments = (parameters[1].name, parameters[2].name)
+    candidates = [
+        MoEBlock(
+            name=bank, module=module, num_experts=num_experts, hidden_size=hidden, intermediate_size=intermediate,
+            routing=RoutingSpec(_last_dim(indices[0]), scoring="given"), router_weight_path=None,
+            router_bias_path=None, correction_bias_path=None, experts_source=source, gated=gated, input_ndim=ndim,
+            given_routing=GivenRouting(arguments, index_first),
+        )
+        for index_first in (True, False) for source in sources
+    ]  # fmt: skip
+    return _verified(candidates, ndim)
 
 
 def _token_id_routing(
@@ -818,17 +869,32 @@ class DetectMoEBlocks(PassBase):
             if located is None:
                 continue
             try:
-                block = _describe_block(graph, self.model, node, selection, located)
+                block_input = _block_input(graph, located.block)
+            except DetectionError as exc:  # router and experts are parts of a larger module (Gemma 4's layer)
+                failures.append((exc, located.banks, False))
+                continue
+            try:
+                block = _describe_block(graph, self.model, node, selection, located, block_input)
             except DetectionError as exc:
-                failures.append((exc, located.banks))
+                failures.append((exc, located.banks, True))
                 continue
             read |= located.banks
             blocks.setdefault(block.name, block)
+        given_read = set()
+        for bank in unread_expert_banks(self.model, list(blocks)):
+            block = _routed_outside(graph, self.model, bank)
+            if block is not None:
+                given_read.add(bank)
+                blocks[bank] = block
         # a linear that merely feeds a top-k (Qwen4-Exp's hyper-connections) fails beside experts a router reads
-        for exc, banks in failures:
-            if not banks <= read:
+        for exc, banks, unread_router in failures:
+            if not banks <= read | given_read:
                 raise exc
-        self.blocks = list(blocks.values())
+            if unread_router and banks & given_read:
+                warnings.warn(f"{exc}; its experts are compressed as routed by that router, left as it is",
+                              MoefxWarning, stacklevel=2)  # fmt: skip
+        first_node = {name: graph.order[_region(graph, name)[0]] for name in blocks}
+        self.blocks = sorted(blocks.values(), key=lambda b: first_node[b.name])
         return PassResult(graph_module, False)
 
 

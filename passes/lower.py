@@ -30,6 +30,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from moefx.block import runs_per_slot_rows, selection_nodes
 from moefx.experts import FusedExperts, ModuleExperts
+from moefx.routing import select_experts
 
 # ONNX Runtime's MoE GELU is an approximation (about 1e-4 off exact GELU), so GELU experts stay portable.
 _PLAIN_ACTIVATIONS = {"relu": F.relu, "silu": F.silu, "identity": lambda h: h}
@@ -291,7 +292,8 @@ def operator_computes_routing(graph_module: fx.GraphModule) -> bool:
     experts = next(n for n in graph_module.graph.nodes if n.op == "call_module" and n.target == "experts")
     routing = selection.kwargs
     return (
-        routing["scoring"] in ("softmax", "softmax_topk")
+        selection.target is select_experts  # not routed outside the block
+        and routing["scoring"] in ("softmax", "softmax_topk")
         and routing.get("capacity") is None
         and routing.get("n_group") is None
         and not any(isinstance(a, fx.Node) for a in selection.args[1:])  # a correction bias, a hash table

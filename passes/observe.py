@@ -24,7 +24,7 @@ from torch.utils.hooks import RemovableHandle
 
 from moefx.block import runs_per_slot_rows, selection_nodes
 from moefx.experts import dispatch
-from moefx.routing import group_logit_targets
+from moefx.routing import group_logit_targets, select_experts
 
 _ACTIVE_MASKS: dict[str, torch.Tensor] = {}
 
@@ -73,11 +73,19 @@ class RoutingObserver(nn.Module):
     Buffers (float64): ``tokens`` (valid tokens), ``dropped`` (valid tokens routed to no expert:
     dropped by a capacity, or routed only to identity experts), ``counts[E]``
     (how often each expert is in a token's top-k), ``weight_sums[E]``, ``logit_gram[E, E]`` and
-    ``logit_sums[E]`` (for cosine similarity of router-logit columns), and with ``router_input_moments``
-    ``router_input_gram[H, H]`` and ``router_input_sum[H]``.
+    ``logit_sums[E]`` (for cosine similarity of router-logit columns; None for a block routed outside itself,
+    which sees no logits), and with ``router_input_moments`` ``router_input_gram[H, H]`` and
+    ``router_input_sum[H]``.
     """
 
-    def __init__(self, num_experts: int, hidden: int, mask_key: str, router_input_moments: bool = False) -> None:
+    def __init__(
+        self,
+        num_experts: int,
+        hidden: int,
+        mask_key: str,
+        router_input_moments: bool = False,
+        observes_logits: bool = True,
+    ) -> None:
         super().__init__()
         self.mask_key = mask_key
         f64 = dict(dtype=torch.float64)
@@ -85,8 +93,8 @@ class RoutingObserver(nn.Module):
         self.register_buffer("dropped", torch.zeros((), **f64))
         self.register_buffer("counts", torch.zeros(num_experts, **f64))
         self.register_buffer("weight_sums", torch.zeros(num_experts, **f64))
-        self.register_buffer("logit_gram", torch.zeros(num_experts, num_experts, **f64))
-        self.register_buffer("logit_sums", torch.zeros(num_experts, **f64))
+        self.register_buffer("logit_gram", torch.zeros(num_experts, num_experts, **f64) if observes_logits else None)
+        self.register_buffer("logit_sums", torch.zeros(num_experts, **f64) if observes_logits else None)
         for name in ("router_input_gram", "router_input_sum", "expert_to_group", "group_cross", "group_target_sums"):
             self.register_buffer(name, None)
         if router_input_moments:
@@ -106,32 +114,43 @@ class RoutingObserver(nn.Module):
         self.group_target_sums = torch.zeros(num_groups, dtype=torch.float64)
 
     @torch.no_grad()
-    def observe(self, weights: torch.Tensor, index: torch.Tensor, logits: torch.Tensor, router_input: torch.Tensor):
+    def observe(
+        self,
+        weights: torch.Tensor,
+        index: torch.Tensor,
+        logits: torch.Tensor | None = None,
+        router_input: torch.Tensor | None = None,
+    ) -> None:
         num_tokens, num_experts = index.shape[0], self.counts.shape[0]
         valid = _token_mask(self.mask_key, num_tokens, index.device)
-        logits = logits.reshape(num_tokens, -1)[:, :num_experts]  # without identity experts' columns
         if self.expert_to_group is not None:
             x = router_input.reshape(num_tokens, -1)[valid].double()
+            logits = logits.reshape(num_tokens, -1)[:, :num_experts]  # without identity experts' columns
             targets = group_logit_targets(logits[valid], self.expert_to_group, self.group_cross.shape[1])
             self.group_cross += x.T @ targets
             self.group_target_sums += targets.sum(dim=0)
             return
         index, weights = index[valid], weights[valid].double()
-        logits = logits[valid].double()
         self.tokens += valid.sum()
         routed = (index >= 0) & (index < num_experts)
         self.dropped += (~routed).all(dim=-1).sum()
         self.counts += torch.bincount(index[routed], minlength=num_experts).double()
         self.weight_sums.index_add_(0, index[routed], weights[routed])
-        self.logit_gram += logits.T @ logits
-        self.logit_sums += logits.sum(dim=0)
+        if self.logit_gram is not None:
+            logits = logits.reshape(num_tokens, -1)[valid, :num_experts].double()
+            self.logit_gram += logits.T @ logits
+            self.logit_sums += logits.sum(dim=0)
         if self.router_input_gram is not None:
             x = router_input.reshape(num_tokens, -1)[valid].double()
             self.router_input_gram += x.T @ x
             self.router_input_sum += x.sum(dim=0)
 
     def forward(
-        self, weights: torch.Tensor, index: torch.Tensor, logits: torch.Tensor, router_input: torch.Tensor
+        self,
+        weights: torch.Tensor,
+        index: torch.Tensor,
+        logits: torch.Tensor | None = None,
+        router_input: torch.Tensor | None = None,
     ) -> torch.Tensor:
         self.observe(weights, index, logits, router_input)
         return weights
@@ -285,7 +304,8 @@ class InsertObservers(PassBase):
     """Insert calibration observers into a canonical MoE block.
 
     Matches: the ``select_experts`` call and the ``experts`` call_module of a canonical block.
-    Rewrites: adds a ``routing_observer`` call_module (weights, index, logits, router input -> weights)
+    Rewrites: adds a ``routing_observer`` call_module (weights, index, logits, router input -> weights;
+    the weights and index alone for a block routed outside itself, whose selection is ``given_routing``)
     after the selection, re-points the consumers of the weights at it, and wraps the experts module in
     :class:`ObservedExperts`. Outputs are unchanged.
     """
@@ -297,7 +317,7 @@ class InsertObservers(PassBase):
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         graph = graph_module.graph
         selection, weights, index = selection_nodes(graph)
-        logits = selection.args[0]
+        logits = selection.args[0] if selection.target is select_experts else None
         experts = next(n for n in graph.nodes if n.op == "call_module" and n.target == "experts")
         bank = graph_module.get_submodule("experts")
         graph_module.add_submodule(
@@ -306,7 +326,8 @@ class InsertObservers(PassBase):
                 bank.num_experts,  # the router's columns after the experts' choose identity or shared experts
                 self.hidden,
                 self.mask_key,
-                self.needs.router_input_moments,
+                self.needs.router_input_moments and logits is not None,
+                observes_logits=logits is not None,
             ),
         )
         rows_per_token = selection.kwargs["top_k"] if runs_per_slot_rows(graph) else 1
@@ -314,7 +335,8 @@ class InsertObservers(PassBase):
             "observed_experts", ObservedExperts(bank, self.hidden, self.mask_key, self.needs, rows_per_token)
         )
         with graph.inserting_after(max(weights, index, key=lambda n: list(graph.nodes).index(n))):
-            observed = graph.call_module("routing_observer", (weights, index, logits, logits.args[0]))
+            routing = (weights, index) if logits is None else (weights, index, logits, logits.args[0])
+            observed = graph.call_module("routing_observer", routing)
         weights.replace_all_uses_with(observed, delete_user_cb=lambda user: user is not observed)
         experts.target = "observed_experts"
         graph_module.delete_submodule("experts")
@@ -359,8 +381,8 @@ class BlockStats:
     dropped: float
     counts: torch.Tensor
     weight_sums: torch.Tensor
-    logit_gram: torch.Tensor
-    logit_sums: torch.Tensor
+    logit_gram: torch.Tensor | None  # None for a block routed outside itself
+    logit_sums: torch.Tensor | None
     routed: torch.Tensor
     output_sums: torch.Tensor
     output_norm_sums: torch.Tensor
@@ -438,8 +460,8 @@ def collect_statistics(graph_module: fx.GraphModule) -> BlockStats:
         dropped=routing.dropped.item(),
         counts=routing.counts.clone(),
         weight_sums=routing.weight_sums.clone(),
-        logit_gram=routing.logit_gram.clone(),
-        logit_sums=routing.logit_sums.clone(),
+        logit_gram=None if routing.logit_gram is None else routing.logit_gram.clone(),
+        logit_sums=None if routing.logit_sums is None else routing.logit_sums.clone(),
         routed=experts.routed.clone(),
         output_sums=experts.output_sums.clone(),
         output_norm_sums=experts.output_norm_sums.clone(),

@@ -28,6 +28,8 @@ from moefx.routing import INDEPENDENT_SCORINGS, RoutingSpec, combine_by_group
 
 def router_prune_blocker(routing: RoutingSpec, merges: bool, identity_experts: int = 0) -> str | None:
     """Why this routing cannot be given fewer outputs soundly, or None if it can."""
+    if routing.scoring == "given":
+        return "its experts are chosen by a router outside the block, which moefx leaves as it is"
     if routing.hash_routed:
         return "its experts are chosen by token id from a fixed table, which names the experts it has"
     if identity_experts and merges:

@@ -254,6 +254,15 @@ def test_sequential_needs_a_decoder_stack_and_per_layer_options():
         moefx.compile(tiny_model("mixtral"), _calibration("mixtral"), sequential=True, adaptive=True)
 
 
+@pytest.mark.parametrize("family, carried", [("zaya", "prev_router_hidden_states"), ("gemma4_text", "per_layer_input")])
+def test_layers_that_take_more_than_their_hidden_states_from_the_model_are_refused_in_one_line(family, carried):
+    # Zaya's router state comes from the layer before, Gemma 4's per-layer inputs from the model: run alone on
+    # cached hidden states, a layer would compute something else
+    with pytest.raises(moefx.ConfigError, match=f"also takes {carried}(, |, which)") as info:
+        moefx.compile(tiny_transformers_model(family), _calibration(family), experts=0.5, sequential=True)
+    assert "\n" not in str(info.value) and str(info.value).endswith("compile it with sequential=False")
+
+
 # the peak is VmHWM, this process's own (ru_maxrss would carry over the parent's resident size at fork),
 # reset between the two checkpoints by writing 5 to clear_refs
 _PEAK_SCRIPT = """

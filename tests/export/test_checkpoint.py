@@ -123,6 +123,21 @@ def test_identity_experts_keep_their_router_rows_through_both_checkpoints(tmp_pa
         assert max_output_diff(plain(**batches[0]).logits, expected) <= 1e-5
 
 
+def test_experts_routed_outside_their_block_round_trip_and_reach_transformers_only_unmerged(tmp_path):
+    # Gemma 4: the router module beside the experts is left as it is, so merged experts cannot be a plain model
+    model = tiny_transformers_model("gemma4_text")
+    batches = [example_inputs("gemma4_text", seed=s) for s in range(2)]
+    with pytest.warns(moefx.MoefxWarning, match="chosen by a router outside the block"):  # a pruned router
+        half = moefx.compile(model, batches, experts=0.5, method="prune-frequency")
+    moefx.save(half, tmp_path / "moefx", batches[0])
+    with pytest.raises(moefx.MoefxError, match=r"^model.layers.0.experts's experts are chosen by a router outside it"):
+        moefx.export.to_transformers(half, batches[0])
+    plain = moefx.export.to_transformers(moefx.compile(model, batches, experts=1.0), batches[0])
+    with torch.no_grad():
+        assert max_output_diff(moefx.load(tmp_path / "moefx")(**batches[0]).logits, half(**batches[0]).logits) <= 1e-6
+        assert max_output_diff(plain(**batches[0]).logits, model(**batches[0]).logits) <= 1e-5
+
+
 def test_save_pretrained_refuses_what_transformers_cannot_hold(compiled_tiny, tmp_path):
     with pytest.raises(moefx.MoefxError, match="exact router"):
         moefx.export.save_pretrained(compiled_tiny("mixtral", experts=0.5), tmp_path / "a", example_inputs("mixtral"))

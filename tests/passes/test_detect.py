@@ -12,6 +12,7 @@ from torch.fx.passes.infra.pass_manager import PassManager
 import moefx
 import moefx.export
 from moefx.block import TokenIdRouting, build_block, max_block_diff
+from moefx.capture import max_output_diff
 from moefx.experts import FusedExperts, GatedActivation, per_slot_rows, sum_slots
 from moefx.passes.detect import DetectMoEBlocks, find_moe_blocks, unread_expert_banks
 from moefx.passes.lower import operator_computes_routing
@@ -179,7 +180,7 @@ def test_a_sparse_mixer_of_another_threshold_is_read_with_it():
     assert {b.routing.jitter_eps for b in find_moe_blocks(model, example_inputs("phimoe"))} == {0.2}
 
 
-def test_a_sparse_mixer_whose_threshold_moefx_cannot_read_gets_one_line(monkeypatch):
+def test_a_sparse_mixer_whose_threshold_moefx_cannot_read_is_left_as_it_is_before_its_experts(monkeypatch):
     from transformers.models.phimoe import modeling_phimoe
 
     def sparsemixer_at_least(scores, jitter_eps, training, top_k=2):  # ">=" where PhiMoE compares with ">"
@@ -189,8 +190,16 @@ def test_a_sparse_mixer_whose_threshold_moefx_cannot_read_gets_one_line(monkeypa
         return torch.softmax(scores.masked_fill(far, float("-inf")), dim=-1).gather(-1, chosen), chosen
 
     monkeypatch.setattr(modeling_phimoe, "sparsemixer", sparsemixer_at_least)
-    with pytest.raises(moefx.DetectionError, match="sparse-mixer routing whose threshold moefx cannot read"):
-        find_moe_blocks(tiny_transformers_model("phimoe"), example_inputs("phimoe"))
+    model, batch = tiny_transformers_model("phimoe"), example_inputs("phimoe")
+    # PhiMoE's experts module takes the routing as arguments, so it is compressed behind the unread router
+    unread = r"^model.layers.[01].mlp: a sparse-mixer routing whose threshold moefx cannot read.*, left as it is$"
+    with pytest.warns(moefx.MoefxWarning, match=unread):
+        blocks = find_moe_blocks(model, batch)
+    assert [(b.name, b.given_routing is not None) for b in blocks] == [(f"model.layers.{i}.mlp.experts", True)
+                                                                       for i in range(2)]  # fmt: skip
+    with torch.no_grad(), pytest.warns(moefx.MoefxWarning, match="cannot read"):
+        same = moefx.compile(model, [batch], experts=1.0)
+        assert max_output_diff(same(**batch).logits, model(**batch).logits) <= 1e-5
 
 
 def test_a_correction_bias_on_the_logits_is_read_apart_from_one_on_the_scores():
@@ -483,6 +492,74 @@ def test_expert_banks_no_router_chooses_are_named_and_left_as_they_are():
     with pytest.warns(moefx.MoefxWarning, match=r"^1: expert weights that no router moefx can read selects"):
         half = moefx.compile(model, [x], experts=0.5)
     assert torch.equal(half[1].up, model[1].up) and [b.name for b in half.moefx_report.blocks] == ["0"]
+
+
+class GivenRoutingExperts(torch.nn.Module):
+    """Fused SwiGLU experts that take their routing as arguments (transformers' experts modules, which
+    Gemma 4 and Zaya call from outside an MoE block); ``weights_first`` swaps the two."""
+
+    def __init__(self, weights_first: bool = False):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.gate_up_proj = torch.nn.Parameter(torch.randn(4, 32, 8, generator=g) / 3)
+        self.down_proj = torch.nn.Parameter(torch.randn(4, 8, 16, generator=g) / 4)
+        self.weights_first = weights_first
+
+    def forward(self, hidden_states, first, second):
+        index, weights = (second, first) if self.weights_first else (first, second)
+        out = torch.zeros_like(hidden_states)
+        for e in range(4):
+            tok, slot = torch.where(index == e)
+            gate, up = F.linear(hidden_states[tok], self.gate_up_proj[e]).chunk(2, dim=-1)
+            out.index_add_(0, tok, F.linear(F.silu(gate) * up, self.down_proj[e]) * weights[tok, slot, None])
+        return out
+
+
+class RoutedBeside(torch.nn.Module):
+    """Gemma 4's layout: a router module (a norm, a linear, softmax top-2, renormalised, times a learned
+    per-expert scale) beside the experts, which see another norm of the input."""
+
+    def __init__(self, weights_first: bool = False):
+        super().__init__()
+        self.router_norm, self.experts_norm = torch.nn.LayerNorm(8), torch.nn.LayerNorm(8)
+        self.router = torch.nn.Linear(8, 4, bias=False)
+        self.per_expert_scale = torch.nn.Parameter(torch.rand(4, generator=torch.Generator().manual_seed(1)) + 0.5)
+        self.experts, self.weights_first = GivenRoutingExperts(weights_first), weights_first
+
+    def forward(self, x):
+        flat = x.reshape(-1, 8)
+        w, idx = self.router(self.router_norm(flat)).softmax(-1).topk(2, dim=-1)
+        w = w / w.sum(-1, keepdim=True) * self.per_expert_scale[idx]
+        routing = (w, idx) if self.weights_first else (idx, w)
+        return x + self.experts(self.experts_norm(flat), *routing).reshape(x.shape)
+
+
+@pytest.mark.filterwarnings("ignore:0 looks like an MoE block")  # asserted once below; loading re-detects
+@pytest.mark.parametrize("weights_first", [False, True])
+def test_experts_routed_by_a_router_beside_them_are_a_block_of_their_own(weights_first, tmp_path):
+    model, x = torch.nn.Sequential(RoutedBeside(weights_first)), torch.randn(2, 6, 8)
+    # the module holding both is no MoE block (its residual and norms are not a block's), so its router is unread
+    with pytest.warns(moefx.MoefxWarning, match=r"^0 looks like an MoE block.*compressed as routed by that router"):
+        (block,) = find_moe_blocks(model, x)
+    assert (block.name, block.num_experts, block.top_k, block.input_ndim) == ("0.experts", 4, 2, 2)
+    assert block.router_weight is None and block.given_routing.index == ("second" if weights_first else "first")
+    canonical = build_block(block.module, block)
+    assert [n.target for n in canonical.graph.nodes if n.op == "placeholder"] == ["hidden_states", "first", "second"]
+    assert not hasattr(canonical, "router") and not operator_computes_routing(canonical)
+    with torch.no_grad(), pytest.warns(moefx.MoefxWarning, match="looks like an MoE block"):
+        assert (moefx.compile(model, [x], experts=1.0)(x) - model(x)).abs().max() <= 1e-5
+    with pytest.warns(moefx.MoefxWarning) as caught:
+        half = moefx.compile(model, [x, torch.randn(2, 6, 8)], experts=0.5, router="pruned")
+    messages = [str(w.message) for w in caught]
+    assert any("0.experts: router='pruned' is not possible here (its experts are chosen by a router outside" in m
+               for m in messages)  # fmt: skip
+    assert any("grouped by expert-weight similarity: router-logits needs that router" in m for m in messages)
+    assert [(b.num_experts, b.kept, b.router) for b in half.moefx_report.blocks] == [(4, 2, "exact")]
+    assert torch.equal(half[0].router.weight, model[0].router.weight)  # the router is left as it is
+    assert moefx.export.onnx(half, tmp_path / "m.onnx", x).is_file()  # its parity with eager is checked inside
+    moefx.save(half, tmp_path / "saved", {"input": x})
+    with torch.no_grad():
+        assert (moefx.load(tmp_path / "saved", model)(x) - half(x)).abs().max() <= 1e-6
 
 
 def test_experts_that_end_in_their_own_rms_norm_are_read_with_it():

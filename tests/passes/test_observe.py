@@ -62,6 +62,23 @@ def test_routing_statistics_match_direct_computation(zoo, observed_block):
     assert torch.equal(stats.routed, stats.counts)
 
 
+def test_a_block_routed_outside_itself_is_observed_on_the_routing_it_is_given(observed_block):
+    model = tiny_transformers_model("gemma4_text")
+    block = find_moe_blocks(model, example_inputs("gemma4_text"))[0]
+    observed = observed_block(block, CalibrationNeeds(router_input_moments=True, weighted_input_moments=True))
+    observer = next(n for n in observed.graph.nodes if n.target == "routing_observer")
+    assert len(observer.args) == 2  # weights and indices: no logits, no router input
+    x, given = torch.randn(11, block.hidden_size), block.given_routing.random_inputs(11, 8, 2, seed=3)
+    with torch.no_grad():
+        assert torch.equal(observed(x, **given), build_block(block.module, block)(x, **given))
+    stats = collect_statistics(observed)
+    assert stats.logit_gram is None and stats.router_input_gram is None and stats.tokens == 11
+    assert torch.equal(stats.counts, torch.bincount(given["top_k_index"].flatten(), minlength=8).double())
+    assert torch.allclose(stats.weight_sums, torch.zeros(8, dtype=torch.float64).index_add_(
+        0, given["top_k_index"].flatten(), given["top_k_weights"].flatten().double()))  # fmt: skip
+    assert stats.weighted_input_grams.shape == (8, block.hidden_size, block.hidden_size)
+
+
 def test_padding_tokens_are_excluded(zoo, observed_block):
     model, inputs, _, blocks = zoo("mixtral")
     model = copy.deepcopy(model)
