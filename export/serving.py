@@ -159,7 +159,8 @@ def eager_with_routing_ties(
     """Run eager on ``inputs``: its outputs, and a boolean per batch row saying whether some token of it has a
     near-tie between its k-th and (k+1)-th router logit in some block. Rounding legitimately flips the choice
     of expert there, so an artifact may differ from eager at that token and, through attention, after it.
-    With ``onnx_topk``, eager's top-k breaks exact ties as ONNX's TopK does (:class:`TopkTiesToLowerIndex`)."""
+    With ``onnx_topk``, eager's top-k breaks exact ties as ONNX's TopK does (:class:`TopkTiesToLowerIndex`).
+    Blocks routed outside themselves are not watched: their router is the model's, not a block's."""
     rows = inputs[0].shape[0]
     tied = torch.zeros(rows, dtype=torch.bool)
 

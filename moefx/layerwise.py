@@ -43,6 +43,7 @@ from moefx.passes.detect import warn_unread_expert_banks
 # the decoder-layer arguments that carry per-batch tensors (transformers 5 names); caches are never passed
 _LAYER_ARGUMENTS = ("attention_mask", "position_embeddings", "position_ids", "cache_position", "input_ids")
 _CACHE = re.compile(r"cache|past_key")  # the KV cache arguments (capture runs without one)
+_SETTINGS = (type(None), bool, int, float, str)  # argument values that carry nothing from one layer to the next
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -114,7 +115,7 @@ def first_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: Iterabl
         carried = names[1 : len(args)] + [
             k
             for k, v in kwargs.items()
-            if k not in _LAYER_ARGUMENTS and not _CACHE.search(k) and not isinstance(v, (type(None), bool, int, str))
+            if k not in _LAYER_ARGUMENTS and not _CACHE.search(k) and not isinstance(v, _SETTINGS)
         ]
         if carried:
             raise ConfigError(

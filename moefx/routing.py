@@ -173,11 +173,12 @@ def given_routing(
     weights: torch.Tensor, index: torch.Tensor, *, top_k: int, num_experts: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The selection of a block whose routing is computed outside it (Gemma 4's and Zaya's expert modules
-    take their weights and indices as arguments): the given ones as ``[T, k]`` float32 and int64, with an
-    index outside the experts (a skip slot) routed nowhere (-1, weight 0)."""
-    index = index.reshape(-1, top_k).long()
-    outside = (index < 0) | (index >= num_experts)
-    return weights.reshape(-1, top_k).float().masked_fill(outside, 0.0), index.masked_fill(outside, -1)
+    take their weights and indices as arguments): the given ones as ``[T, k]`` float32 and int64, with a
+    slot outside the experts or of weight 0 (a skip slot: Zaya's names expert 0 with weight 0) routed nowhere
+    (-1, weight 0), so that statistics do not count it."""
+    index, weights = index.reshape(-1, top_k).long(), weights.reshape(-1, top_k).float()
+    outside = (index < 0) | (index >= num_experts) | (weights == 0)
+    return weights.masked_fill(outside, 0.0), index.masked_fill(outside, -1)
 
 
 def split_shared_columns(

@@ -858,7 +858,7 @@ class DetectMoEBlocks(PassBase):
         graph = _Graph(graph_module)
         blocks: dict[str, MoEBlock] = {}
         read: set[str] = set()
-        failures: list[tuple[DetectionError, set[str]]] = []
+        failures: list[tuple[DetectionError, set[str], bool]] = []  # with its banks, and whether a router was read
         for node in graph.nodes:
             found = _router_weight(graph, node)
             if found is None:
@@ -882,7 +882,10 @@ class DetectMoEBlocks(PassBase):
             blocks.setdefault(block.name, block)
         given_read = set()
         for bank in unread_expert_banks(self.model, list(blocks)):
-            block = _routed_outside(graph, self.model, bank)
+            try:
+                block = _routed_outside(graph, self.model, bank)
+            except DetectionError:  # not such experts after all: the router's failure, or the unread-bank warning
+                block = None
             if block is not None:
                 given_read.add(bank)
                 blocks[bank] = block

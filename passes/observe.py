@@ -1,6 +1,7 @@
 """Observe: calibration observers for canonical MoE blocks (prepare / calibrate / convert, as torch.ao does).
 
-:class:`InsertObservers` matches a canonical block's ``select_experts`` node and its ``experts`` module.
+:class:`InsertObservers` matches a canonical block's selection (``select_experts``, or ``given_routing``
+for a block routed outside itself) and its ``experts`` module.
 It inserts a :class:`RoutingObserver` after the selection (the routing weights pass through it unchanged)
 and replaces the experts module with :class:`ObservedExperts`, which runs the same bank and records
 per-expert statistics. :class:`RemoveObservers` undoes both. The observed block computes exactly what the
@@ -303,8 +304,8 @@ class ObservedExperts(nn.Module):
 class InsertObservers(PassBase):
     """Insert calibration observers into a canonical MoE block.
 
-    Matches: the ``select_experts`` call and the ``experts`` call_module of a canonical block.
-    Rewrites: adds a ``routing_observer`` call_module (weights, index, logits, router input -> weights;
+    Matches: the ``select_experts`` (or ``given_routing``) call and the ``experts`` call_module of a canonical
+    block. Rewrites: adds a ``routing_observer`` call_module (weights, index, logits, router input -> weights;
     the weights and index alone for a block routed outside itself, whose selection is ``given_routing``)
     after the selection, re-points the consumers of the weights at it, and wraps the experts module in
     :class:`ObservedExperts`. Outputs are unchanged.

@@ -69,13 +69,14 @@ def test_a_block_routed_outside_itself_is_observed_on_the_routing_it_is_given(ob
     observer = next(n for n in observed.graph.nodes if n.target == "routing_observer")
     assert len(observer.args) == 2  # weights and indices: no logits, no router input
     x, given = torch.randn(11, block.hidden_size), block.given_routing.random_inputs(11, 8, 2, seed=3)
+    given["top_k_weights"][0] = 0.0  # a token sent to skip slots (Zaya's skip expert: expert 0, weight 0)
     with torch.no_grad():
         assert torch.equal(observed(x, **given), build_block(block.module, block)(x, **given))
     stats = collect_statistics(observed)
-    assert stats.logit_gram is None and stats.router_input_gram is None and stats.tokens == 11
-    assert torch.equal(stats.counts, torch.bincount(given["top_k_index"].flatten(), minlength=8).double())
-    assert torch.allclose(stats.weight_sums, torch.zeros(8, dtype=torch.float64).index_add_(
-        0, given["top_k_index"].flatten(), given["top_k_weights"].flatten().double()))  # fmt: skip
+    assert stats.logit_gram is None and stats.router_input_gram is None and (stats.tokens, stats.dropped) == (11, 1)
+    routed, weights = given["top_k_index"][1:].flatten(), given["top_k_weights"][1:].flatten().double()
+    assert torch.equal(stats.counts, torch.bincount(routed, minlength=8).double())
+    assert torch.allclose(stats.weight_sums, torch.zeros(8, dtype=torch.float64).index_add_(0, routed, weights))
     assert stats.weighted_input_grams.shape == (8, block.hidden_size, block.hidden_size)
 
 
