@@ -16,7 +16,10 @@ number of ONNX Runtime threads:
 - decode: tokens per second at batch 1 after a 512-token prompt (median step of 32);
 - session memory at batch 1: the process's peak resident memory over creating the session, the prefill and
   the decode above, less its resident memory before the session, against the file's bytes (its weights);
-- session memory with 16 x 128: the same peak once the throughput step has run too (its activations).
+- session memory with 16 x 128: the same peak once the throughput step has run too (its activations);
+- where the time goes: ONNX Runtime's profiler, in a second session of the same probe, gives each node's
+  time in one run of each step (prefill after a warm-up run, throughput, and the mean of 8 decode steps),
+  summed by operator type.
 
 Writes ``serving.md`` and ``serving.json`` to ``--out``.
 """
@@ -24,6 +27,8 @@ Writes ``serving.md`` and ``serving.json`` to ``--out``.
 from __future__ import annotations
 
 import argparse
+import bisect
+import collections
 import json
 import os
 import platform
@@ -33,6 +38,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +54,8 @@ from benchmarks.scale import random_model  # noqa: E402
 from moefx.demo import median_ms  # noqa: E402
 
 VOCAB = 256
-PREFILL, THROUGHPUT, PROMPT, DECODE_STEPS = (1, 128), (16, 128), 512, 32
+PREFILL, THROUGHPUT, PROMPT, DECODE_STEPS, PROFILED_DECODE_STEPS = (1, 128), (16, 128), 512, 32, 8
+EXPERT_OPS = ("MoE", "QMoE")  # the fused forms' expert nodes
 FORMS = {"portable": {}, "fused": {"fused": True}, "int8": {"expert_bits": 8}, "int4": {"expert_bits": 4}}
 # (label, compile options or None for the original, the forms it is exported in)
 VARIANTS = [
@@ -69,32 +76,73 @@ def _resident_bytes(field: str) -> int:
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith(field))
 
 
-def probe(path: str, threads: int) -> dict[str, float]:
-    """Run in a fresh process: prefill, throughput, decode and session memory of one kv-cache file."""
-    before = _resident_bytes("VmRSS")
-    generator = moefx.export.OnnxGenerator(path, threads=threads)
+def first_step(generator: moefx.export.OnnxGenerator, batch: int, seq: int) -> Callable[[], Any]:
+    """The first step (empty cache) on ``batch`` x ``seq`` tokens, as a call."""
+    ids = tokens(batch, seq)["input_ids"]
+    mask, positions = torch.ones_like(ids), torch.arange(seq).expand(batch, -1)
+    return lambda: generator.step(ids, mask, positions, generator.empty_cache(batch))
 
-    def first_step_ms(batch: int, seq: int, repeats: int) -> float:
-        ids = tokens(batch, seq)["input_ids"]
-        mask, positions = torch.ones_like(ids), torch.arange(seq).expand(batch, -1)
-        return median_ms(lambda: generator.step(ids, mask, positions, generator.empty_cache(batch)), repeats, 2)
 
-    prefill_ms = first_step_ms(*PREFILL, repeats=10)
+def decode_seconds(generator: moefx.export.OnnxGenerator, steps: int) -> list[float]:
+    """Seconds of each of ``steps`` greedy steps at batch 1 after a ``PROMPT``-token prompt."""
     ids = tokens(1, PROMPT, seed=1)["input_ids"]
     mask, positions = torch.ones_like(ids), torch.arange(PROMPT)[None]
     logits, cache = generator.step(ids, mask, positions, generator.empty_cache(1))
-    steps = []
-    for _ in range(DECODE_STEPS):
+    seconds = []
+    for _ in range(steps):
         token = logits[:, -1:].argmax(dim=-1)
         mask, positions = torch.cat([mask, torch.ones_like(token)], dim=1), positions[:, -1:] + 1
         start = time.perf_counter()
         logits, cache = generator.step(token, mask, positions, cache)
-        steps.append(time.perf_counter() - start)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def op_ms(profile: str | Path) -> list[dict[str, float]]:
+    """Milliseconds of node time by operator type in each run of an ONNX Runtime profile, in run order."""
+    events = json.loads(Path(profile).read_text(encoding="utf-8"))
+    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e["name"] == "model_run")
+    starts = [start for start, _ in runs]
+    times = [collections.Counter() for _ in runs]
+    for e in events:
+        if e.get("cat") == "Node" and "op_name" in e.get("args", {}):
+            run = bisect.bisect_right(starts, e["ts"]) - 1
+            if run >= 0 and e["ts"] <= runs[run][1]:
+                times[run][e["args"]["op_name"]] += e["dur"] / 1e3
+    return [dict(t) for t in times]
+
+
+def where_time_goes(path: str, threads: int) -> dict[str, dict[str, float]]:
+    """ONNX Runtime's node times (ms by operator type) in one run of each measured step: ``prefill`` (after a
+    warm-up run), ``throughput`` and ``decode`` (the mean of ``PROFILED_DECODE_STEPS`` steps)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        generator = moefx.export.OnnxGenerator(path, threads, profile_prefix=str(Path(scratch) / "profile"))
+        prefill = first_step(generator, *PREFILL)
+        prefill()
+        prefill()
+        first_step(generator, *THROUGHPUT)()
+        decode_seconds(generator, PROFILED_DECODE_STEPS)
+        runs = op_ms(generator.session.end_profiling())
+    decode = runs[4:]  # after the warm-up, prefill, throughput and prompt runs
+    ops = {op for run in decode for op in run}
+    return {"prefill": runs[1], "throughput": runs[2],
+            "decode": {op: sum(run.get(op, 0.0) for run in decode) / len(decode) for op in ops}}  # fmt: skip
+
+
+def probe(path: str, threads: int) -> dict[str, Any]:
+    """Run in a fresh process: prefill, throughput, decode and session memory of one kv-cache file, then
+    where the time goes (a profiled session, after the memory is read)."""
+    before = _resident_bytes("VmRSS")
+    generator = moefx.export.OnnxGenerator(path, threads=threads)
+    prefill_ms = median_ms(first_step(generator, *PREFILL), 10, 2)
+    decode_s = decode_seconds(generator, DECODE_STEPS)
     batch_one_bytes = _resident_bytes("VmHWM") - before
-    throughput_ms = first_step_ms(*THROUGHPUT, repeats=3)
+    throughput_ms = median_ms(first_step(generator, *THROUGHPUT), 3, 2)
+    session_bytes = _resident_bytes("VmHWM") - before
+    del generator
     return {"prefill_ms": prefill_ms, "throughput_tok_s": 1e3 * THROUGHPUT[0] * THROUGHPUT[1] / throughput_ms,
-            "decode_tok_s": 1.0 / statistics.median(steps),
-            "batch_one_bytes": batch_one_bytes, "session_bytes": _resident_bytes("VmHWM") - before}  # fmt: skip
+            "decode_tok_s": 1.0 / statistics.median(decode_s), "batch_one_bytes": batch_one_bytes,
+            "session_bytes": session_bytes, "op_ms": where_time_goes(path, threads)}  # fmt: skip
 
 
 def measure(name: str, layers: int, threads: int, work: Path) -> list[dict[str, Any]]:
@@ -153,10 +201,77 @@ def write_markdown(rows: list[dict[str, Any]], threads: int, path: Path) -> None
             f"{r['session_bytes'] / r['file_bytes']:.2f} |"
         )
     lines += ["", "Targets (issue 14), from the rows above:", ""]
-    for model in dict.fromkeys(r["model"] for r in rows):
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    for model in models:
         lines += [f"- {model}: {line}" for line in target_lines([r for r in rows if r["model"] == model])]
+    lines += [
+        "",
+        "## Where the time goes",
+        "",
+        "ONNX Runtime's profiler, in a second session of each probe: node time (ms) of one run of each step, "
+        f"the prefill after a warm-up run and the decode step the mean of {PROFILED_DECODE_STEPS}, with the three "
+        "operator types that take most of it. Node times add up to less than the step's wall time (feeding "
+        "inputs, copying outputs and the runtime's own scheduling are not nodes).",
+        "",
+        f"| model | variant | form | prefill {PREFILL[0]}x{PREFILL[1]} | {THROUGHPUT[0]}x{THROUGHPUT[1]} | "
+        "decode step |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cells = " | ".join(largest_ops(r["op_ms"][phase]) for phase in ("prefill", "throughput", "decode"))
+        lines.append(f"| {r['model']}, {r['layers']} layers | {r['variant']} | {r['form']} | {cells} |")
+    lines += ["", "From the profile:", ""]
+    for model in models:
+        lines += [f"- {model}: {line}" for line in profile_lines([r for r in rows if r["model"] == model])]
     lines += ["", WHY]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def largest_ops(ms: dict[str, float], count: int = 3) -> str:
+    """``total: op ms, ...`` for the ``count`` operator types that take most of a run's node time."""
+    largest = sorted(ms.items(), key=lambda item: -item[1])[:count]
+    return f"{sum(ms.values()):.1f}: " + ", ".join(f"{op} {t:.1f}" for op, t in largest)
+
+
+def expert_ms(row: dict[str, Any], phase: str) -> float:
+    """Node time of the fused expert nodes (``MoE``/``QMoE``) in one run of ``phase``."""
+    return sum(row["op_ms"][phase].get(op, 0.0) for op in EXPERT_OPS)
+
+
+def profile_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """What one model's profile says about the targets: expert-node time of the fused default 25% and of
+    int4 experts against the original's float32 expert nodes, and the time of the nodes around them."""
+
+    def row(variant: str, form: str) -> dict[str, Any] | None:
+        return next((r for r in rows if r["variant"] == variant and r["form"] == form), None)
+
+    def other_ms(r: dict[str, Any], phase: str) -> float:
+        return sum(r["op_ms"][phase].values()) - expert_ms(r, phase)
+
+    base = row("original", "fused")
+    lines = []
+    if (fused := row("default 25%", "fused")) is not None:
+        for phase, shape in (("prefill", PREFILL), ("throughput", THROUGHPUT)):
+            lines.append(
+                f"default 25% fused at {shape[0]}x{shape[1]}: expert nodes {expert_ms(fused, phase):.1f} ms against "
+                f"the original's {expert_ms(base, phase):.1f} ({expert_ms(fused, phase) / expert_ms(base, phase):.2f}x "
+                f"the time for a quarter of the expert weights); other nodes {other_ms(fused, phase):.1f} ms "
+                f"against {other_ms(base, phase):.1f}"
+            )
+    if (portable := row("default 25%", "portable")) is not None:
+        lines.append(
+            f"default 25% portable at {PREFILL[0]}x{PREFILL[1]}: {sum(portable['op_ms']['prefill'].values()):.1f} ms "
+            f"of nodes, {portable['op_ms']['prefill'].get('MatMul', 0.0):.1f} of them MatMul"
+        )
+    for variant in ("original", "default 25%"):
+        if (r := row(variant, "int4")) is not None:
+            lines.append(
+                f"{variant} int4 decode step: QMoE {expert_ms(r, 'decode'):.2f} ms against the original's float32 "
+                f"MoE {expert_ms(base, 'decode'):.2f} ({expert_ms(r, 'decode') / expert_ms(base, 'decode'):.2f}x the "
+                f"time for an eighth of the bytes{' of a quarter of the experts' if variant != 'original' else ''}); "
+                f"other nodes {other_ms(r, 'decode'):.2f} ms against {other_ms(base, 'decode'):.2f}"
+            )
+    return lines
 
 
 def target_lines(rows: list[dict[str, Any]]) -> list[str]:

@@ -152,13 +152,15 @@ class OnnxGenerator:
     :meth:`generate` runs the prompt in one step, then one token per step, feeding each step's
     ``present.*`` back as the next step's ``past_key_values.*``; tokens, padding and stopping follow
     transformers' ``generate(do_sample=False)``. :meth:`step` and :meth:`empty_cache` are the pieces, for
-    other decoding loops (sampling, timing).
+    other decoding loops (sampling, timing). ``threads`` and ``profile_prefix`` are
+    :func:`~moefx.export.onnx.cpu_session`'s (a profiled generator's ``session.end_profiling()`` writes
+    the profile).
     """
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, profile_prefix: str | None = None) -> None:
         from moefx.export.onnx import cpu_session  # onnx imports this module
 
-        self.session = cpu_session(path, threads)
+        self.session = cpu_session(path, threads, profile_prefix)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.past = [i for i in self.session.get_inputs() if i.name.startswith(f"{_PAST}.")]
         if not self.past:
