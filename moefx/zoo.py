@@ -36,6 +36,12 @@ class HandWrittenExpert(nn.Module):
         return self.w2(F.gelu(self.w1(x)))
 
 
+def renormalised_top_k(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hand-written models' routing: softmax over the experts, top-k, renormalised; ``(weights, index)``."""
+    weights, index = logits.softmax(dim=-1).topk(top_k, dim=-1)
+    return weights / weights.sum(dim=-1, keepdim=True), index
+
+
 class HandWrittenMoE(nn.Module):
     """Softmax top-k routing with renormalisation over separate expert modules."""
 
@@ -48,9 +54,7 @@ class HandWrittenMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        probs = self.router(x).softmax(dim=-1)
-        weights, index = probs.topk(self.top_k, dim=-1)
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights, index = renormalised_top_k(self.router(x), self.top_k)
         out = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
             token, slot = torch.where(index == e)

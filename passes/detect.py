@@ -12,7 +12,10 @@ Matches, in the ATen graph that :func:`moefx.trace` captures:
   parameterised children are shared experts, and a child linear with one output is a shared-expert gate;
 * a fused expert bank no such router's block holds, whose module takes the routing as arguments
   (``forward(hidden, index, weights)``: Gemma 4's and Zaya's experts, chosen by a router module beside
-  them): the bank's module is a block of its own, routed outside itself (``MoEBlock.given_routing``).
+  them): the bank's module is a block of its own, routed outside itself (``MoEBlock.given_routing``);
+* a module captured opaque (its forward branches on data, e.g. sorts tokens by expert and splits them by
+  Python counts) that holds a child linear ``[E, H]`` beside E experts and nothing else with parameters:
+  its routing is read from its structure (:func:`_opaque_block`), since the graph shows none.
 
 The routing variant (scoring, renormalisation, scaling, correction bias, group-limited selection,
 capacity) is read from the ops between the router and the selection; a fused bank's activation is the
@@ -474,7 +477,7 @@ def _extract_activation(graph: _Graph, in_node: fx.Node, out_node: fx.Node, in_b
             first,
         )
     after_start = descendants([start])
-    end = next((a for a in second.args if isinstance(a, fx.Node) and a in after_start), None)
+    end = next((a for a in second.all_input_nodes if a in after_start), None)  # einsum's operands are a list
     if end is None:
         raise DetectionError("fused experts whose activation feeds the output projection indirectly")
     try:
@@ -498,15 +501,18 @@ def _gated_layout(bank: FusedExperts) -> str | None:
 
 
 def _fused_sources(
-    graph: _Graph, module: nn.Module, block: str, names: list[str], hidden: int, num_experts: int
-) -> tuple[list[FusedExpertsSource], int, bool]:
+    graph: _Graph, module: nn.Module, block: str, names: list[str], hidden: int, num_experts: int,
+    router_weight: str | None = None,
+) -> tuple[list[FusedExpertsSource], int, bool]:  # fmt: skip
     """Candidate readings of a fused bank (several where shapes are ambiguous), its I, and whether it is gated.
 
     The stacked weights (``[E, rows, cols]``, or flat ``[E*rows, cols]``) are, in the order the block first
-    uses them: the input projection, the up projection where it is stored apart, the output projection."""
+    uses them: the input projection, the up projection where it is stored apart, the output projection.
+    Where they are the block's own parameters, the router is beside them: its ``[E, H]`` weight
+    (``router_weight``) is no expert bias."""
     owner = names[0].rpartition(".")[0]
     absolute = {n: _join(block, n) for n in names}
-    nodes = {n.target: n for n in graph.attr_nodes(_join(block, owner))}
+    nodes = {n.target: n for n in graph.attr_nodes(_join(block, owner)) if n.target != router_weight}
 
     def first_use(name: str) -> int:  # registration order for weights no captured op uses (an opaque module's)
         node = nodes.get(absolute[name])
@@ -730,20 +736,16 @@ def _describe_block(
         scale_parameter_path=reading.scale_parameter and _relative(reading.scale_parameter, block),
     )  # fmt: skip
     if container is not None:
-        experts = list(module.get_submodule(container).children())
-        try:
-            in_linears, out_linear, act = ffn_structure(experts[0], hidden)
-        except ValueError as exc:
-            raise DetectionError(f"{block}: {exc}") from None
-        source = ModuleExpertsSource(container, in_linears, out_linear, act)
-        intermediate = experts[0].get_submodule(out_linear).in_features
-        sources, gated = [source], len(in_linears) == 2
+        source, intermediate, gated = _container_source(module, block, container, hidden)
+        sources = [source]
         top_children.add(container.split(".")[0])
-        out_weight = f".{out_linear}.weight"
+        out_weight = f".{source.out_linear}.weight"
         out_weights = [n for n in graph.attr_nodes(_join(block, container)) if n.target.endswith(out_weight)]
         experts_path = _join(block, container)
     else:
-        sources, intermediate, gated = _fused_sources(graph, module, block, fused_names, hidden, num_experts)
+        sources, intermediate, gated = _fused_sources(
+            graph, module, block, fused_names, hidden, num_experts, weight_path
+        )
         top_children.add(fused_names[0].split(".")[0])
         out_weights = graph.attr_nodes(_join(block, sources[0].out_proj))
         experts_path = _join(block, sources[0].out_proj)
@@ -759,23 +761,48 @@ def _describe_block(
     scale = _output_scale(graph, block, hidden, routed, shared)
     if scale != 1.0:
         common["routing"] = dataclasses.replace(spec, scale=spec.scale * scale)
+    second_outputs, form = _output_form(module, hidden, block_input, by_id)
+    candidates = [  # weights scaling the experts' inputs (Llama 4) last: the usual readings are tried first
+        MoEBlock(
+            **common, **form, intermediate_size=intermediate, experts_source=source, gated=gated,
+            shared_experts=shared, shared_expert_gates=gates, second_output=second, scales_inputs=scales_inputs,
+        )
+        for scales_inputs in (False, True) for second in second_outputs for source in sources
+    ]  # fmt: skip
+    return _verified(candidates, form["input_ndim"])
+
+
+def _container_source(
+    module: nn.Module, block: str, container: str, hidden: int
+) -> tuple[ModuleExpertsSource, int, bool]:
+    """The reading of a container of expert modules, their I, and whether they are gated."""
+    experts = list(module.get_submodule(container).children())
+    try:
+        in_linears, out_linear, act = ffn_structure(experts[0], hidden)
+    except ValueError as exc:
+        raise DetectionError(f"{block}: {exc}") from None
+    source = ModuleExpertsSource(container, in_linears, out_linear, act)
+    return source, experts[0].get_submodule(out_linear).in_features, len(in_linears) == 2
+
+
+def _output_form(
+    module: nn.Module, hidden: int, block_input: fx.Node, by_id: TokenIdRouting | None = None
+) -> tuple[list[str | None], dict[str, Any]]:
+    """What the block returns, found by running it: the second outputs to try (a pair's second is the
+    router's weights or logits), and the MoEBlock fields ``input_ndim``, ``flattens_output`` and ``mask_key``."""
     ndim = len(_shape(block_input))
     x, ids = random_block_inputs(hidden, ndim, by_id)
     with torch.no_grad():
         probe = float32_reference(module)(x, **ids)
     second_outputs = ["weights", "logits"] if isinstance(probe, tuple) and len(probe) == 2 else [None]
-    flattens_output = ndim == 3 and (probe[0] if isinstance(probe, tuple) else probe).ndim == 2
-    inputs = {n.target for n in ancestors(block_input) if n.op == "placeholder"}
-    mask_key = "decoder_attention_mask" if inputs & {"decoder_input_ids", "decoder_inputs_embeds"} else "attention_mask"
-    candidates = [  # weights scaling the experts' inputs (Llama 4) last: the usual readings are tried first
-        MoEBlock(
-            **common, intermediate_size=intermediate, experts_source=source, gated=gated, shared_experts=shared,
-            shared_expert_gates=gates, second_output=second, scales_inputs=scales_inputs, mask_key=mask_key,
-            input_ndim=ndim, flattens_output=flattens_output,
-        )
-        for scales_inputs in (False, True) for second in second_outputs for source in sources
-    ]  # fmt: skip
-    return _verified(candidates, ndim)
+    placeholders = {n.target for n in ancestors(block_input) if n.op == "placeholder"}
+    decoder = placeholders & {"decoder_input_ids", "decoder_inputs_embeds"}
+    form = {
+        "input_ndim": ndim,
+        "flattens_output": ndim == 3 and (probe[0] if isinstance(probe, tuple) else probe).ndim == 2,
+        "mask_key": "decoder_attention_mask" if decoder else "attention_mask",
+    }  # fmt: skip
+    return second_outputs, form
 
 
 def _verified(candidates: list[MoEBlock], ndim: int) -> MoEBlock:
@@ -841,6 +868,55 @@ def rebind(block: MoEBlock, model: nn.Module) -> MoEBlock:
     return first_verified([dataclasses.replace(block, module=model.get_submodule(block.name))], block.input_ndim)
 
 
+_OPAQUE_ROUTINGS = [("softmax", True), ("softmax", False), ("sigmoid", True), ("sigmoid", False)]
+
+
+def _opaque_block(graph: _Graph, model: nn.Module, node: fx.Node) -> MoEBlock | None:
+    """The MoE block a module captured opaque is, read from its structure and verified.
+
+    A forward that sorts tokens by expert and splits them by Python counts (DeepSeek's reference
+    ``moe_infer``) cannot be captured, so no router is seen in the graph. Such a module is read as a block
+    where it holds a child linear ``[E, H]`` beside E experts (a container of expert modules, or fused
+    weights) and nothing else with parameters: the top-k is one of its integer attributes, the routing a
+    softmax or a sigmoid, renormalised or not, and the first reading that reproduces the module is taken.
+    None where the module is not so built; a :class:`DetectionError` where it is and no reading reproduces it."""
+    block = node.target
+    module = model.get_submodule(block)
+    for name, linear in module.named_modules():
+        if not isinstance(linear, nn.Linear):
+            continue
+        num_experts, hidden = linear.weight.shape
+        top_ks = sorted({v for v in vars(module).values() if type(v) is int and 0 < v < num_experts})
+        try:  # searched within the module alone: its own experts
+            found, fused_names, container = _find_experts(module, name, num_experts, hidden)
+        except LookupError:
+            continue
+        experts = [container] if container is not None else fused_names
+        parameterised = {n.split(".")[0] for n, _ in module.named_parameters()}
+        if found != "" or not top_ks or parameterised != {n.split(".")[0] for n in [name, *experts]}:
+            continue
+        weight_path = _join(block, f"{name}.weight")
+        if container is not None:
+            source, intermediate, gated = _container_source(module, block, container, hidden)
+            sources = [source]
+        else:
+            sources, intermediate, gated = _fused_sources(graph, module, block, fused_names, hidden, num_experts,
+                                                          weight_path)  # fmt: skip
+        second_outputs, form = _output_form(module, hidden, _block_input(graph, block))
+        candidates = [
+            MoEBlock(
+                name=block, module=module, num_experts=num_experts, hidden_size=hidden, intermediate_size=intermediate,
+                routing=RoutingSpec(top_k=k, scoring=scoring, normalize=normalize), router_weight_path=f"{name}.weight",
+                router_bias_path=None if linear.bias is None else f"{name}.bias", correction_bias_path=None,
+                experts_source=source, gated=gated, second_output=second, **form,
+            )
+            for k in top_ks for scoring, normalize in _OPAQUE_ROUTINGS for second in second_outputs
+            for source in sources
+        ]  # fmt: skip
+        return _verified(candidates, form["input_ndim"])
+    return None
+
+
 class DetectMoEBlocks(PassBase):
     """Analysis pass: finds the MoE blocks of the model that ``gm`` was captured from.
 
@@ -889,6 +965,16 @@ class DetectMoEBlocks(PassBase):
             if block is not None:
                 given_read.add(bank)
                 blocks[bank] = block
+        modules = dict(self.model.named_modules())
+        for node in graph.nodes:  # modules captured opaque (torch.export's own guard aside), in no block read above
+            if (
+                node.op == "call_module"
+                and node.target in modules
+                and not any(_inside(node.target, b) or _inside(b, node.target) for b in blocks)
+            ):
+                block = _opaque_block(graph, self.model, node)
+                if block is not None:
+                    blocks[block.name] = block
         # a linear that merely feeds a top-k (Qwen4-Exp's hyper-connections) fails beside experts a router reads
         for exc, banks, unread_router in failures:
             if not banks <= read | given_read:
