@@ -258,11 +258,12 @@ def profile_lines(rows: list[dict[str, Any]]) -> list[str]:
                 f"the time for a quarter of the expert weights); other nodes {other_ms(fused, phase):.1f} ms "
                 f"against {other_ms(base, phase):.1f}"
             )
-    if (portable := row("default 25%", "portable")) is not None:
-        lines.append(
-            f"default 25% portable at {PREFILL[0]}x{PREFILL[1]}: {sum(portable['op_ms']['prefill'].values()):.1f} ms "
-            f"of nodes, {portable['op_ms']['prefill'].get('MatMul', 0.0):.1f} of them MatMul"
-        )
+    if (portable := row("default 25%", "portable")) is not None and fused is not None:
+        for phase, shape in (("prefill", PREFILL), ("throughput", THROUGHPUT)):
+            lines.append(
+                f"default 25% at {shape[0]}x{shape[1]}: {sum(portable['op_ms'][phase].values()):.1f} ms of nodes in "
+                f"the portable form against {sum(fused['op_ms'][phase].values()):.1f} in the fused one"
+            )
     for variant in ("original", "default 25%"):
         if (r := row(variant, "int4")) is not None:
             lines.append(
@@ -271,6 +272,13 @@ def profile_lines(rows: list[dict[str, Any]]) -> list[str]:
                 f"time for an eighth of the bytes{' of a quarter of the experts' if variant != 'original' else ''}); "
                 f"other nodes {other_ms(r, 'decode'):.2f} ms against {other_ms(base, 'decode'):.2f}"
             )
+    if (r := row("original", "int4")) is not None:
+        step = sum(base["op_ms"]["decode"].values())
+        lines.append(
+            f"decode bound: with the other nodes as they are, expert nodes taking no time at all would make a decode "
+            f"step {step / other_ms(r, 'decode'):.2f}x faster than the original's float32 one; 2x needs them at "
+            f"{step / 2 - other_ms(r, 'decode'):.2f} ms or less"
+        )
     return lines
 
 
@@ -305,21 +313,28 @@ def target_lines(rows: list[dict[str, Any]]) -> list[str]:
 
 
 WHY = (
-    "Why the fused default misses: behind the exact router a token's eight chosen experts fall into up to eight "
-    "groups, so the fused node must run `k = min(top_k, groups)` experts per token (the groups it does not use "
-    "get weight 0 and are computed anyway): merging saves weight bytes, not FLOPs per token. And ONNX Runtime "
-    "1.32's CPU `MoE` and `QMoE` kernels (`contrib_ops/cpu/moe`, read in its source, not profiled here) run "
-    "each expert's GEMM on one thread, split the experts over threads by index range and repack each expert's "
-    "weights on every call, while the portable form's MatMuls are prepacked and use every thread; so the "
-    "portable form is the faster one on this CPU wherever it computes fewer expert rows (it runs each group "
-    "once on the tokens routed to it).\n\n"
+    "Why the targets are missed, from the profile lines above and ONNX Runtime 1.32's source (its CPU `MoE` and "
+    "`QMoE` kernels in `contrib_ops/cpu/moe`, read, not profiled):\n\n"
+    "- **Fused default, prefill.** Behind the exact router a token's k chosen experts fall into up to k groups, so "
+    "the fused node runs `k = min(top_k, groups)` experts per token (a group a token does not use gets weight 0 "
+    "and is computed anyway): merging saves weight bytes, not FLOPs per token. At 1x128 the expert nodes are "
+    "partly bound by bytes, so a quarter of the weights takes less time, but not a quarter of it, and the nodes "
+    "around them (attention, norms, router) take what they took. The portable form runs each group once on the "
+    "tokens routed to it, so it computes fewer expert rows; its MatMuls are prepacked and use every thread, while "
+    "the fused kernel runs each expert's GEMM on one thread and repacks its weights on every call.\n"
+    "- **Fused default, 16x128.** Here the expert nodes are bound by FLOPs, which merging behind the exact router "
+    "does not reduce, and the merged node takes longer than the original's: the kernel splits the experts over "
+    "threads by index range, and a merged group takes all its members' tokens, so the groups' loads are uneven "
+    "(the likely cause; the profile times nodes, not threads).\n"
+    "- **int4 decode.** The QMoE node takes well over an eighth of the float32 node's time: the CPU kernel "
+    "dequantizes each block of weights to float before its GEMM, so a decode step is bound by that work, not by "
+    "the bytes read. The decode bound line gives the most any expert-node speedup could give.\n\n"
     "Session memory. Weights beyond 64 MiB go to a data file, which ONNX Runtime memory-maps (from a single "
     "file it parses a second copy while loading). At batch 1 the fused float files stay within 1.2x. The "
     "portable forms hold ONNX Runtime's prepacked copy of each MatMul weight beside the mapped pages it was "
-    "packed from. The small files (int8, int4, MC-SMoE: "
-    "0.25 to 0.64 GB) also carry the 512-token prompt's activations and the runtime's own memory, which do "
-    "not shrink with the weights. With the 16 x 128 step the peak holds that step's activations, a few "
-    "hundred MB whatever the file, so the smaller the file the larger the ratio."
+    "packed from. The small files (int8, int4, MC-SMoE) also carry the 512-token prompt's activations and the "
+    "runtime's own memory, which do not shrink with the weights. With the 16 x 128 step the peak holds that "
+    "step's activations, a few hundred MB whatever the file, so the smaller the file the larger the ratio."
 )
 
 
