@@ -101,11 +101,13 @@ def decode_seconds(generator: moefx.export.OnnxGenerator, steps: int) -> list[fl
 def op_ms(profile: str | Path) -> list[dict[str, float]]:
     """Milliseconds of node time by operator type in each run of an ONNX Runtime profile, in run order."""
     events = json.loads(Path(profile).read_text(encoding="utf-8"))
-    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e["name"] == "model_run")
+    runs = sorted(
+        (e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "Session" and e["name"] == "model_run"
+    )
     starts = [start for start, _ in runs]
     times = [collections.Counter() for _ in runs]
     for e in events:
-        if e.get("cat") == "Node" and "op_name" in e.get("args", {}):
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):  # not the fences around it
             run = bisect.bisect_right(starts, e["ts"]) - 1
             if run >= 0 and e["ts"] <= runs[run][1]:
                 times[run][e["args"]["op_name"]] += e["dur"] / 1e3
@@ -249,6 +251,8 @@ def profile_lines(rows: list[dict[str, Any]]) -> list[str]:
         return sum(r["op_ms"][phase].values()) - expert_ms(r, phase)
 
     base = row("original", "fused")
+    if base is None:
+        return []
     lines = []
     if (fused := row("default 25%", "fused")) is not None:
         for phase, shape in (("prefill", PREFILL), ("throughput", THROUGHPUT)):

@@ -882,19 +882,26 @@ def _opaque_block(graph: _Graph, model: nn.Module, node: fx.Node) -> MoEBlock | 
     None where the module is not so built; a :class:`DetectionError` where it is and no reading reproduces it."""
     block = node.target
     module = model.get_submodule(block)
-    for name, linear in module.named_modules():
+    parameterised = {n.split(".")[0] for n, _ in module.named_parameters()}
+    for name, linear in module.named_children():
         if not isinstance(linear, nn.Linear):
             continue
         num_experts, hidden = linear.weight.shape
         top_ks = sorted({v for v in vars(module).values() if type(v) is int and 0 < v < num_experts})
+        if not top_ks:
+            continue
         try:  # searched within the module alone: its own experts
             found, fused_names, container = _find_experts(module, name, num_experts, hidden)
         except LookupError:
             continue
         experts = [container] if container is not None else fused_names
-        parameterised = {n.split(".")[0] for n, _ in module.named_parameters()}
-        if found != "" or not top_ks or parameterised != {n.split(".")[0] for n in [name, *experts]}:
+        if found != "" or parameterised != {n.split(".")[0] for n in [name, *experts]}:
             continue
+        try:  # a module that does not run on the hidden states alone is no block moefx reads
+            block_input = _block_input(graph, block)
+            second_outputs, form = _output_form(module, hidden, block_input)
+        except Exception:
+            return None
         weight_path = _join(block, f"{name}.weight")
         if container is not None:
             source, intermediate, gated = _container_source(module, block, container, hidden)
@@ -902,7 +909,6 @@ def _opaque_block(graph: _Graph, model: nn.Module, node: fx.Node) -> MoEBlock | 
         else:
             sources, intermediate, gated = _fused_sources(graph, module, block, fused_names, hidden, num_experts,
                                                           weight_path)  # fmt: skip
-        second_outputs, form = _output_form(module, hidden, _block_input(graph, block))
         candidates = [
             MoEBlock(
                 name=block, module=module, num_experts=num_experts, hidden_size=hidden, intermediate_size=intermediate,
@@ -965,13 +971,16 @@ class DetectMoEBlocks(PassBase):
             if block is not None:
                 given_read.add(bank)
                 blocks[bank] = block
-        modules = dict(self.model.named_modules())
-        for node in graph.nodes:  # modules captured opaque (torch.export's own guard aside), in no block read above
+        # modules captured opaque, in no block read above (torch.export's _guards_fn is a call_module of no module)
+        modules, tried = dict(self.model.named_modules()), set()
+        for node in graph.nodes:
             if (
                 node.op == "call_module"
                 and node.target in modules
+                and node.target not in tried
                 and not any(_inside(node.target, b) or _inside(b, node.target) for b in blocks)
             ):
+                tried.add(node.target)
                 block = _opaque_block(graph, self.model, node)
                 if block is not None:
                     blocks[block.name] = block

@@ -19,7 +19,7 @@ from torch import nn
 import moefx
 import moefx.export
 from moefx.capture import max_output_diff
-from moefx.zoo import HandWrittenMoE, HandWrittenMoELM, example_inputs, renormalised_top_k
+from moefx.zoo import HandWrittenExpert, HandWrittenMoE, HandWrittenMoELM, example_inputs, renormalised_top_k
 
 
 class StackedEinsumMoE(nn.Module):
@@ -60,6 +60,17 @@ class SortedDispatchMoE(HandWrittenMoE):
         return torch.zeros_like(x).index_add_(0, token, weighted).reshape(shape)
 
 
+class SortedDispatchWithSharedExpert(SortedDispatchMoE):
+    """The sorted dispatch plus a shared expert, which its structure alone does not say how it joins."""
+
+    def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int) -> None:
+        super().__init__(hidden, intermediate, num_experts, top_k)
+        self.shared = HandWrittenExpert(hidden, intermediate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + self.shared(x)
+
+
 IDIOMS = {"index_add loop": HandWrittenMoE, "stacked einsum": StackedEinsumMoE, "sorted dispatch": SortedDispatchMoE}
 
 
@@ -94,3 +105,8 @@ def test_a_module_read_from_its_structure_is_reported_where_no_reading_reproduce
     model = _model(SortedDispatchMoE, temperature=2.0)  # a routing temperature: no reading moefx tries
     with pytest.raises(moefx.DetectionError, match=r"^moes\.0 looks like an MoE block, but .* does not reproduce"):
         moefx.compile(model, _batches(), experts=0.5)
+
+
+def test_an_opaque_module_with_more_than_a_router_and_experts_is_not_read():
+    with pytest.raises(moefx.DetectionError, match=r"^no MoE block found in HandWrittenMoELM"):
+        moefx.compile(_model(SortedDispatchWithSharedExpert), _batches(), experts=0.5)

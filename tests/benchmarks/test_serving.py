@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,6 +46,9 @@ def test_the_profile_puts_every_node_in_its_run_and_finds_the_fused_expert_nodes
     profile = generator.session.end_profiling()
     runs = serving.op_ms(profile)
     assert len(runs) == 2
+    events = json.loads(Path(profile).read_text(encoding="utf-8"))
+    kernels = [e["dur"] / 1e3 for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    assert sum(sum(run.values()) for run in runs) == pytest.approx(sum(kernels))  # every node, once
     for run in runs:
         assert run["MoE"] > 0 and sum(run.values()) > run["MoE"]
     assert "QMoE" in serving.where_time_goes(decoder_files["original", "int4"], 1)["decode"]
