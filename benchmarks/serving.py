@@ -229,6 +229,11 @@ def write_markdown(rows: list[dict[str, Any]], threads: int, path: Path) -> None
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+def find_row(rows: list[dict[str, Any]], variant: str, form: str) -> dict[str, Any] | None:
+    """The row of ``variant`` in ``form`` among one model's rows, or None."""
+    return next((r for r in rows if r["variant"] == variant and r["form"] == form), None)
+
+
 def largest_ops(ms: dict[str, float], count: int = 3) -> str:
     """``total: op ms, ...`` for the ``count`` operator types that take most of a run's node time."""
     largest = sorted(ms.items(), key=lambda item: -item[1])[:count]
@@ -244,17 +249,14 @@ def profile_lines(rows: list[dict[str, Any]]) -> list[str]:
     """What one model's profile says about the targets: expert-node time of the fused default 25% and of
     int4 experts against the original's float32 expert nodes, and the time of the nodes around them."""
 
-    def row(variant: str, form: str) -> dict[str, Any] | None:
-        return next((r for r in rows if r["variant"] == variant and r["form"] == form), None)
-
     def other_ms(r: dict[str, Any], phase: str) -> float:
         return sum(r["op_ms"][phase].values()) - expert_ms(r, phase)
 
-    base = row("original", "fused")
+    base = find_row(rows, "original", "fused")
     if base is None:
         return []
     lines = []
-    if (fused := row("default 25%", "fused")) is not None:
+    if (fused := find_row(rows, "default 25%", "fused")) is not None:
         for phase, shape in (("prefill", PREFILL), ("throughput", THROUGHPUT)):
             lines.append(
                 f"default 25% fused at {shape[0]}x{shape[1]}: expert nodes {expert_ms(fused, phase):.1f} ms against "
@@ -262,21 +264,21 @@ def profile_lines(rows: list[dict[str, Any]]) -> list[str]:
                 f"the time for a quarter of the expert weights); other nodes {other_ms(fused, phase):.1f} ms "
                 f"against {other_ms(base, phase):.1f}"
             )
-    if (portable := row("default 25%", "portable")) is not None and fused is not None:
+    if (portable := find_row(rows, "default 25%", "portable")) is not None and fused is not None:
         for phase, shape in (("prefill", PREFILL), ("throughput", THROUGHPUT)):
             lines.append(
                 f"default 25% at {shape[0]}x{shape[1]}: {sum(portable['op_ms'][phase].values()):.1f} ms of nodes in "
                 f"the portable form against {sum(fused['op_ms'][phase].values()):.1f} in the fused one"
             )
     for variant in ("original", "default 25%"):
-        if (r := row(variant, "int4")) is not None:
+        if (r := find_row(rows, variant, "int4")) is not None:
             lines.append(
                 f"{variant} int4 decode step: QMoE {expert_ms(r, 'decode'):.2f} ms against the original's float32 "
                 f"MoE {expert_ms(base, 'decode'):.2f} ({expert_ms(r, 'decode') / expert_ms(base, 'decode'):.2f}x the "
                 f"time for an eighth of the bytes{' of a quarter of the experts' if variant != 'original' else ''}); "
                 f"other nodes {other_ms(r, 'decode'):.2f} ms against {other_ms(base, 'decode'):.2f}"
             )
-    if (r := row("original", "int4")) is not None:
+    if (r := find_row(rows, "original", "int4")) is not None:
         step = sum(base["op_ms"]["decode"].values())
         lines.append(
             f"decode bound: with the other nodes as they are, expert nodes taking no time at all would make a decode "
@@ -289,21 +291,18 @@ def profile_lines(rows: list[dict[str, Any]]) -> list[str]:
 def target_lines(rows: list[dict[str, Any]]) -> list[str]:
     """Each target of issue 14 against one model's rows: the figure, the target, met or by how much missed."""
 
-    def row(variant: str, form: str) -> dict[str, Any] | None:
-        return next((r for r in rows if r["variant"] == variant and r["form"] == form), None)
-
-    base = row("original", "fused")
+    base = find_row(rows, "original", "fused")
     checks = []
     for form in ("fused", "portable"):
-        if (r := row("default 25%", form)) is not None:
+        if (r := find_row(rows, "default 25%", form)) is not None:
             checks.append((f"default 25% ({form}) prefill 1x128 speedup", base["prefill_ms"] / r["prefill_ms"], 1.5))
             checks.append((f"default 25% ({form}) 16x128 speedup", r["throughput_tok_s"] / base["throughput_tok_s"],
                            1.0))  # fmt: skip
-    if (r := row("mc-smoe 25%", "portable")) is not None:
+    if (r := find_row(rows, "mc-smoe 25%", "portable")) is not None:
         checks.append(("mc-smoe 25% (portable; LoSparse cannot be fused) 16x128 speedup",
                        r["throughput_tok_s"] / base["throughput_tok_s"], 1.2))  # fmt: skip
     for variant in ("original", "default 25%"):
-        if (r := row(variant, "int4")) is not None:
+        if (r := find_row(rows, variant, "int4")) is not None:
             checks.append((f"{variant} int4 decode tok/s over the original's float32", r["decode_tok_s"] /
                            base["decode_tok_s"], 2.0))  # fmt: skip
     lines = [f"{name}: {value:.2f} (target >= {target:g}): " + ("met" if value >= target else
