@@ -735,17 +735,15 @@ def _describe_block(
         token_id_routing=by_id,
         scale_parameter_path=reading.scale_parameter and _relative(reading.scale_parameter, block),
     )  # fmt: skip
+    sources, intermediate, gated = _expert_sources(
+        graph, module, block, container, fused_names, hidden, num_experts, weight_path
+    )
     if container is not None:
-        source, intermediate, gated = _container_source(module, block, container, hidden)
-        sources = [source]
         top_children.add(container.split(".")[0])
-        out_weight = f".{source.out_linear}.weight"
+        out_weight = f".{sources[0].out_linear}.weight"
         out_weights = [n for n in graph.attr_nodes(_join(block, container)) if n.target.endswith(out_weight)]
         experts_path = _join(block, container)
     else:
-        sources, intermediate, gated = _fused_sources(
-            graph, module, block, fused_names, hidden, num_experts, weight_path
-        )
         top_children.add(fused_names[0].split(".")[0])
         out_weights = graph.attr_nodes(_join(block, sources[0].out_proj))
         experts_path = _join(block, sources[0].out_proj)
@@ -772,17 +770,21 @@ def _describe_block(
     return _verified(candidates, form["input_ndim"])
 
 
-def _container_source(
-    module: nn.Module, block: str, container: str, hidden: int
-) -> tuple[ModuleExpertsSource, int, bool]:
-    """The reading of a container of expert modules, their I, and whether they are gated."""
+def _expert_sources(
+    graph: _Graph, module: nn.Module, block: str, container: str | None, fused_names: list[str], hidden: int,
+    num_experts: int, router_weight: str,
+) -> tuple[list[FusedExpertsSource | ModuleExpertsSource], int, bool]:  # fmt: skip
+    """Candidate readings of the block's experts (a container of expert modules, or fused weights: see
+    :func:`_fused_sources`), their I, and whether they are gated."""
+    if container is None:
+        return _fused_sources(graph, module, block, fused_names, hidden, num_experts, router_weight)
     experts = list(module.get_submodule(container).children())
     try:
         in_linears, out_linear, act = ffn_structure(experts[0], hidden)
     except ValueError as exc:
         raise DetectionError(f"{block}: {exc}") from None
     source = ModuleExpertsSource(container, in_linears, out_linear, act)
-    return source, experts[0].get_submodule(out_linear).in_features, len(in_linears) == 2
+    return [source], experts[0].get_submodule(out_linear).in_features, len(in_linears) == 2
 
 
 def _output_form(
@@ -902,13 +904,9 @@ def _opaque_block(graph: _Graph, model: nn.Module, node: fx.Node) -> MoEBlock | 
             second_outputs, form = _output_form(module, hidden, block_input)
         except Exception:
             return None
-        weight_path = _join(block, f"{name}.weight")
-        if container is not None:
-            source, intermediate, gated = _container_source(module, block, container, hidden)
-            sources = [source]
-        else:
-            sources, intermediate, gated = _fused_sources(graph, module, block, fused_names, hidden, num_experts,
-                                                          weight_path)  # fmt: skip
+        sources, intermediate, gated = _expert_sources(
+            graph, module, block, container, fused_names, hidden, num_experts, _join(block, f"{name}.weight")
+        )
         candidates = [
             MoEBlock(
                 name=block, module=module, num_experts=num_experts, hidden_size=hidden, intermediate_size=intermediate,
