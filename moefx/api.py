@@ -47,7 +47,7 @@ from moefx.passes.observe import (
     collect_statistics,
     install_mask_hook,
 )
-from moefx.passes.refit import least_squares_output
+from moefx.passes.refit import least_squares_output, least_squares_units
 from moefx.passes.router import PruneRouter, fit_pruned_router, router_prune_blocker
 
 _STATE = "_moefx_prepared"
@@ -309,6 +309,7 @@ def convert(
         warnings.warn(f"{', '.join(normed)}: experts that end in their own RMSNorm are refit on their input "
                       "projections only", MoefxWarning, stacklevel=2)  # fmt: skip
     refits_output = {name: refit and name not in normed for name in graphs}
+    units = config.resolved("refit") == "units"
     second = [b for b in state.blocks if _needs_second_pass(plans[b.name], refits_output[b.name], config)]
     if second and calib_batches is None:
         if refit:
@@ -325,8 +326,11 @@ def convert(
                 if refits_output[b.name] and plan.merged_groups:
                     merged = banks[b.name].with_experts(plan.merged, [g[0] for g in plan.groups])
                     plan.merged = [merged.ffn(g) for g in range(merged.num_experts)]  # views: held once
+                    candidates = (
+                        [[e for e, _ in plan.unit_candidates(g)] for g in plan.merged_groups] if units else None
+                    )
                     observed_experts = graph.get_submodule("observed_experts")
-                    observed_experts.start_refit(plan.expert_to_group, merged, plan.merged_groups)
+                    observed_experts.start_refit(plan.expert_to_group, merged, plan.merged_groups, candidates)
             calibrate(observed, calib_batches, progress=config.progress)
             stats.update({b.name: collect_statistics(graphs[b.name]) for b in second})
     for b in _progress(state.blocks, "merging", "block", config.progress):
@@ -335,8 +339,15 @@ def convert(
         with stage("merging and rewriting"):
             if s.refit_grams is not None:
                 for slot, g in enumerate(s.refit_groups.tolist()):
-                    plan.merged[g] = least_squares_output(plan.merged[g], s.refit_grams[slot], s.refit_cross[slot],
-                                                          config.ridge)  # fmt: skip
+                    gram, cross = s.refit_system(slot)
+                    if units:
+                        members, coefficients = zip(*plan.unit_candidates(g), strict=True)
+                        pool = [ffns[b.name][e] for e in members]
+                        plan.merged[g] = least_squares_units(
+                            plan.merged[g], pool, list(coefficients), gram, cross, config.ridge
+                        )
+                    else:
+                        plan.merged[g] = least_squares_output(plan.merged[g], gram, cross, config.ridge)
             before = (_experts_params(bank), block_flops(graph, bank, b.top_k))
             passes = [RemoveObservers(), MergeExperts(plan)]
             if plan.router == "pruned" and not plan.is_identity:

@@ -387,8 +387,8 @@ def _add_compression_options(parser: argparse.ArgumentParser) -> None:
         "--refit",
         choices=REFIT_MODES,
         default=d.refit,
-        help=f"closed-form refit of merged experts on the calibration tokens: none, out (output projection) or "
-        f"in+out ({own})",
+        help=f"closed-form refit of merged experts on the calibration tokens: none, out (output projection), "
+        f"in+out (also the input projections) or units (in+out, then hidden units chosen among the members') ({own})",
     )
     add("--ridge", type=float, default=d.ridge, help="relative ridge of the refit solves (default: %(default)s)")
     add(

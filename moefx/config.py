@@ -14,7 +14,7 @@ ROUTER_MODES = ("exact", "pruned")
 SIMILARITIES = ("router-logits", "router-weight", "expert-weight", "expert-output", "output-error", "random")
 SVD_MODES = ("activation-aware", "plain")
 SELECTIONS = ("frequency", "reap", "contribution", "error")
-REFITS = ("none", "out", "in+out")
+REFITS = ("none", "out", "in+out", "units")
 SPARSE_AXES = ("columns", "rows")
 SPARSE_SCORES = ("activation", "gradient")
 
@@ -53,8 +53,11 @@ class CompressionConfig:
       :mod:`moefx.selection`). ``None`` is the method's own choice.
     * ``refit`` (merging methods): after merging, re-solve each merged expert in closed form to reproduce
       its members' outputs on the calibration tokens: ``"out"`` (the output projection), ``"in+out"`` (also
-      the input projections, by least squares on the members' pre-activations) or ``"none"``; ``ridge`` is
-      the relative ridge of those solves. ``sequential`` calibrates block by block, each seeing the blocks
+      the input projections, by least squares on the members' pre-activations), ``"units"`` (``"in+out"``,
+      then the merged expert's hidden units chosen again among its own and its members' by how well they
+      fit the members' outputs, the output projection solved over them; see
+      :func:`moefx.passes.refit.least_squares_units`) or ``"none"``; ``ridge`` is the relative ridge of
+      those solves. ``sequential`` calibrates block by block, each seeing the blocks
       before it already compressed (as GPTQ does).
     * ``rank``, ``sparse_keep``, ``svd``, ``sparse_axis`` (``method="mc-smoe"``): each merged linear becomes
       ``U V + S`` with ``U V`` of rank ``rank`` (an int, the paper's 32, or a fraction of ``min(out, in)``)
@@ -135,6 +138,11 @@ class CompressionConfig:
         value = getattr(self, name)
         known = self.method in METHODS  # resolved() runs before validate() has checked the name
         return METHODS[self.method].defaults[name] if value is None and known else value
+
+    @property
+    def refits_inputs(self) -> bool:
+        """Whether merged input projections are fitted by least squares (``"in+out"`` and ``"units"``)."""
+        return self.resolved("refit") in ("in+out", "units")
 
     @property
     def method_object(self) -> Method:

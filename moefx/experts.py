@@ -51,12 +51,26 @@ class FFN:
     def hidden_units(self) -> int:
         return self.out_weight.shape[1]
 
-    def permuted(self, perm: torch.Tensor) -> FFN:
+    def units(self, index: torch.Tensor) -> FFN:
+        """The FFN of the hidden units ``index`` (a permutation of all of them computes the same function)."""
         return dataclasses.replace(
             self,
-            in_weights=[w[perm] for w in self.in_weights],
-            in_biases=[None if b is None else b[perm] for b in self.in_biases],
-            out_weight=self.out_weight[:, perm],
+            in_weights=[w[index] for w in self.in_weights],
+            in_biases=[None if b is None else b[index] for b in self.in_biases],
+            out_weight=self.out_weight[:, index],
+        )
+
+    @staticmethod
+    def concatenated(ffns: list[FFN]) -> FFN:
+        """One FFN with every hidden unit of ``ffns``, in order; its output bias and norm are the first's."""
+        return dataclasses.replace(
+            ffns[0],
+            in_weights=[torch.cat(parts) for parts in zip(*(f.in_weights for f in ffns), strict=True)],
+            in_biases=[
+                None if parts[0] is None else torch.cat(parts)
+                for parts in zip(*(f.in_biases for f in ffns), strict=True)
+            ],
+            out_weight=torch.cat([f.out_weight for f in ffns], dim=1),
         )
 
     def tensors(self) -> list[torch.Tensor | None]:

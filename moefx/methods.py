@@ -114,7 +114,7 @@ class Method:
         return CalibrationNeeds(
             all_token_outputs=config.similarity == "expert-output" and not self.prunes,
             router_input_moments=config.router == "pruned" and not self.prunes,
-            weighted_input_moments=config.resolved("refit") == "in+out",
+            weighted_input_moments=config.refits_inputs,
             substitution_errors=config.resolved("selection") == "error"
             or (config.similarity == "output-error" and not self.prunes),
         )

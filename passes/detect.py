@@ -494,7 +494,7 @@ def _gated_layout(bank: FusedExperts) -> str | None:
         reference = bank.expert_forward(0, x)
         for layout in GATED_LAYOUTS:
             bank.layout = layout
-            permuted = bank.with_experts([bank.ffn(0).permuted(perm)])
+            permuted = bank.with_experts([bank.ffn(0).units(perm)])
             if torch.allclose(permuted.expert_forward(0, x), reference, atol=1e-5, rtol=1e-4):
                 return layout
     return None

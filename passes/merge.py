@@ -40,6 +40,8 @@ from moefx.passes.observe import BlockStats
 from moefx.routing import combine_by_group
 from moefx.selection import error_gains, select_by_error
 
+UNIT_CANDIDATE_MEMBERS = 8  # the pool of a unit refit grows by one expert's width (and Gram rows) per member
+
 
 @dataclass
 class BlockPlan:
@@ -67,6 +69,12 @@ class BlockPlan:
     def merged_groups(self) -> list[int]:
         """The groups of more than one expert: a one-member group is its expert, unchanged."""
         return [g for g, members in enumerate(self.groups) if len(members) > 1]
+
+    def unit_candidates(self, group: int) -> list[tuple[int, float]]:
+        """The members whose hidden units the ``"units"`` refit may keep, with their merge coefficients:
+        the dominant, then the others by coefficient, at most :data:`UNIT_CANDIDATE_MEMBERS`."""
+        members = list(zip(self.groups[group], self.coefficients[group], strict=True))
+        return [members[0], *sorted(members[1:], key=lambda m: -m[1])][:UNIT_CANDIDATE_MEMBERS]
 
     @property
     def is_identity(self) -> bool:
@@ -171,7 +179,7 @@ def align_ffn(reference: FFN, other: FFN) -> torch.Tensor:
     """The permutation of ``other``'s hidden units that best matches ``reference`` (weight matching).
 
     Maximises the summed inner products of corresponding input rows, biases and output columns, one
-    permutation shared by every matrix (gate, up and down of a gated FFN). ``other.permuted(perm)`` is the
+    permutation shared by every matrix (gate, up and down of a gated FFN). ``other.units(perm)`` is the
     aligned expert; it computes the same function as ``other``.
     """
     return _assignment(unit_features(reference), other)
@@ -182,7 +190,7 @@ def align_group(ffns: list[FFN], align: bool) -> list[FFN]:
     if not align or len(ffns) == 1:
         return list(ffns)
     reference = unit_features(ffns[0])
-    return [ffns[0]] + [f.permuted(_assignment(reference, f)) for f in ffns[1:]]
+    return [ffns[0]] + [f.units(_assignment(reference, f)) for f in ffns[1:]]
 
 
 def merge_ffns(ffns: list[FFN], coefficients: list[float], align: bool) -> FFN:
@@ -263,7 +271,7 @@ def plan_compression(
     kept = _kept_experts(merged, stats, config)
     rng = np.random.default_rng(config.seed)
     align = config.resolved("align")
-    least_squares_merge = config.resolved("refit") == "in+out"
+    least_squares_merge = config.refits_inputs
     for block, dominants in zip(merged, kept, strict=True):
         s = stats[block.name]
         groups = method.groups(dominants, BlockEvidence(s, router_weights[block.name], ffns[block.name]), config, rng)

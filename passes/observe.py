@@ -188,10 +188,12 @@ class ObservedExperts(nn.Module):
         self.register_buffer("output_norm_sums", torch.zeros(num_experts, **f64))
         self.register_buffer("weighted_output_norm_sums", torch.zeros(num_experts, **f64))
         names = ("all_tokens", "all_output_sums", "input_grams", "hidden_grams", "input_sums", "weighted_input_grams",
-                 "substitution_errors", "expert_to_slot", "refit_groups", "refit_grams", "refit_cross")  # fmt: skip
+                 "substitution_errors", "expert_to_slot", "refit_groups", "refit_widths", "refit_grams",
+                 "refit_cross")  # fmt: skip
         for name in names:
             self.register_buffer(name, None)
         self.merged: nn.Module | None = None  # the merged bank, during a refit pass
+        self.refit_candidates: list[list[int]] = []  # the original experts whose units join each refit's pool
         self.input_bias = bank.ffn(0).in_biases[0] is not None
         if needs.all_token_outputs:
             self.all_tokens = torch.zeros((), **f64)
@@ -206,21 +208,33 @@ class ObservedExperts(nn.Module):
             size = hidden + int(self.input_bias)
             self.weighted_input_grams = torch.zeros(num_experts, size, size)  # float32: E x H^2 is gigabytes
 
-    def start_refit(self, expert_to_group: list[int], merged: nn.Module, groups: list[int] | None = None) -> None:
+    def start_refit(
+        self,
+        expert_to_group: list[int],
+        merged: nn.Module,
+        groups: list[int] | None = None,
+        candidates: list[list[int]] | None = None,
+    ) -> None:
         """Switch to a refit pass for the merged bank's experts ``groups`` (default: all): for each token
         routed to expert ``e`` with weight ``w`` whose group ``g`` is the ``r``-th of ``groups``, accumulate
-        ``refit_grams[r] += w h h^T`` and ``refit_cross[r] += w y h^T``, where ``h`` is the merged expert's
-        hidden activation and ``y`` expert ``e``'s output (``h`` gets a constant-1 column when the experts
-        have output biases). Nothing else is recorded in this pass. Both are float32, like the other Gram
-        matrices: a full-size layer's are gigabytes, and the solve that uses them is ridge-damped."""
+        ``w h h^T`` and ``w y h^T`` (read them with :func:`refit_system`), where ``y`` is expert ``e``'s output
+        and ``h`` the merged expert's hidden activation, followed by those of the original experts
+        ``candidates[r]`` when given (the pool :func:`~moefx.passes.refit.least_squares_units` chooses
+        from), and a constant 1 when the experts have output biases. Nothing else is recorded in this pass.
+        The sums are float32, like the other Gram matrices: a full-size layer's are gigabytes, and the
+        solves that use them are ridge-damped. They are held flat (``refit_grams``, ``refit_cross [H, n]``),
+        as their widths ``refit_widths`` differ from group to group."""
         groups = list(range(merged.num_experts)) if groups is None else groups
         slot_of_group = {g: r for r, g in enumerate(groups)}
         self.merged = merged
+        self.refit_candidates = candidates or [[] for _ in groups]
         self.expert_to_slot = torch.tensor([slot_of_group.get(g, -1) for g in expert_to_group], dtype=torch.long)
         self.refit_groups = torch.tensor(groups, dtype=torch.long)
-        size = merged.intermediate_size + int(merged.ffn(0).out_bias is not None)
-        self.refit_grams = torch.zeros(len(groups), size, size)
-        self.refit_cross = torch.zeros(len(groups), self.output_sums.shape[1], size)
+        bias = int(merged.ffn(0).out_bias is not None)
+        widths = [merged.intermediate_size + self.bank.intermediate_size * len(c) + bias for c in self.refit_candidates]
+        self.refit_widths = torch.tensor(widths, dtype=torch.long)
+        self.refit_grams = torch.zeros(sum(w * w for w in widths))
+        self.refit_cross = torch.zeros(self.output_sums.shape[1], sum(widths))
 
     @property
     def num_experts(self) -> int:
@@ -293,12 +307,27 @@ class ObservedExperts(nn.Module):
         slot = int(self.expert_to_slot[e])
         if slot < 0:
             return
-        h = self.merged.expert_hidden(int(self.refit_groups[slot]), x).float()
-        if self.refit_grams.shape[1] > h.shape[1]:
+        parts = [self.merged.expert_hidden(int(self.refit_groups[slot]), x)]
+        parts += [self.bank.expert_hidden(c, x) for c in self.refit_candidates[slot]]
+        h = torch.cat([p.float() for p in parts], dim=1)
+        gram, cross = refit_system(self.refit_grams, self.refit_cross, self.refit_widths, slot)
+        if gram.shape[0] > h.shape[1]:
             h = torch.cat([h, torch.ones(len(h), 1, dtype=h.dtype)], dim=1)
         weighted = h * w.float()[:, None]
-        self.refit_grams[slot] += weighted.T @ h
-        self.refit_cross[slot] += y.float().T @ weighted
+        gram += weighted.T @ h
+        cross += y.float().T @ weighted
+
+
+def refit_system(
+    grams: torch.Tensor, cross: torch.Tensor, widths: torch.Tensor, slot: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of the ``slot``-th refit's ``gram [n, n]`` and ``cross [H, n]`` in the flat sums of
+    :meth:`ObservedExperts.start_refit` (``widths``: every refit's ``n``)."""
+    sizes = widths.tolist()
+    n = sizes[slot]
+    start = sum(w * w for w in sizes[:slot])
+    column = sum(sizes[:slot])
+    return grams[start : start + n * n].view(n, n), cross[:, column : column + n]
 
 
 class InsertObservers(PassBase):
@@ -399,7 +428,8 @@ class BlockStats:
     group_cross: torch.Tensor | None = None
     group_target_sums: torch.Tensor | None = None
     weighted_input_grams: torch.Tensor | None = None
-    refit_groups: torch.Tensor | None = None  # the merged experts refit_grams[r] and refit_cross[r] belong to
+    refit_groups: torch.Tensor | None = None  # the merged experts the refit sums belong to, in order
+    refit_widths: torch.Tensor | None = None
     refit_grams: torch.Tensor | None = None
     refit_cross: torch.Tensor | None = None
 
@@ -417,6 +447,10 @@ class BlockStats:
     def contribution(self) -> torch.Tensor:
         """Frequency times REAP saliency: an expert's total routed output norm per token."""
         return self.weighted_output_norm_sums / max(self.tokens, 1.0)
+
+    def refit_system(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``slot``-th refit's ``gram`` and ``cross`` (see :meth:`ObservedExperts.start_refit`)."""
+        return refit_system(self.refit_grams, self.refit_cross, self.refit_widths, slot)
 
     @property
     def mean_outputs(self) -> torch.Tensor:
@@ -447,6 +481,7 @@ def collect_statistics(graph_module: fx.GraphModule) -> BlockStats:
                     "input_sums",
                     "weighted_input_grams",
                     "refit_groups",
+                    "refit_widths",
                     "refit_grams",
                     "refit_cross",
                 ),

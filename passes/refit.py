@@ -14,6 +14,12 @@ re-fits each merged expert by ridge least squares on calibration statistics:
   aligned member's, weighted by routing weight: ``W = (sum_m W_m C_m) (sum_m C_m)^-1`` with ``C_m`` the
   member's routing-weighted input second moment (RegMean-style, a least-squares step on the pre-activation),
   with the same pull towards the averaged input projections.
+* hidden units (:func:`least_squares_units`, the default): the merged expert's width of hidden units is
+  chosen afresh from a pool of its own units and its members' (the dominant's and the next most weighted,
+  up to :data:`~moefx.passes.merge.UNIT_CANDIDATE_MEMBERS`), by greedy forward selection on the
+  output least-squares fit (:func:`select_units`), and the output projection is solved over the chosen
+  units. A member's unit is a feature the merged expert can keep exactly instead of averaging it with
+  others'; where the merged units alone fit no worse, they are kept (the ``in+out`` result).
 
 ``lambda`` is ``ridge`` times the mean diagonal of the Gram matrix.
 """
@@ -26,8 +32,10 @@ import torch
 
 from moefx.experts import FFN
 
-REFIT_MODES = ("none", "out", "in+out")
 FLOAT32_MIN_RIDGE = 1e-3  # the smallest relative ridge whose solves run in float32
+SELECTION_STEPS = 32  # unit selection updates its factorisation of the whole pool this many times
+SHORTLIST = 4  # each step picks its units one at a time from this many times as many best-scoring ones
+SKETCH_ROWS = 512  # selection scores units against a random projection of wider outputs to this many rows
 
 
 def _ridge_solve(gram: torch.Tensor, cross: torch.Tensor, prior: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -59,7 +67,11 @@ def least_squares_output(ffn: FFN, gram: torch.Tensor, cross: torch.Tensor, ridg
     ``cross = sum w y h^T`` (both with a trailing constant-1 column when ``ffn`` has an output bias)."""
     if float(gram.diagonal().sum()) <= 0.0:  # no calibration token reached this group: keep the average
         return ffn
-    solution = _ridge_solve(gram, cross, _with_bias_column(ffn.out_weight, ffn.out_bias), ridge)
+    return _with_output(ffn, _ridge_solve(gram, cross, _with_bias_column(ffn.out_weight, ffn.out_bias), ridge))
+
+
+def _with_output(ffn: FFN, solution: torch.Tensor) -> FFN:
+    """``ffn`` with its output projection (and bias, the last column when it has one) set to ``solution``."""
     dtype = ffn.out_weight.dtype
     if ffn.out_bias is not None:
         return dataclasses.replace(ffn, out_weight=solution[:, :-1].to(dtype), out_bias=solution[:, -1].to(dtype))
@@ -95,3 +107,136 @@ def least_squares_inputs(merged: FFN, aligned: list[FFN], grams: list[torch.Tens
         in_weights.append((part[:, :-1] if with_bias else part).to(dtype))
         in_biases.append(part[:, -1].to(dtype) if with_bias else None)
     return dataclasses.replace(merged, in_weights=in_weights, in_biases=in_biases)
+
+
+class _PartialCholesky:
+    """Forward selection state for the ridge fit of ``target [P, n]`` from ``n`` features with Gram matrix
+    ``gram + damping I``: ``rows`` are the chosen features' rows of the pivoted Cholesky factor over all
+    features, ``residual`` the target's part not yet explained, ``variance`` each feature's Gram diagonal
+    not yet explained. A feature's gain (the fall in squared error from adding it) is
+    ``|residual_j|^2 / variance_j``."""
+
+    def __init__(self, gram: torch.Tensor, target: torch.Tensor, damping: float) -> None:
+        self.gram, self.damping = gram, damping
+        self.rows = target.new_zeros(0, gram.shape[0])
+        self.residual = target.clone()
+        self.variance = gram.diagonal().double() + damping
+        self.floor = 1e-9 * float(self.variance.max())
+
+    def gains(self) -> torch.Tensor:
+        scores = self.residual.square().sum(dim=0) / self.variance.clamp(min=self.floor)
+        return scores.masked_fill(self.variance <= self.floor, float("-inf"))
+
+    def add(self, picks: list[int]) -> None:
+        """Add the features ``picks`` (one blocked update of the factor, the residual and the variances)."""
+        rows = self.gram[picks].double()  # read row by row: the pool's Gram matrix stays in float32
+        rows[range(len(picks)), picks] += self.damping
+        rows -= self.rows[:, picks].T @ self.rows
+        block = torch.linalg.cholesky(rows[:, picks])
+        rows = torch.linalg.solve_triangular(block, rows, upper=False)
+        explained = torch.linalg.solve_triangular(block, self.residual[:, picks].T, upper=False)
+        self.residual -= explained.T @ rows
+        self.variance -= rows.square().sum(dim=0)
+        self.variance[picks] = 0.0
+        self.rows = torch.cat([self.rows, rows])
+
+    def greedy(self, shortlist: list[int], count: int) -> list[int]:
+        """``count`` of ``shortlist`` chosen one at a time, each the best given those before it (exact,
+        on the shortlist's own small system)."""
+        columns = self.rows[:, shortlist]
+        gram = self.gram[shortlist][:, shortlist].double() - columns.T @ columns
+        gram.diagonal().add_(self.damping)
+        residual, variance = self.residual[:, shortlist].clone(), gram.diagonal().clone()
+        picks: list[int] = []
+        for _ in range(count):
+            gains = residual.square().sum(dim=0) / variance.clamp(min=self.floor)
+            gains[variance <= self.floor] = float("-inf")
+            gains[picks] = float("-inf")
+            best = int(gains.argmax())
+            if not torch.isfinite(gains[best]):
+                break
+            picks.append(best)
+            direction = gram[best] / variance[best].sqrt()
+            residual -= torch.outer(residual[:, best] / variance[best].sqrt(), direction)
+            gram -= torch.outer(direction, direction)
+            variance = gram.diagonal().clone()
+        return [shortlist[p] for p in picks]
+
+
+def select_units(
+    gram: torch.Tensor, cross: torch.Tensor, count: int, ridge: float, forced: list[int] | None = None
+) -> list[int]:
+    """``count`` features of ``gram [n, n]`` (``sum w h h^T``) whose ridge fit of the targets in
+    ``cross [H, n]`` (``sum w y h^T``) leaves the least squared error, by blocked greedy forward selection,
+    besides the ``forced`` ones (a bias column), which are chosen first. Returns the chosen features, sorted.
+
+    Each of :data:`SELECTION_STEPS` steps scores every feature by its gain given those chosen so far,
+    picks the step's share of features one at a time from the :data:`SHORTLIST` times as many best, and
+    updates the factorisation of the whole pool once. Outputs wider than :data:`SKETCH_ROWS` are scored
+    on a fixed random projection of them (which keeps every gain in expectation)."""
+    forced = list(forced or [])
+    target = cross.double()
+    if target.shape[0] > SKETCH_ROWS:
+        generator = torch.Generator().manual_seed(0)
+        projection = torch.randn(SKETCH_ROWS, target.shape[0], generator=generator, dtype=torch.float64)
+        target = projection @ target / SKETCH_ROWS**0.5
+    damping = max(ridge, 1e-8) * float(gram.diagonal().double().mean().clamp(min=1e-12))
+    state = _PartialCholesky(gram, target, damping)
+    if forced:
+        state.add(forced)
+    chosen = list(forced)
+    step = max(1, -(-count // SELECTION_STEPS))
+    while len(chosen) < count + len(forced):
+        gains = state.gains()
+        gains[chosen] = float("-inf")
+        want = min(step, count + len(forced) - len(chosen))
+        shortlist = [i for i in gains.topk(min(SHORTLIST * want, len(gains))).indices.tolist() if gains[i] > -1e308]
+        picks = state.greedy(shortlist, want)
+        if not picks:  # the chosen features explain every other one: the rest add nothing, take them in order
+            taken = set(chosen)
+            chosen += [i for i in range(len(gains)) if i not in taken][:want]
+            continue
+        state.add(picks)
+        chosen += picks
+    return sorted(chosen)
+
+
+def _fit_error(gram: torch.Tensor, cross: torch.Tensor, solution: torch.Tensor) -> float:
+    """``sum w |X h - y|^2`` up to the constant ``sum w |y|^2``: ``tr(X G X^T) - 2 tr(X C^T)``."""
+    solution = solution.double()
+    return float(((solution @ gram.double()) * solution).sum() - 2 * (solution * cross.double()).sum())
+
+
+def least_squares_units(
+    merged: FFN, members: list[FFN], coefficients: list[float], gram: torch.Tensor, cross: torch.Tensor, ridge: float
+) -> FFN:
+    """The merged expert rebuilt from a choice of hidden units: ``merged``'s width of units chosen among
+    the pool of ``merged``'s and ``members``' units (in that order) by :func:`select_units`, its output
+    projection solved over them. ``gram [n, n]`` and ``cross [H, n]`` are the pool's
+    :func:`least_squares_output` statistics (``n`` counts the pool's units, and a constant-1 column when the
+    experts have output biases). The ridge pulls each unit's output column towards its own, scaled by
+    its member's merge ``coefficients``. Where the merged units alone fit no worse, the result is
+    :func:`least_squares_output` of ``merged``."""
+    if float(gram.diagonal().sum()) <= 0.0:
+        return merged
+    pool = FFN.concatenated([merged, *members])
+    prior = torch.cat(
+        [merged.out_weight.float()] + [c * m.out_weight.float() for c, m in zip(coefficients, members, strict=True)],
+        dim=1,
+    )
+    width, units = merged.hidden_units, pool.hidden_units
+    bias = [units] if merged.out_bias is not None else []
+    prior = _with_bias_column(prior, merged.out_bias)
+
+    def fitted(chosen: list[int]) -> tuple[torch.Tensor, float]:
+        system, target = gram[chosen][:, chosen], cross[:, chosen]
+        solution = _ridge_solve(system, target, prior[:, chosen], ridge)
+        return solution, _fit_error(system, target, solution)
+
+    chosen = select_units(gram, cross, width, ridge, bias)
+    solution, error = fitted(chosen)
+    own = list(range(width)) + bias
+    own_solution, own_error = fitted(own)
+    if own_error <= error:
+        chosen, solution = own, own_solution
+    return _with_output(pool.units(torch.tensor(chosen[:width])), solution)

@@ -51,10 +51,10 @@ def test_alignment_recovers_a_permutation_and_preserves_function(seed, units, ga
     gen = torch.Generator().manual_seed(seed)
     reference = _random_ffn(gen, 8, units, gated, bias, normed)
     perm = torch.randperm(units, generator=gen)
-    shuffled = reference.permuted(perm)
+    shuffled = reference.units(perm)
     x = torch.randn(5, 8, generator=gen)
     assert torch.allclose(_ffn_forward(shuffled, x), _ffn_forward(reference, x), atol=1e-5)
-    aligned = shuffled.permuted(align_ffn(reference, shuffled))
+    aligned = shuffled.units(align_ffn(reference, shuffled))
     for a, b in zip(aligned.tensors(), reference.tensors(), strict=True):
         assert (a is None and b is None) or torch.equal(a, b)
 
@@ -67,14 +67,14 @@ def test_alignment_of_unrelated_experts_keeps_their_function(seed, units, gated,
     gen = torch.Generator().manual_seed(seed)
     a, b = (_random_ffn(gen, 6, units, gated, bias, normed) for _ in range(2))
     x = torch.randn(4, 6, generator=gen)
-    aligned = b.permuted(align_ffn(a, b))
+    aligned = b.units(align_ffn(a, b))
     assert torch.allclose(_ffn_forward(aligned, x), _ffn_forward(b, x), atol=1e-5)
 
 
 def test_merging_a_permuted_copy_returns_the_original():
     gen = torch.Generator().manual_seed(0)
     ffn = _random_ffn(gen, 8, 12, gated=True, bias=True, normed=True)
-    copy_ = ffn.permuted(torch.randperm(12, generator=gen))
+    copy_ = ffn.units(torch.randperm(12, generator=gen))
     merged = merge_ffns([ffn, copy_], [0.3, 0.7], align=True)
     assert all(torch.allclose(m, o, atol=1e-6) for m, o in zip(merged.tensors(), ffn.tensors(), strict=True))
     unaligned = merge_ffns([ffn, copy_], [0.3, 0.7], align=False)
@@ -139,7 +139,7 @@ def test_merging_a_neuron_permuted_copy_changes_no_output(zoo, family):
     gen = torch.Generator().manual_seed(3)
     perm = torch.randperm(block.intermediate_size, generator=gen)
     ffns = [bank.ffn(e) for e in range(8)]
-    ffns[1] = ffns[0].permuted(perm)  # expert 1 becomes a neuron-permuted copy of expert 0
+    ffns[1] = ffns[0].units(perm)  # expert 1 becomes a neuron-permuted copy of expert 0
     graph.experts = bank.with_experts(ffns, [0, 0, 2, 3, 4, 5, 6, 7])
     x = torch.randn(2, 9, block.hidden_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

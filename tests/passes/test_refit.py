@@ -6,7 +6,13 @@ from hypothesis import strategies as st
 import moefx
 from moefx.experts import FFN
 from moefx.passes.observe import CalibrationNeeds, collect_statistics
-from moefx.passes.refit import FLOAT32_MIN_RIDGE, least_squares_inputs, least_squares_output
+from moefx.passes.refit import (
+    FLOAT32_MIN_RIDGE,
+    least_squares_inputs,
+    least_squares_output,
+    least_squares_units,
+    select_units,
+)
 from moefx.zoo import example_inputs, tiny_model
 
 NEEDS = CalibrationNeeds(weighted_input_moments=True)
@@ -36,16 +42,59 @@ def test_refit_of_single_member_groups_without_ridge_reproduces_each_expert(zoo,
     originals = [bank.ffn(e) for e in range(bank.num_experts)]
     perturbed = [_perturbed(f, gen) for f in originals]
     stats = _refit_statistics(observed, bank.with_experts(perturbed), [torch.randn(16, 128, block.hidden_size)])
+    systems = [stats.refit_system(g) for g in range(len(perturbed))]
     refit = bank.with_experts(
-        [least_squares_output(f, stats.refit_grams[g], stats.refit_cross[g], 0.0) for g, f in enumerate(perturbed)]
+        [least_squares_output(f, gram, cross, 0.0) for f, (gram, cross) in zip(perturbed, systems, strict=True)]
     )
     # only where the tokens determine the projection (a full-rank Gram matrix) is it recovered exactly
-    determined = [e for e, gram in enumerate(stats.refit_grams) if torch.linalg.matrix_rank(gram) == len(gram)]
+    determined = [e for e, (gram, _) in enumerate(systems) if torch.linalg.matrix_rank(gram) == len(gram)]
     assert determined
     x = torch.randn(40, block.hidden_size)  # new tokens: the projection itself is recovered, not just a fit
     with torch.no_grad():
         for e in determined:
             torch.testing.assert_close(refit.expert_forward(e, x), bank.expert_forward(e, x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "hand_written"])  # gated; plain with biases
+def test_unit_refit_pool_extends_the_output_refit_and_fits_its_members_no_worse(zoo, family, observed_block):
+    block = zoo(family)[3][0]
+    batches = [torch.randn(8, 32, block.hidden_size, generator=torch.Generator().manual_seed(1))]
+    bank = observed_block(block, NEEDS).get_submodule("observed_experts").bank
+    pairs = [[e, e + 1] for e in range(0, bank.num_experts, 2)]  # every group merges two experts
+    merged_bank = bank.with_experts([FFN.weighted_sum([bank.ffn(e) for e in p], [0.5, 0.5]) for p in pairs])
+    expert_to_group = [e // 2 for e in range(bank.num_experts)]
+    plain, pooled = observed_block(block, NEEDS), observed_block(block, NEEDS)
+    plain.get_submodule("observed_experts").start_refit(expert_to_group, merged_bank)
+    pooled.get_submodule("observed_experts").start_refit(expert_to_group, merged_bank, None, pairs)
+    for observed in (plain, pooled):
+        with torch.no_grad():
+            observed(batches[0])
+    plain_stats, pooled_stats = collect_statistics(plain), collect_statistics(pooled)
+    width = bank.intermediate_size
+    for g, members in enumerate(pairs):
+        gram, cross = plain_stats.refit_system(g)
+        pool_gram, pool_cross = pooled_stats.refit_system(g)
+        own = [*range(width), *range(len(pool_gram) - (len(gram) - width), len(pool_gram))]  # + bias column
+        torch.testing.assert_close(pool_gram[own][:, own], gram)
+        torch.testing.assert_close(pool_cross[:, own], cross)
+        merged, originals = merged_bank.ffn(g), [bank.ffn(e) for e in members]
+        pool = FFN.concatenated([merged, *originals])
+        unit_refit = least_squares_units(merged, originals, [0.5, 0.5], pool_gram, pool_cross, 1e-2)
+        output_refit = least_squares_output(merged, gram, cross, 1e-2)
+        assert unit_refit.hidden_units == merged.hidden_units
+        unit_error = _pool_fit_error(unit_refit, pool, pool_gram, pool_cross)
+        assert unit_error <= _pool_fit_error(output_refit, pool, pool_gram, pool_cross) + 1e-4 * abs(unit_error)
+
+
+def _pool_fit_error(ffn: FFN, pool: FFN, gram: torch.Tensor, cross: torch.Tensor) -> float:
+    """``sum w |ffn(x) - y|^2 - sum w |y|^2`` from a pool's refit sums, for an ``ffn`` made of pool units."""
+    chosen = torch.cdist(ffn.in_weights[0].float(), pool.in_weights[0].float()).argmin(dim=1).tolist()
+    solution = ffn.out_weight.double()
+    if ffn.out_bias is not None:
+        chosen.append(len(gram) - 1)
+        solution = torch.cat([solution, ffn.out_bias.double()[:, None]], dim=1)
+    system, target = gram[chosen][:, chosen].double(), cross[:, chosen].double()
+    return float(((solution @ system) * solution).sum() - 2 * (solution * target).sum())
 
 
 def test_refit_statistics_do_not_grow_with_calibration_tokens(zoo, observed_block):
@@ -118,3 +167,61 @@ def test_sequential_calibration_of_a_one_layer_model_equals_the_joint_one():
     assert joint.moefx_report.blocks[0].groups == sequential.moefx_report.blocks[0].groups
     for (name, a), (_, b) in zip(joint.state_dict().items(), sequential.state_dict().items(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def _fit_error(ffn: FFN, x: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> float:
+    """``sum_t w_t |ffn(x_t) - y_t|^2``, the quantity every refit minimises (without its ridge)."""
+    return float((weights[:, None] * (_outputs(ffn, x) - targets).square()).sum())
+
+
+def _hidden(ffn: FFN, x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.silu(x @ ffn.in_weights[0].T) * (x @ ffn.in_weights[1].T)
+
+
+def _outputs(ffn: FFN, x: torch.Tensor) -> torch.Tensor:
+    return _hidden(ffn, x) @ ffn.out_weight.T + (0.0 if ffn.out_bias is None else ffn.out_bias)
+
+
+def _gated(units: int, hidden: int, gen: torch.Generator, bias: bool = False) -> FFN:
+    rows = lambda: torch.randn(units, hidden, generator=gen)  # noqa: E731
+    out_bias = torch.randn(hidden, generator=gen) if bias else None
+    return FFN([rows(), rows()], [None, None], torch.randn(hidden, units, generator=gen) / units**0.5, out_bias)
+
+
+def _unit_statistics(pool: FFN, x: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor):
+    h = _hidden(pool, x)
+    if pool.out_bias is not None:
+        h = torch.cat([h, torch.ones(len(h), 1)], dim=1)
+    return (h * weights[:, None]).T @ h, targets.T @ (h * weights[:, None])
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 2**16), members=st.integers(1, 3), bias=st.booleans(), ridge=st.sampled_from([1e-3, 1e-2]))
+def test_unit_refit_never_fits_worse_than_the_merged_units_refit(seed, members, bias, ridge):
+    gen = torch.Generator().manual_seed(seed)
+    hidden, units, tokens = 8, 6, 200
+    experts = [_gated(units, hidden, gen, bias) for _ in range(members + 1)]
+    merged = FFN.weighted_sum(experts, [1 / len(experts)] * len(experts))
+    x = torch.randn(tokens, hidden, generator=gen)
+    owner = torch.randint(len(experts), (tokens,), generator=gen)  # the member each token is routed to
+    weights = torch.rand(tokens, generator=gen)
+    targets = torch.cat([_outputs(experts[int(e)], x[t : t + 1]) for t, e in enumerate(owner)])
+    pool = FFN.concatenated([merged, *experts])
+    gram, cross = _unit_statistics(pool, x, targets, weights)
+    own_gram, own_cross = _unit_statistics(merged, x, targets, weights)
+    coefficients = [1 / len(experts)] * len(experts)
+    chosen = least_squares_units(merged, experts, coefficients, gram, cross, ridge)
+    refit = least_squares_output(merged, own_gram, own_cross, ridge)
+    assert chosen.hidden_units == merged.hidden_units
+    assert _fit_error(chosen, x, targets, weights) <= _fit_error(refit, x, targets, weights) * (1 + 1e-4) + 1e-6
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16), count=st.integers(1, 40))
+def test_unit_selection_finds_the_units_the_targets_are_made_of(seed, count):
+    gen = torch.Generator().manual_seed(seed)
+    features, outputs, tokens = 120, 16, 2000
+    h = torch.randn(tokens, features, generator=gen)
+    true = sorted(torch.randperm(features, generator=gen)[:count].tolist())
+    y = h[:, true] @ torch.randn(outputs, count, generator=gen).T
+    assert select_units(h.T @ h, y.T @ h, count, 1e-4) == true
