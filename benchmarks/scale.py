@@ -1,6 +1,6 @@
 """Compress real models' shapes, streamed from sharded bf16 checkpoints: time per stage and layer, peak memory.
 
-    python benchmarks/scale.py [--models olmoe-1b-7b ...] [--layers 2 16] [--out benchmarks] [--work DIR]
+    python benchmarks/scale.py [--models olmoe-1b-7b ...] [--layers 2 16] [--refit MODE] [--out benchmarks] [--work DIR]
 
 By default every shape runs at its depths in ``SHAPES``: OLMoE-1B-7B at 2 layers and at its full 16,
 Qwen3-30B-A3B at 2 layers and Mixtral-8x7B at 1 (a Mixtral layer is 1.4B parameters).
@@ -8,7 +8,8 @@ Qwen3-30B-A3B at 2 layers and Mixtral-8x7B at 1 (a Mixtral layer is 1.4B paramet
 For each shape it writes a synthetic checkpoint with random bf16 weights (``save_pretrained``'s layout: hub
 tensor names, shards of at most 2 GB, ``config.json`` and a character vocabulary), then compresses it with
 the CLI, ``moefx compress --sequential`` at 50% experts with a pruned router, calibrated on 64 sequences
-of 128 characters of tinyshakespeare, in a fresh process whose peak resident memory is measured. Writing a
+of 128 characters of tinyshakespeare (with ``--refit MODE`` where given), in a fresh process whose peak
+resident memory is measured. Writing a
 plain transformers checkpoint checks, block by block, that transformers' module with the written weights
 computes what moefx's compressed block computes (:mod:`moefx.stream`); the benchmark then loads the output
 with plain transformers in another fresh process and runs it (class, parameter count, finite logits).
@@ -39,6 +40,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import data  # noqa: E402
+from moefx.config import REFITS  # noqa: E402
 from moefx.stream import ShardWriter  # noqa: E402
 
 # real models' shapes (their config.json's sizes); depth is chosen per run
@@ -129,13 +131,13 @@ _PEAK_REPORTING_CLI = (
 )
 
 
-def compress_with_cli(checkpoint: Path, out: Path) -> dict[str, Any]:
-    """Run ``moefx compress --sequential`` on ``checkpoint`` in a fresh process: its wall time, peak RSS,
-    per-layer times as printed, and the report's stage times."""
+def compress_with_cli(checkpoint: Path, out: Path, refit: str | None = None) -> dict[str, Any]:
+    """Run ``moefx compress --sequential`` (with ``--refit refit`` where given) on ``checkpoint`` in a fresh
+    process: its wall time, peak RSS, per-layer times as printed, and the report's stage times."""
     command = [sys.executable, "-c", _PEAK_REPORTING_CLI, "compress", str(checkpoint), "--calib",
                str(data.data_file("tinyshakespeare", "input.txt")), "--out", str(out), "--experts", str(EXPERTS),
                "--router", "pruned", "--sequential", "--num-calib-seqs", str(SEQUENCES), "--seq-len", str(SEQ_LEN),
-               "--no-progress"]  # fmt: skip
+               "--no-progress", *(["--refit", refit] if refit else [])]  # fmt: skip
     start = time.perf_counter()
     done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seconds, output = time.perf_counter() - start, done.stdout
@@ -162,7 +164,7 @@ def loads_with_transformers(out: Path) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run(name: str, layers: int, work: Path) -> dict[str, Any]:
+def run(name: str, layers: int, work: Path, refit: str | None = None) -> dict[str, Any]:
     """Write the checkpoint, compress it with the CLI, check the output loads; one row of results."""
     checkpoint, out = work / f"{name}-{layers}", work / f"{name}-{layers}-out"
     shutil.rmtree(checkpoint, ignore_errors=True)
@@ -170,7 +172,7 @@ def run(name: str, layers: int, work: Path) -> dict[str, Any]:
     config = shape_config(name, layers)
     bytes_in = write_checkpoint(config, checkpoint)
     try:
-        result = compress_with_cli(checkpoint, out)
+        result = compress_with_cli(checkpoint, out, refit)
         bytes_out = sum(p.stat().st_size for p in out.glob("*.safetensors"))
         loaded = loads_with_transformers(out) if "transformers checkpoint" in result["format_line"] else None
     finally:
@@ -179,8 +181,9 @@ def run(name: str, layers: int, work: Path) -> dict[str, Any]:
     stages = result["stages"]
     forward = sum(stages.get(s, 0.0) for s in FORWARD_STAGES)
     other = result["seconds"] - forward
-    return {"model": name, "layers": layers, "bytes_in": bytes_in, "bytes_out": bytes_out, **result,
-            "forward_seconds": forward, "other_seconds": other, "transformers_load": loaded}  # fmt: skip
+    return {"model": name, "layers": layers, "refit": refit or "default", "bytes_in": bytes_in,
+            "bytes_out": bytes_out, **result, "forward_seconds": forward, "other_seconds": other,
+            "transformers_load": loaded}  # fmt: skip
 
 
 def alignment_seconds(name: str, seed: int = 0) -> dict[str, Any]:
@@ -216,24 +219,26 @@ def write_markdown(rows: list[dict[str, Any]], alignments: list[dict[str, Any]],
         "",
         f"`python benchmarks/scale.py` on {platform.processor() or platform.machine()}, {os.cpu_count()} CPU "
         f"cores, torch {torch.__version__}. Synthetic checkpoints with random bf16 weights, compressed by "
-        f"`moefx compress --sequential --router pruned --experts {EXPERTS}` calibrated on {SEQUENCES} sequences "
-        f"x {SEQ_LEN} characters of tinyshakespeare, in a fresh process. Forward passes are the stages "
+        f"`moefx compress --sequential --router pruned --experts {EXPERTS}` (with `--refit` where the refit "
+        f"column names one) calibrated on {SEQUENCES} sequences x {SEQ_LEN} characters of tinyshakespeare, in a "
+        "fresh process. Forward passes are the stages "
         f"{', '.join(FORWARD_STAGES)} (calibration passes include their statistics); the rest is reading and "
         "writing layers, capture and detection, planning, merging and rewriting. A plain transformers output "
         "is written only once each block's transformers module, holding the weights as written, computes what "
         "moefx's compressed block computes (max abs diff <= 1e-5 in float32, checked while writing); the last "
         "column is that output loaded and run by plain transformers in another process.",
         "",
-        "| model shape | layers | bytes in | bytes out | total s | s per layer (mean, max) | forward s | other s "
-        "(share) | peak RSS | plain transformers load |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model shape | layers | refit | bytes in | bytes out | total s | s per layer (mean, max) | forward s | "
+        "other s (share) | peak RSS | plain transformers load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         per_layer = r["layer_seconds"]
         loaded = r["transformers_load"]
         loaded_text = "-" if loaded is None else f"{loaded['class']}, {loaded['parameters'] / 1e9:.2f} B params"
         lines.append(
-            f"| {r['model']} | {r['layers']} | {r['bytes_in'] / gb:.2f} GB | {r['bytes_out'] / gb:.2f} GB | "
+            f"| {r['model']} | {r['layers']} | {r.get('refit', 'default')} | {r['bytes_in'] / gb:.2f} GB | "
+            f"{r['bytes_out'] / gb:.2f} GB | "
             f"{r['seconds']:.0f} | {sum(per_layer) / len(per_layer):.1f}, {max(per_layer):.1f} | "
             f"{r['forward_seconds']:.0f} | {r['other_seconds']:.0f} ({r['other_seconds'] / r['seconds']:.0%}) | "
             f"{r['peak_rss_bytes'] / gb:.2f} GB | {loaded_text} |"
@@ -267,6 +272,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
     parser.add_argument("--layers", nargs="+", type=int, default=None,
                         help="depths to run (0: the model's own; default: each shape's depths in SHAPES)")  # fmt: skip
+    parser.add_argument("--refit", choices=REFITS, default=None, help="the CLI's --refit (default: the method's)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     parser.add_argument("--work", type=Path, default=None, help="where checkpoints are written (default: temporary)")
     args = parser.parse_args()
@@ -275,7 +281,7 @@ def main() -> None:
     rows = []
     for name in args.models:
         for layers in args.layers or SHAPES[name]["depths"]:
-            rows.append(run(name, layers or SHAPES[name]["full_depth"], work))
+            rows.append(run(name, layers or SHAPES[name]["full_depth"], work, args.refit))
             print(json.dumps(rows[-1]), flush=True)
             (args.out / "scale.json").write_text(json.dumps({"runs": rows, "alignment": alignments}, indent=1) + "\n")
             write_markdown(rows, alignments, args.out / "scale.md")

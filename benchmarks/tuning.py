@@ -64,6 +64,7 @@ CHOICES = [
     ("grouping", "router-logits (default)", {}, CALIB),
     ("grouping", "output-error", {"similarity": "output-error"}, CALIB),
     ("refit", "in+out (default)", {}, CALIB),
+    ("refit", "units", {"refit": "units"}, CALIB),
     ("refit", "out", {"refit": "out"}, CALIB),
     ("refit", "none", {"refit": "none"}, CALIB),
     ("per-layer budget", "uniform (default)", {}, CALIB),
