@@ -29,10 +29,17 @@ from torch import fx, nn
 from torch.fx.passes.infra.pass_manager import PassManager
 
 from moefx.api import CompressionReport
-from moefx.block import FusedExpertsSource, ModuleExpertsSource, MoEBlock, build_block, selection_nodes
+from moefx.block import (
+    FusedExpertsSource,
+    ModuleExpertsSource,
+    MoEBlock,
+    block_router,
+    build_block,
+    selection_nodes,
+)
 from moefx.capture import max_output_diff, normalize_inputs
 from moefx.errors import CheckpointError, MoefxError, first_line
-from moefx.export.serving import atomic_output, is_canonical_block
+from moefx.export.serving import atomic_output, is_canonical_block, random_input
 from moefx.losparse import LoSparseExperts, LoSparseFFN, LoSparseLinear
 from moefx.passes.losparse import CompressExperts, parts_activation
 from moefx.passes.merge import BlockPlan, MergeExperts
@@ -52,7 +59,7 @@ def describe_block(graph: fx.GraphModule) -> dict:
     bank = graph.get_submodule("experts")
     selection = selection_nodes(graph.graph)[0]
     description = {
-        "router_outputs": graph.router.out_features if hasattr(graph, "router") else None,  # None: routed outside
+        "router_outputs": getattr(block_router(graph), "out_features", None),  # None: routed outside the block
         "num_experts": bank.num_experts,
         "combine": any(n.target is combine_by_group for n in graph.graph.nodes),
         "selection": dict(selection.kwargs),
@@ -82,16 +89,10 @@ def input_spec(example_inputs: Any) -> dict:
 
 def _synthesize(spec: dict) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    inputs = {}
-    for name, s in spec.items():
-        dtype = getattr(torch, s["dtype"])
-        if "mask" in name:
-            inputs[name] = torch.ones(s["shape"], dtype=dtype)
-        elif dtype.is_floating_point:
-            inputs[name] = torch.randn(s["shape"], generator=g, dtype=dtype)
-        else:
-            inputs[name] = torch.randint(0, max(s["high"], 1), s["shape"], generator=g, dtype=dtype)
-    return inputs
+    return {
+        name: random_input(name, s["shape"], getattr(torch, s["dtype"]), (0, max(s["high"], 1)), g)
+        for name, s in spec.items()
+    }
 
 
 def save(model: nn.Module, directory: str | os.PathLike, example_inputs: Any) -> Path:

@@ -123,14 +123,19 @@ def new_shape_inputs(inputs: tuple[torch.Tensor, ...], names: list[str]) -> tupl
             shape[0] += 1
         if len(shape) >= 2:
             shape[1] += 3
-        if "mask" in name:
-            result.append(torch.ones(shape, dtype=t.dtype))
-        elif t.is_floating_point():
-            result.append(torch.randn(shape, generator=g, dtype=t.dtype))
-        else:
-            low, high = int(t.min()), int(t.max())
-            result.append(torch.randint(low, high + 1, shape, generator=g, dtype=t.dtype))
+        result.append(random_input(name, shape, t.dtype, (int(t.min()), int(t.max()) + 1), g))
     return tuple(result)
+
+
+def random_input(
+    name: str, shape: list[int], dtype: torch.dtype, bounds: tuple[int, int], generator: torch.Generator
+) -> torch.Tensor:
+    """A stand-in for a model input: all ones for a mask, normal floats, integers in ``[low, high)``."""
+    if "mask" in name:
+        return torch.ones(shape, dtype=dtype)
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=generator, dtype=dtype)
+    return torch.randint(*bounds, shape, generator=generator, dtype=dtype)
 
 
 class TopkTiesToLowerIndex(TorchDispatchMode):

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.fx.passes.infra.pass_manager import PassManager
 
-from moefx.block import MoEBlock, build_block
+from moefx.block import MoEBlock, block_router, build_block
 from moefx.capture import call_model
 from moefx.config import CompressionConfig
 from moefx.distributed import computed_on_first, summed_across_ranks
@@ -237,8 +237,9 @@ def block_flops(graph: torch.fx.GraphModule, bank: nn.Module, top_k: int) -> int
         for name, m in graph.named_modules()
         if name.startswith("shared_expert") and isinstance(m, nn.Linear)
     )
-    router = 2 * graph.router.weight.numel() if hasattr(graph, "router") else 0  # routed outside the block
-    return int(router + top_k * experts + shared)
+    router = block_router(graph)
+    router_flops = 0 if router is None else 2 * router.weight.numel()
+    return int(router_flops + top_k * experts + shared)
 
 
 def _mean_stable_rank(ffn: FFN) -> float:
@@ -292,7 +293,7 @@ def convert(
                 )
         banks = {name: g.get_submodule("observed_experts").bank for name, g in graphs.items()}
         ffns = {name: [bank.ffn(e) for e in range(bank.num_experts)] for name, bank in banks.items()}
-        routers = {name: g.router.weight if hasattr(g, "router") else None for name, g in graphs.items()}
+        routers = {name: getattr(block_router(g), "weight", None) for name, g in graphs.items()}
 
         def plan() -> dict[str, BlockPlan]:
             plans = plan_compression(state.blocks, stats, ffns, routers, config)

@@ -156,35 +156,6 @@ class MoEBlock:
         path = src.container if isinstance(src, ModuleExpertsSource) else src.in_proj.rpartition(".")[0]
         return self.module.get_submodule(path)
 
-    def summary(self) -> dict:
-        """A JSON-friendly description (for reports and ``moefx demo``)."""
-        r = self.routing
-        return {
-            "name": self.name,
-            "num_experts": self.num_experts,
-            "top_k": r.top_k,
-            "scoring": r.scoring,
-            "normalize": r.normalize,
-            "scale": r.scale,
-            "correction_bias": r.has_correction_bias,
-            "group_limited": None if r.n_group is None else f"{r.topk_group} of {r.n_group} groups",
-            "capacity": r.capacity,
-            "experts": self.experts_kind,
-            "gated": self.gated,
-            "bias": self.experts_bias,
-            "hidden": self.hidden_size,
-            "intermediate": self.intermediate_size,
-            "shared_experts": len(self.shared_experts),
-            "shared_expert_gate": bool(self.shared_expert_gates),
-            "output_norm": self.output_norm is not None,
-            "scales_inputs": self.scales_inputs,
-            "identity_experts": self.identity_experts,
-            "hash_routed": r.hash_routed,
-            "shared_columns": r.shared_columns,
-            "expert_output_norms": self.experts_kind == "fused" and self.experts_source.out_norm is not None,
-            "routed_outside": self.given_routing is not None,
-        }
-
     @property
     def experts_bias(self) -> bool:
         src = self.experts_source
@@ -323,6 +294,16 @@ def _optional_parameters(module: nn.Module) -> list[tuple[str, Any]]:
     parameters = list(inspect.signature(module.forward).parameters.values())[1:]
     optional = [(p.name, p.default) for p in parameters if p.default is not inspect.Parameter.empty]
     return optional + [(f"**{p.name}", inspect.Parameter.empty) for p in parameters if p.kind is p.VAR_KEYWORD]
+
+
+def block_router(graph: torch.fx.GraphModule) -> nn.Linear | None:
+    """A canonical block's router, or None for a block routed outside itself (its selection is given)."""
+    return getattr(graph, "router", None)
+
+
+def experts_node(graph: torch.fx.Graph) -> torch.fx.Node:
+    """A canonical block's call of its ``experts`` bank."""
+    return next(n for n in graph.nodes if n.op == "call_module" and n.target == "experts")
 
 
 def selection_nodes(graph: torch.fx.Graph) -> tuple[torch.fx.Node, torch.fx.Node, torch.fx.Node]:

@@ -56,9 +56,11 @@ class CompressionConfig:
       the input projections, by least squares on the members' pre-activations), ``"units"`` (``"in+out"``,
       then the merged expert's hidden units chosen again among its own and its members' by how well they
       fit the members' outputs, the output projection solved over them; see
-      :func:`moefx.passes.refit.least_squares_units`) or ``"none"``; ``ridge`` is the relative ridge of
-      those solves. ``sequential`` calibrates block by block, each seeing the blocks
-      before it already compressed (as GPTQ does).
+      :func:`moefx.passes.refit.least_squares_units`; its statistics span the merged expert's units and
+      up to eight members', so a group of m members costs up to ``(1 + m)^2`` times ``"in+out"``'s Gram
+      matrix in memory and time) or ``"none"``; ``ridge`` is the relative ridge of those solves.
+      ``sequential`` calibrates block by block, each seeing the blocks before it already compressed (as
+      GPTQ does).
     * ``rank``, ``sparse_keep``, ``svd``, ``sparse_axis`` (``method="mc-smoe"``): each merged linear becomes
       ``U V + S`` with ``U V`` of rank ``rank`` (an int, the paper's 32, or a fraction of ``min(out, in)``)
       from an ``"activation-aware"`` SVD (whitened by the calibration input second moment) or a

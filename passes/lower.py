@@ -28,7 +28,7 @@ from onnx.defs import OpSchema
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from moefx.block import runs_per_slot_rows, selection_nodes
+from moefx.block import experts_node, runs_per_slot_rows, selection_nodes
 from moefx.experts import FusedExperts, ModuleExperts
 from moefx.routing import select_experts
 
@@ -289,7 +289,7 @@ def routing_as_logits(
 def operator_computes_routing(graph_module: fx.GraphModule) -> bool:
     """Whether the operator's own routing (softmax top-k over the router's logits) is the block's."""
     selection, _, index = selection_nodes(graph_module.graph)
-    experts = next(n for n in graph_module.graph.nodes if n.op == "call_module" and n.target == "experts")
+    experts = experts_node(graph_module.graph)
     routing = selection.kwargs
     return (
         selection.target is select_experts  # not routed outside the block
@@ -360,7 +360,7 @@ class LowerToFusedMoE(PassBase):
                 buffers[fc], buffers[f"{fc}_scales"] = quantize(buffers[fc], bits, block_size)
         for name, tensor in buffers.items():
             graph_module.register_buffer(name, tensor.detach().clone())
-        experts = next(n for n in graph.nodes if n.op == "call_module" and n.target == "experts")
+        experts = experts_node(graph)
         tokens, index, weights = experts.args
         native = bits is None and operator_computes_routing(graph_module)
         k = 1 if runs_per_slot_rows(graph) else min(routing["top_k"], bank.num_experts)

@@ -31,7 +31,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from moefx.block import MoEBlock
+from moefx.block import MoEBlock, experts_node
 from moefx.config import CompressionConfig
 from moefx.errors import ConfigError
 from moefx.experts import FFN
@@ -193,13 +193,6 @@ def align_group(ffns: list[FFN], align: bool) -> list[FFN]:
     return [ffns[0]] + [f.units(_assignment(reference, f)) for f in ffns[1:]]
 
 
-def merge_ffns(ffns: list[FFN], coefficients: list[float], align: bool) -> FFN:
-    """Weighted average of a group's experts, each aligned to the first (the dominant) when ``align``."""
-    if len(ffns) == 1:
-        return ffns[0]
-    return FFN.weighted_sum(align_group(ffns, align), coefficients)
-
-
 def merge_plan(
     plan: BlockPlan, ffns: list[FFN], input_grams: torch.Tensor | None = None, ridge: float = 1e-2
 ) -> list[FFN]:
@@ -316,7 +309,7 @@ class MergeExperts(PassBase):
         graph_module.experts = bank.with_experts(merged, representatives)
         graph_module.register_buffer("expert_to_group", torch.tensor(plan.expert_to_group, dtype=torch.long))
         graph = graph_module.graph
-        experts = next(n for n in graph.nodes if n.op == "call_module" and n.target == "experts")
+        experts = experts_node(graph)
         tokens, index, weights = experts.args  # the selection's, or its per-slot rows (weights scaling inputs)
         with graph.inserting_before(experts):
             table = graph.get_attr("expert_to_group")

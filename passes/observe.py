@@ -23,7 +23,7 @@ from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.utils.hooks import RemovableHandle
 
-from moefx.block import runs_per_slot_rows, selection_nodes
+from moefx.block import experts_node, runs_per_slot_rows, selection_nodes
 from moefx.experts import dispatch
 from moefx.routing import group_logit_targets, select_experts
 
@@ -73,10 +73,9 @@ class RoutingObserver(nn.Module):
 
     Buffers (float64): ``tokens`` (valid tokens), ``dropped`` (valid tokens routed to no expert:
     dropped by a capacity, or routed only to identity experts), ``counts[E]``
-    (how often each expert is in a token's top-k), ``weight_sums[E]``, ``logit_gram[E, E]`` and
-    ``logit_sums[E]`` (for cosine similarity of router-logit columns; None for a block routed outside itself,
-    which sees no logits), and with ``router_input_moments`` ``router_input_gram[H, H]`` and
-    ``router_input_sum[H]``.
+    (how often each expert is in a token's top-k), ``logit_gram[E, E]`` (for cosine similarity of
+    router-logit columns; None for a block routed outside itself, which sees no logits), and with
+    ``router_input_moments`` ``router_input_gram[H, H]`` and ``router_input_sum[H]``.
     """
 
     def __init__(
@@ -93,9 +92,7 @@ class RoutingObserver(nn.Module):
         self.register_buffer("tokens", torch.zeros((), **f64))
         self.register_buffer("dropped", torch.zeros((), **f64))
         self.register_buffer("counts", torch.zeros(num_experts, **f64))
-        self.register_buffer("weight_sums", torch.zeros(num_experts, **f64))
         self.register_buffer("logit_gram", torch.zeros(num_experts, num_experts, **f64) if observes_logits else None)
-        self.register_buffer("logit_sums", torch.zeros(num_experts, **f64) if observes_logits else None)
         for name in ("router_input_gram", "router_input_sum", "expert_to_group", "group_cross", "group_target_sums"):
             self.register_buffer(name, None)
         if router_input_moments:
@@ -136,11 +133,9 @@ class RoutingObserver(nn.Module):
         routed = (index >= 0) & (index < num_experts)
         self.dropped += (~routed).all(dim=-1).sum()
         self.counts += torch.bincount(index[routed], minlength=num_experts).double()
-        self.weight_sums.index_add_(0, index[routed], weights[routed])
         if self.logit_gram is not None:
             logits = logits.reshape(num_tokens, -1)[valid, :num_experts].double()
             self.logit_gram += logits.T @ logits
-            self.logit_sums += logits.sum(dim=0)
         if self.router_input_gram is not None:
             x = router_input.reshape(num_tokens, -1)[valid].double()
             self.router_input_gram += x.T @ x
@@ -160,15 +155,14 @@ class RoutingObserver(nn.Module):
 class ObservedExperts(nn.Module):
     """Runs an expert bank exactly as it runs, recording per-expert statistics over routed tokens.
 
-    Buffers (float64 unless noted): ``routed[E]`` (routed token-slots), ``output_sums[E, H]``,
-    ``output_norm_sums[E]`` and ``weighted_output_norm_sums[E]`` (sum of routing weight times output norm,
-    REAP's saliency numerator); with ``all_token_outputs`` ``all_output_sums[E, H]`` and ``all_tokens``
-    (each expert applied to every valid token); with ``expert_input_moments`` ``input_grams[E, H, H]`` and
-    ``hidden_grams[E, I, I]`` (float32; token and hidden-activation second moments) and ``input_sums[E, H]``;
-    with ``weighted_input_moments`` ``weighted_input_grams[E, H, H]`` (float32; routing-weighted); with
-    ``substitution_errors`` ``substitution_errors[E, E]``: ``[e, d]`` sums ``w^2 ||y_d(x) - y_e(x)||^2`` over
-    the tokens ``x`` routed to ``e`` with weight ``w``, the block's output error where expert ``d`` stands in
-    for ``e``.
+    Buffers (float64 unless noted): ``routed[E]`` (routed token-slots) and ``weighted_output_norm_sums[E]``
+    (sum of routing weight times output norm, REAP's saliency numerator); with ``all_token_outputs``
+    ``all_output_sums[E, H]`` and ``all_tokens`` (each expert applied to every valid token); with
+    ``expert_input_moments`` ``input_grams[E, H, H]`` and ``hidden_grams[E, I, I]`` (float32; token and
+    hidden-activation second moments); with ``weighted_input_moments`` ``weighted_input_grams[E, H, H]``
+    (float32; routing-weighted); with ``substitution_errors`` ``substitution_errors[E, E]``: ``[e, d]`` sums
+    ``w^2 ||y_d(x) - y_e(x)||^2`` over the tokens ``x`` routed to ``e`` with weight ``w``, the block's output
+    error where expert ``d`` stands in for ``e``.
     """
 
     TOKEN_CHUNK_ELEMENTS = 2**24  # every expert's outputs on a chunk of tokens: 128 MiB in float64
@@ -180,14 +174,13 @@ class ObservedExperts(nn.Module):
         self.bank = bank
         self.mask_key = mask_key
         self.rows_per_token = rows_per_token  # top-k for per-slot rows (weights scaling the inputs), else 1
+        self.hidden = hidden
         self.needs = needs
         num_experts = bank.num_experts
         f64 = dict(dtype=torch.float64)
         self.register_buffer("routed", torch.zeros(num_experts, **f64))
-        self.register_buffer("output_sums", torch.zeros(num_experts, hidden, **f64))
-        self.register_buffer("output_norm_sums", torch.zeros(num_experts, **f64))
         self.register_buffer("weighted_output_norm_sums", torch.zeros(num_experts, **f64))
-        names = ("all_tokens", "all_output_sums", "input_grams", "hidden_grams", "input_sums", "weighted_input_grams",
+        names = ("all_tokens", "all_output_sums", "input_grams", "hidden_grams", "weighted_input_grams",
                  "substitution_errors", "expert_to_slot", "refit_groups", "refit_widths", "refit_grams",
                  "refit_cross")  # fmt: skip
         for name in names:
@@ -203,7 +196,6 @@ class ObservedExperts(nn.Module):
         if needs.expert_input_moments:
             self.input_grams = torch.zeros(num_experts, hidden, hidden)
             self.hidden_grams = torch.zeros(num_experts, bank.intermediate_size, bank.intermediate_size)
-            self.input_sums = torch.zeros(num_experts, hidden, **f64)
         if needs.weighted_input_moments:  # with a constant-1 column when the experts have input biases
             size = hidden + int(self.input_bias)
             self.weighted_input_grams = torch.zeros(num_experts, size, size)  # float32: E x H^2 is gigabytes
@@ -234,7 +226,7 @@ class ObservedExperts(nn.Module):
         widths = [merged.intermediate_size + self.bank.intermediate_size * len(c) + bias for c in self.refit_candidates]
         self.refit_widths = torch.tensor(widths, dtype=torch.long)
         self.refit_grams = torch.zeros(sum(w * w for w in widths))
-        self.refit_cross = torch.zeros(self.output_sums.shape[1], sum(widths))
+        self.refit_cross = torch.zeros(self.hidden, sum(widths))
 
     @property
     def num_experts(self) -> int:
@@ -254,8 +246,6 @@ class ObservedExperts(nn.Module):
                 return
             norms = y.norm(dim=-1)
             self.routed[e] += keep.sum()
-            self.output_sums[e] += y.sum(dim=0)
-            self.output_norm_sums[e] += norms.sum()
             self.weighted_output_norm_sums[e] += (w * norms).sum()
             if self.weighted_input_grams is not None:
                 xa = x.float()
@@ -267,7 +257,6 @@ class ObservedExperts(nn.Module):
                 hf = self.bank.expert_hidden(e, x).float()
                 self.input_grams[e] += xf.T @ xf
                 self.hidden_grams[e] += hf.T @ hf
-                self.input_sums[e] += x.double().sum(dim=0)
 
         out = dispatch(self.bank.expert_forward, self.num_experts, tokens, index, weights, record)
         if (self.needs.all_token_outputs or self.needs.substitution_errors) and self.merged is None:
@@ -348,7 +337,7 @@ class InsertObservers(PassBase):
         graph = graph_module.graph
         selection, weights, index = selection_nodes(graph)
         logits = selection.args[0] if selection.target is select_experts else None
-        experts = next(n for n in graph.nodes if n.op == "call_module" and n.target == "experts")
+        experts = experts_node(graph)
         bank = graph_module.get_submodule("experts")
         graph_module.add_submodule(
             "routing_observer",
@@ -410,19 +399,14 @@ class BlockStats:
     tokens: float
     dropped: float
     counts: torch.Tensor
-    weight_sums: torch.Tensor
     logit_gram: torch.Tensor | None  # None for a block routed outside itself
-    logit_sums: torch.Tensor | None
     routed: torch.Tensor
-    output_sums: torch.Tensor
-    output_norm_sums: torch.Tensor
     weighted_output_norm_sums: torch.Tensor
     all_output_sums: torch.Tensor | None = None
     all_tokens: float = 0.0
     substitution_errors: torch.Tensor | None = None
     input_grams: torch.Tensor | None = None
     hidden_grams: torch.Tensor | None = None
-    input_sums: torch.Tensor | None = None
     router_input_gram: torch.Tensor | None = None
     router_input_sum: torch.Tensor | None = None
     group_cross: torch.Tensor | None = None
@@ -478,7 +462,6 @@ def collect_statistics(graph_module: fx.GraphModule) -> BlockStats:
                     "substitution_errors",
                     "input_grams",
                     "hidden_grams",
-                    "input_sums",
                     "weighted_input_grams",
                     "refit_groups",
                     "refit_widths",
@@ -495,12 +478,8 @@ def collect_statistics(graph_module: fx.GraphModule) -> BlockStats:
         tokens=routing.tokens.item(),
         dropped=routing.dropped.item(),
         counts=routing.counts.clone(),
-        weight_sums=routing.weight_sums.clone(),
         logit_gram=None if routing.logit_gram is None else routing.logit_gram.clone(),
-        logit_sums=None if routing.logit_sums is None else routing.logit_sums.clone(),
         routed=experts.routed.clone(),
-        output_sums=experts.output_sums.clone(),
-        output_norm_sums=experts.output_norm_sums.clone(),
         weighted_output_norm_sums=experts.weighted_output_norm_sums.clone(),
         all_tokens=0.0 if all_tokens is None else all_tokens.item(),
         **optional,

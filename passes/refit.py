@@ -38,7 +38,7 @@ SHORTLIST = 4  # each step picks its units one at a time from this many times as
 SKETCH_ROWS = 512  # selection scores units against a random projection of wider outputs to this many rows
 
 
-def _ridge_solve(gram: torch.Tensor, cross: torch.Tensor, prior: torch.Tensor, ridge: float) -> torch.Tensor:
+def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, prior: torch.Tensor, ridge: float) -> torch.Tensor:
     """``argmin_X sum w ||X h - y||^2 + lambda ||X - prior||^2 = (cross + lambda prior)(gram + lambda I)^-1``.
 
     The damped Gram matrix is symmetric positive definite, so one Cholesky factorisation solves it (a third
@@ -67,7 +67,7 @@ def least_squares_output(ffn: FFN, gram: torch.Tensor, cross: torch.Tensor, ridg
     ``cross = sum w y h^T`` (both with a trailing constant-1 column when ``ffn`` has an output bias)."""
     if float(gram.diagonal().sum()) <= 0.0:  # no calibration token reached this group: keep the average
         return ffn
-    return _with_output(ffn, _ridge_solve(gram, cross, _with_bias_column(ffn.out_weight, ffn.out_bias), ridge))
+    return _with_output(ffn, ridge_solve(gram, cross, _with_bias_column(ffn.out_weight, ffn.out_bias), ridge))
 
 
 def _with_output(ffn: FFN, solution: torch.Tensor) -> FFN:
@@ -99,7 +99,7 @@ def least_squares_inputs(merged: FFN, aligned: list[FFN], grams: list[torch.Tens
     cross = torch.zeros_like(dominant)
     for member, gram in zip(aligned[1:], grams[1:], strict=True):
         cross += (stacked(member).to(total.dtype) - dominant) @ gram
-    solution = dominant + _ridge_solve(total, cross, stacked(merged) - dominant, ridge)
+    solution = dominant + ridge_solve(total, cross, stacked(merged) - dominant, ridge)
     with_bias = merged.in_biases[0] is not None
     dtype = merged.in_weights[0].dtype
     in_weights, in_biases = [], []
@@ -230,7 +230,7 @@ def least_squares_units(
 
     def fitted(chosen: list[int]) -> tuple[torch.Tensor, float]:
         system, target = gram[chosen][:, chosen], cross[:, chosen]
-        solution = _ridge_solve(system, target, prior[:, chosen], ridge)
+        solution = ridge_solve(system, target, prior[:, chosen], ridge)
         return solution, _fit_error(system, target, solution)
 
     chosen = select_units(gram, cross, width, ridge, bias)

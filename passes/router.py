@@ -23,6 +23,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from moefx.block import identity_split, selection_nodes
 from moefx.passes.merge import BlockPlan
 from moefx.passes.observe import BlockStats
+from moefx.passes.refit import ridge_solve
 from moefx.routing import INDEPENDENT_SCORINGS, RoutingSpec, combine_by_group
 
 
@@ -74,8 +75,7 @@ def fit_pruned_router(
         gram = torch.cat([torch.cat([gram, stats.router_input_sum[:, None]], 1),
                           torch.cat([stats.router_input_sum[None, :], n], 1)], 0)  # fmt: skip
         cross = torch.cat([cross, stats.group_target_sums[None, :]], 0)
-    scale = gram.diagonal().mean().clamp(min=1e-12)
-    solution = torch.linalg.solve(gram + ridge * scale * torch.eye(gram.shape[0], dtype=gram.dtype), cross).T
+    solution = ridge_solve(gram, cross.T, torch.zeros_like(cross.T), ridge)
     if bias is not None:
         return solution[:, :-1].to(weight.dtype).contiguous(), solution[:, -1].to(bias.dtype).contiguous()
     return solution.to(weight.dtype).contiguous(), None

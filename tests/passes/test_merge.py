@@ -17,8 +17,8 @@ from moefx.passes.merge import (
     BlockPlan,
     MergeExperts,
     align_ffn,
+    align_group,
     allocate_experts,
-    merge_ffns,
 )
 from moefx.routing import combine_by_group, select_experts
 from moefx.zoo import example_inputs, tiny_transformers_model
@@ -75,9 +75,9 @@ def test_merging_a_permuted_copy_returns_the_original():
     gen = torch.Generator().manual_seed(0)
     ffn = _random_ffn(gen, 8, 12, gated=True, bias=True, normed=True)
     copy_ = ffn.units(torch.randperm(12, generator=gen))
-    merged = merge_ffns([ffn, copy_], [0.3, 0.7], align=True)
+    merged = FFN.weighted_sum(align_group([ffn, copy_], align=True), [0.3, 0.7])
     assert all(torch.allclose(m, o, atol=1e-6) for m, o in zip(merged.tensors(), ffn.tensors(), strict=True))
-    unaligned = merge_ffns([ffn, copy_], [0.3, 0.7], align=False)
+    unaligned = FFN.weighted_sum(align_group([ffn, copy_], align=False), [0.3, 0.7])
     assert not torch.allclose(unaligned.out_weight, ffn.out_weight)
 
 

@@ -76,8 +76,11 @@ def test_a_block_routed_outside_itself_is_observed_on_the_routing_it_is_given(ob
     assert stats.logit_gram is None and stats.router_input_gram is None and (stats.tokens, stats.dropped) == (11, 1)
     routed, weights = given["top_k_index"][1:].flatten(), given["top_k_weights"][1:].flatten().double()
     assert torch.equal(stats.counts, torch.bincount(routed, minlength=8).double())
-    assert torch.allclose(stats.weight_sums, torch.zeros(8, dtype=torch.float64).index_add_(0, routed, weights))
-    assert stats.weighted_input_grams.shape == (8, block.hidden_size, block.hidden_size)
+    # the experts see the block's tokens: each expert's routing-weighted input moment has trace sum w |x|^2
+    squares = (x[1:].double().square().sum(dim=-1)[:, None] * torch.ones(10, 2, dtype=torch.float64)).flatten()
+    expected = torch.zeros(8, dtype=torch.float64).index_add_(0, routed, weights * squares)
+    traces = stats.weighted_input_grams.diagonal(dim1=1, dim2=2).sum(dim=-1).double()
+    torch.testing.assert_close(traces, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_padding_tokens_are_excluded(zoo, observed_block):

@@ -157,13 +157,14 @@ def test_damped_float32_solve_is_as_good_as_float64(seed, tokens, ridge):
     assert objective(solved) - best <= 1e-6 * abs(best)
 
 
-def test_sequential_calibration_of_a_one_layer_model_equals_the_joint_one():
+@pytest.mark.parametrize("refit", ["in+out", "units"])
+def test_sequential_calibration_of_a_one_layer_model_equals_the_joint_one(refit):
     model = tiny_model("mixtral")
     model.model.layers = model.model.layers[:1]
     model.config.num_hidden_layers = 1
     batches = [example_inputs("mixtral", batch=2, seq=8, seed=s) for s in range(3)]
-    joint = moefx.compile(model, batches, experts=0.5)
-    sequential = moefx.compile(model, batches, experts=0.5, sequential=True)
+    joint = moefx.compile(model, batches, experts=0.5, refit=refit)
+    sequential = moefx.compile(model, batches, experts=0.5, sequential=True, refit=refit)
     assert joint.moefx_report.blocks[0].groups == sequential.moefx_report.blocks[0].groups
     for (name, a), (_, b) in zip(joint.state_dict().items(), sequential.state_dict().items(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
