@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.fx.passes.infra.pass_manager import PassManager
 
 from moefx.block import MoEBlock, block_router, build_block
@@ -285,99 +285,141 @@ def convert(
     stage = Stages(state.seconds)
     graphs = {b.name: observed.get_submodule(b.name) for b in state.blocks}
     with stage("planning"):
-        stats = {name: collect_statistics(g) for name, g in graphs.items()}
-        for name, s in stats.items():
-            if s.tokens <= 0:
-                raise CalibrationError(
-                    f"no calibration token reached {name} (all were padding?): calibrate with real, unmasked tokens"
-                )
-        banks = {name: g.get_submodule("observed_experts").bank for name, g in graphs.items()}
-        ffns = {name: [bank.ffn(e) for e in range(bank.num_experts)] for name, bank in banks.items()}
-        routers = {name: getattr(block_router(g), "weight", None) for name, g in graphs.items()}
-
-        def plan() -> dict[str, BlockPlan]:
-            plans = plan_compression(state.blocks, stats, ffns, routers, config)
-            _keep_exact_routers_that_cannot_be_pruned(state.blocks, plans, config)
-            return plans
-
-        # under torchrun rank 0 plans; the experts every rank holds are not sent back to them
-        plans = computed_on_first(plan, [t for fs in ffns.values() for f in fs for t in f.tensors() if t is not None])
-    for name, s in stats.items():  # planning's per-expert input moments (E x H^2, gigabytes) are done with
-        s.weighted_input_grams = graphs[name].get_submodule("observed_experts").weighted_input_grams = None
-    refit = config.resolved("refit") != "none"
-    normed = [name for name, f in ffns.items() if f[0].out_norm is not None and plans[name].merged_groups]
-    if refit and normed:  # a least-squares fit of the output projection would miss the norm after it
-        warnings.warn(f"{', '.join(normed)}: experts that end in their own RMSNorm are refit on their input "
-                      "projections only", MoefxWarning, stacklevel=2)  # fmt: skip
-    refits_output = {name: refit and name not in normed for name in graphs}
-    units = config.resolved("refit") == "units"
+        stats, banks, ffns, plans = _plan_blocks(state.blocks, graphs, config)
+    refits_output = _refits_output(ffns, plans, config)
     second = [b for b in state.blocks if _needs_second_pass(plans[b.name], refits_output[b.name], config)]
     if second and calib_batches is None:
-        if refit:
+        if config.resolved("refit") != "none":
             warnings.warn("merged experts were not refit: refitting needs calib_batches", MoefxWarning, stacklevel=2)
         second = []
-    report = CompressionReport(config)
-
     if second:
         with stage("second calibration pass"):
             for b in second:
-                plan, graph = plans[b.name], graphs[b.name]
-                if plan.router == "pruned" and not config.method_object.prunes:
-                    graph.get_submodule("routing_observer").fit_groups(plan.expert_to_group)
-                if refits_output[b.name] and plan.merged_groups:
-                    merged = banks[b.name].with_experts(plan.merged, [g[0] for g in plan.groups])
-                    plan.merged = [merged.ffn(g) for g in range(merged.num_experts)]  # views: held once
-                    candidates = (
-                        [[e for e, _ in plan.unit_candidates(g)] for g in plan.merged_groups] if units else None
-                    )
-                    observed_experts = graph.get_submodule("observed_experts")
-                    observed_experts.start_refit(plan.expert_to_group, merged, plan.merged_groups, candidates)
+                _start_second_pass(graphs[b.name], plans[b.name], banks[b.name], refits_output[b.name], config)
             calibrate(observed, calib_batches, progress=config.progress)
             stats.update({b.name: collect_statistics(graphs[b.name]) for b in second})
+    report = CompressionReport(config)
     for b in _progress(state.blocks, "merging", "block", config.progress):
-        # the block's statistics, original bank and merged weights are let go once used
-        plan, graph, s, bank = plans[b.name], graphs[b.name], stats.pop(b.name), banks.pop(b.name)
+        # the block's observed graph, statistics, original bank and experts are let go once used
         with stage("merging and rewriting"):
-            if s.refit_grams is not None:
-                for slot, g in enumerate(s.refit_groups.tolist()):
-                    gram, cross = s.refit_system(slot)
-                    if units:
-                        members, coefficients = zip(*plan.unit_candidates(g), strict=True)
-                        pool = [ffns[b.name][e] for e in members]
-                        plan.merged[g] = least_squares_units(
-                            plan.merged[g], pool, list(coefficients), gram, cross, config.ridge
-                        )
-                    else:
-                        plan.merged[g] = least_squares_output(plan.merged[g], gram, cross, config.ridge)
-            before = (_experts_params(bank), block_flops(graph, bank, b.top_k))
-            passes = [RemoveObservers(), MergeExperts(plan)]
-            if plan.router == "pruned" and not plan.is_identity:
-                weight, bias = fit_pruned_router(graph.router.weight, graph.router.bias, plan, s)
-                passes.append(PruneRouter(plan, weight, bias))
-            compact = PassManager(passes)(graph).graph_module
+            graph, s, bank, originals = graphs.pop(b.name), stats.pop(b.name), banks.pop(b.name), ffns.pop(b.name)
+            _refit_merged(plans[b.name], s, originals, config)
+            compact, block_report = _rewrite_block(b, graph, plans[b.name], s, bank, originals, config)
             observed.set_submodule(b.name, compact)
-            graphs[b.name] = compact
-            merged = (_experts_params(compact.experts), block_flops(compact, compact.experts, b.top_k))
-            original = ffns.pop(b.name)
-            ranked = original if config.stable_ranks else None
-            report.blocks.append(_block_report(b, plan, s, before, merged, ranked, compact))
-            plan.merged = None
+            report.blocks.append(block_report)
     if config.method_object.compresses_experts:
         with stage("low-rank and sparse compression"):
             merged_blocks = [b for b in state.blocks if not plans[b.name].is_identity]
             _compress_experts(observed, merged_blocks, config, calib_batches, loss)
-        for r, b in zip(report.blocks, state.blocks, strict=True):
-            graph = observed.get_submodule(b.name)
-            r.expert_params_after = _experts_params(graph.experts)
-            r.flops_after = block_flops(graph, graph.experts, b.top_k)
-            if isinstance(graph.experts, LoSparseExperts):
-                r.remaining = [[_remaining(m) for m in (*e.in_linears, e.out_linear)] for e in graph.experts.experts]
+        _report_compressed_experts(observed, state.blocks, report)
     for hook in state.hooks:
         hook.remove()
     delattr(observed, _STATE)
     report.seconds = dict(state.seconds)
     observed.moefx_report = report
     return observed
+
+
+def _plan_blocks(
+    blocks: list[MoEBlock], graphs: dict[str, fx.GraphModule], config: CompressionConfig
+) -> tuple[dict[str, BlockStats], dict[str, nn.Module], dict[str, list[FFN]], dict[str, BlockPlan]]:
+    """Stage 2, plan: every block's first-pass statistics, expert bank, experts (as FFNs) and plan."""
+    stats = {name: collect_statistics(g) for name, g in graphs.items()}
+    for name, s in stats.items():
+        if s.tokens <= 0:
+            raise CalibrationError(
+                f"no calibration token reached {name} (all were padding?): calibrate with real, unmasked tokens"
+            )
+    banks = {name: g.get_submodule("observed_experts").bank for name, g in graphs.items()}
+    ffns = {name: [bank.ffn(e) for e in range(bank.num_experts)] for name, bank in banks.items()}
+    routers = {name: getattr(block_router(g), "weight", None) for name, g in graphs.items()}
+
+    def plan() -> dict[str, BlockPlan]:
+        plans = plan_compression(blocks, stats, ffns, routers, config)
+        _keep_exact_routers_that_cannot_be_pruned(blocks, plans, config)
+        return plans
+
+    # under torchrun rank 0 plans; the experts every rank holds are not sent back to them
+    plans = computed_on_first(plan, [t for fs in ffns.values() for f in fs for t in f.tensors() if t is not None])
+    for name, s in stats.items():  # planning's per-expert input moments (E x H^2, gigabytes) are done with
+        s.weighted_input_grams = graphs[name].get_submodule("observed_experts").weighted_input_grams = None
+    return stats, banks, ffns, plans
+
+
+def _refits_output(
+    ffns: dict[str, list[FFN]], plans: dict[str, BlockPlan], config: CompressionConfig
+) -> dict[str, bool]:
+    """Which blocks' merged experts get their output projections refit (all, where the method refits, but
+    those whose experts end in their own RMSNorm: a least-squares output would miss the norm after it)."""
+    refit = config.resolved("refit") != "none"
+    normed = [name for name, f in ffns.items() if f[0].out_norm is not None and plans[name].merged_groups]
+    if refit and normed:
+        warnings.warn(f"{', '.join(normed)}: experts that end in their own RMSNorm are refit on their input "
+                      "projections only", MoefxWarning, stacklevel=3)  # fmt: skip
+    return {name: refit and name not in normed for name in ffns}
+
+
+def _start_second_pass(
+    graph: fx.GraphModule, plan: BlockPlan, bank: nn.Module, refits_output: bool, config: CompressionConfig
+) -> None:
+    """Stage 3, second statistics: switch the block's observers to what its plan needs from the data."""
+    if plan.router == "pruned" and not config.method_object.prunes:
+        graph.get_submodule("routing_observer").fit_groups(plan.expert_to_group)
+    if refits_output and plan.merged_groups:
+        merged = bank.with_experts(plan.merged, [g[0] for g in plan.groups])
+        plan.merged = [merged.ffn(g) for g in range(merged.num_experts)]  # views: held once
+        units = config.resolved("refit") == "units"
+        candidates = [[e for e, _ in plan.unit_candidates(g)] for g in plan.merged_groups] if units else None
+        observed_experts = graph.get_submodule("observed_experts")
+        observed_experts.start_refit(plan.expert_to_group, merged, plan.merged_groups, candidates)
+
+
+def _refit_merged(plan: BlockPlan, s: BlockStats, originals: list[FFN], config: CompressionConfig) -> None:
+    """The refit solves of a block's merged experts, from its second-pass statistics (where it had one)."""
+    if s.refit_grams is None:
+        return
+    for slot, g in enumerate(s.refit_groups.tolist()):
+        gram, cross = s.refit_system(slot)
+        if config.resolved("refit") == "units":
+            members, coefficients = zip(*plan.unit_candidates(g), strict=True)
+            pool = [originals[e] for e in members]
+            plan.merged[g] = least_squares_units(plan.merged[g], pool, list(coefficients), gram, cross, config.ridge)
+        else:
+            plan.merged[g] = least_squares_output(plan.merged[g], gram, cross, config.ridge)
+
+
+def _rewrite_block(
+    b: MoEBlock,
+    graph: fx.GraphModule,
+    plan: BlockPlan,
+    s: BlockStats,
+    bank: nn.Module,
+    originals: list[FFN],
+    config: CompressionConfig,
+) -> tuple[fx.GraphModule, BlockReport]:
+    """Stage 4, rewrite: the block without observers, its experts merged and its router pruned where
+    planned, and its report."""
+    before = (_experts_params(bank), block_flops(graph, bank, b.top_k))
+    passes = [RemoveObservers(), MergeExperts(plan)]
+    if plan.router == "pruned" and not plan.is_identity:
+        weight, bias = fit_pruned_router(graph.router.weight, graph.router.bias, plan, s)
+        passes.append(PruneRouter(plan, weight, bias))
+    compact = PassManager(passes)(graph).graph_module
+    after = (_experts_params(compact.experts), block_flops(compact, compact.experts, b.top_k))
+    ranked = originals if config.stable_ranks else None
+    block_report = _block_report(b, plan, s, before, after, ranked, compact)
+    plan.merged = None
+    return compact, block_report
+
+
+def _report_compressed_experts(model: nn.Module, blocks: list[MoEBlock], report: CompressionReport) -> None:
+    """The report's parameters, FLOPs and LoSparse remainders after the low-rank and sparse stage."""
+    for r, b in zip(report.blocks, blocks, strict=True):
+        graph = model.get_submodule(b.name)
+        r.expert_params_after = _experts_params(graph.experts)
+        r.flops_after = block_flops(graph, graph.experts, b.top_k)
+        if isinstance(graph.experts, LoSparseExperts):
+            r.remaining = [[_remaining(m) for m in (*e.in_linears, e.out_linear)] for e in graph.experts.experts]
 
 
 def _check_prepared_for(state: _Prepared, config: CompressionConfig) -> None:
