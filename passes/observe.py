@@ -24,6 +24,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.utils.hooks import RemovableHandle
 
 from moefx.block import experts_node, runs_per_slot_rows, selection_nodes
+from moefx.errors import ConfigError
 from moefx.experts import dispatch
 from moefx.routing import group_logit_targets, select_experts
 
@@ -217,13 +218,19 @@ class ObservedExperts(nn.Module):
         solves that use them are ridge-damped. They are held flat (``refit_grams``, ``refit_cross [H, n]``),
         as their widths ``refit_widths`` differ from group to group."""
         groups = list(range(merged.num_experts)) if groups is None else groups
+        candidates = candidates or [[] for _ in groups]
+        bias = int(merged.ffn(0).out_bias is not None)
+        widths = [merged.intermediate_size + self.bank.intermediate_size * len(c) + bias for c in candidates]
+        needed, available = 4 * sum(w * w + self.hidden * w for w in widths), available_memory_bytes()
+        if available is not None and needed > available:  # refused before the observer changes its mode
+            fix = "use refit='in+out'" if any(candidates) else "use refit='none', or keep more experts (smaller groups)"
+            raise ConfigError(f"the refit of {len(groups)} merged experts needs {needed / 1e9:.1f} GB of statistics, "
+                              f"more than the {available / 1e9:.1f} GB of memory available: {fix}")  # fmt: skip
         slot_of_group = {g: r for r, g in enumerate(groups)}
         self.merged = merged
-        self.refit_candidates = candidates or [[] for _ in groups]
+        self.refit_candidates = candidates
         self.expert_to_slot = torch.tensor([slot_of_group.get(g, -1) for g in expert_to_group], dtype=torch.long)
         self.refit_groups = torch.tensor(groups, dtype=torch.long)
-        bias = int(merged.ffn(0).out_bias is not None)
-        widths = [merged.intermediate_size + self.bank.intermediate_size * len(c) + bias for c in self.refit_candidates]
         self.refit_widths = torch.tensor(widths, dtype=torch.long)
         self.refit_grams = torch.zeros(sum(w * w for w in widths))
         self.refit_cross = torch.zeros(self.hidden, sum(widths))
@@ -305,6 +312,16 @@ class ObservedExperts(nn.Module):
         weighted = h * w.float()[:, None]
         gram += weighted.T @ h
         cross += y.float().T @ weighted
+
+
+def available_memory_bytes() -> int | None:
+    """Memory available to new allocations now, page cache included (Linux's ``MemAvailable``; None where
+    the system does not say)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
 
 
 def refit_system(

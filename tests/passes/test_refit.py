@@ -4,7 +4,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import moefx
+from moefx.errors import ConfigError
 from moefx.experts import FFN
+from moefx.passes import observe
 from moefx.passes.observe import CalibrationNeeds, collect_statistics
 from moefx.passes.refit import (
     FLOAT32_MIN_RIDGE,
@@ -95,6 +97,21 @@ def _pool_fit_error(ffn: FFN, pool: FFN, gram: torch.Tensor, cross: torch.Tensor
         solution = torch.cat([solution, ffn.out_bias.double()[:, None]], dim=1)
     system, target = gram[chosen][:, chosen].double(), cross[:, chosen].double()
     return float(((solution @ system) * solution).sum() - 2 * (solution * target).sum())
+
+
+@pytest.mark.parametrize("units", [False, True])
+def test_a_refit_whose_statistics_exceed_the_available_memory_is_refused_in_one_line(
+    zoo, observed_block, monkeypatch, units
+):
+    block = zoo("mixtral")[3][0]
+    experts = observed_block(block, NEEDS).get_submodule("observed_experts")
+    bank = experts.bank
+    monkeypatch.setattr(observe, "available_memory_bytes", lambda: 1000)
+    candidates = [[e] for e in range(bank.num_experts)] if units else None
+    with pytest.raises(ConfigError, match="GB of statistics, more than the 0.0 GB of memory available") as error:
+        experts.start_refit(list(range(bank.num_experts)), bank, None, candidates)
+    assert "\n" not in str(error.value) and ("refit='in+out'" in str(error.value)) == units
+    assert experts.merged is None and experts.refit_grams is None  # refused before the observer changed mode
 
 
 def test_refit_statistics_do_not_grow_with_calibration_tokens(zoo, observed_block):
