@@ -124,8 +124,12 @@ class _PartialCholesky:
         self.floor = 1e-9 * float(self.variance.max())
 
     def gains(self) -> torch.Tensor:
-        scores = self.residual.square().sum(dim=0) / self.variance.clamp(min=self.floor)
-        return scores.masked_fill(self.variance <= self.floor, float("-inf"))
+        return self._gains(self.residual, self.variance)
+
+    def _gains(self, residual: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
+        """Each feature's gain, ``-inf`` where its unexplained variance is gone (it adds nothing)."""
+        scores = residual.square().sum(dim=0) / variance.clamp(min=self.floor)
+        return scores.masked_fill(variance <= self.floor, float("-inf"))
 
     def add(self, picks: list[int]) -> None:
         """Add the features ``picks`` (one blocked update of the factor, the residual and the variances)."""
@@ -149,8 +153,7 @@ class _PartialCholesky:
         residual, variance = self.residual[:, shortlist].clone(), gram.diagonal().clone()
         picks: list[int] = []
         for _ in range(count):
-            gains = residual.square().sum(dim=0) / variance.clamp(min=self.floor)
-            gains[variance <= self.floor] = float("-inf")
+            gains = self._gains(residual, variance)
             gains[picks] = float("-inf")
             best = int(gains.argmax())
             if not torch.isfinite(gains[best]):
@@ -190,7 +193,8 @@ def select_units(
         gains = state.gains()
         gains[chosen] = float("-inf")
         want = min(step, count + len(forced) - len(chosen))
-        shortlist = [i for i in gains.topk(min(SHORTLIST * want, len(gains))).indices.tolist() if gains[i] > -1e308]
+        best = gains.topk(min(SHORTLIST * want, len(gains))).indices
+        shortlist = best[torch.isfinite(gains[best])].tolist()
         picks = state.greedy(shortlist, want)
         if not picks:  # the chosen features explain every other one: the rest add nothing, take them in order
             taken = set(chosen)
@@ -220,13 +224,12 @@ def least_squares_units(
     if float(gram.diagonal().sum()) <= 0.0:
         return merged
     pool = FFN.concatenated([merged, *members])
-    prior = torch.cat(
-        [merged.out_weight.float()] + [c * m.out_weight.float() for c, m in zip(coefficients, members, strict=True)],
-        dim=1,
+    scales = torch.repeat_interleave(
+        torch.tensor([1.0, *coefficients]), torch.tensor([f.hidden_units for f in (merged, *members)])
     )
+    prior = _with_bias_column(pool.out_weight.float() * scales, merged.out_bias)
     width, units = merged.hidden_units, pool.hidden_units
     bias = [units] if merged.out_bias is not None else []
-    prior = _with_bias_column(prior, merged.out_bias)
 
     def fitted(chosen: list[int]) -> tuple[torch.Tensor, float]:
         system, target = gram[chosen][:, chosen], cross[:, chosen]
