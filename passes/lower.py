@@ -79,6 +79,7 @@ def _(tokens, logits, fc1, fc1_bias, fc2, fc2_bias, k, normalize, activation, al
     return torch.empty_like(tokens)
 
 
+UNCHOSEN_LOGIT = -1e4  # exp(-1e4 - log w) is 0 in float32 for every positive float32 w (log w > -104); fp16 holds it
 QUANTIZED_BLOCK = 32  # 4-bit experts: one scale per 32 input columns where every input dimension divides by it
 
 
@@ -276,13 +277,17 @@ def routing_as_logits(
     weights: torch.Tensor, index: torch.Tensor, num_experts: int, like: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A routing (``weights``, ``index``: ``[T, k]``, index -1 with weight 0 for no expert) as the operator's
-    router input: ``log w`` per expert (``[T, E]``, a tiny floor for experts not chosen), whose softmax is
-    ``w / sum(w)``, and the per-token ``sum(w)`` (``[T, 1]``) that multiplies the operator's output back.
-    Both in ``like``'s dtype."""
+    router input: ``log w`` per expert (``[T, E]``, :data:`UNCHOSEN_LOGIT` for experts not chosen), whose
+    softmax is ``w / sum(w)``, and the per-token ``sum(w)`` (``[T, 1]``) that multiplies the operator's output
+    back. Both in ``like``'s dtype.
+
+    A token whose k slots fall on fewer than k experts (merged groups) still has k picks in the operator; the
+    unchosen experts' softmax weight underflows to exactly 0, and the CPU kernel skips a pick of weight 0,
+    so merging behind the exact router saves those experts' FLOPs."""
     dense = torch.zeros(index.shape[0], num_experts, dtype=weights.dtype, device=weights.device)
     dense = dense.scatter_add(1, index.clamp(min=0), weights)
     total = dense.sum(dim=-1, keepdim=True)
-    logits = dense.clamp(min=torch.finfo(dense.dtype).tiny).log()
+    logits = torch.where(dense > 0, dense.log(), torch.full_like(dense, UNCHOSEN_LOGIT))
     return logits.to(like.dtype), total.to(like.dtype)
 
 

@@ -157,3 +157,16 @@ def test_experts_with_their_own_output_norms_stay_portable():
     canonical = build_block(block.module, block)
     assert "their own RMSNorm" in fused_moe_blocker(canonical)
     assert not PassManager([LowerToFusedMoE()])(canonical).modified
+
+
+def test_routing_as_logits_gives_the_experts_a_token_does_not_use_exactly_zero_weight():
+    # every token routed to expert 0 alone (a merged group): the operator's other k-1 picks get weight 0.0,
+    # which ONNX Runtime's CPU kernel skips instead of running those experts
+    tokens, k, num_experts = 5, 3, 7
+    index = torch.zeros(tokens, k, dtype=torch.long)
+    weights = torch.tensor([1e-3, 0.3, 0.2]).expand(tokens, k)
+    logits, total = routing_as_logits(weights, index, num_experts, torch.empty(0))
+    shares = torch.softmax(logits, dim=-1)
+    assert (logits.topk(k, dim=-1).indices[:, 0] == 0).all()
+    assert (shares[:, 1:] == 0.0).all()  # underflow, not arithmetic: exp of about -1e4 is 0 in float32
+    torch.testing.assert_close(shares[:, 0] * total[:, 0], torch.full((tokens,), 0.501))
