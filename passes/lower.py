@@ -287,7 +287,7 @@ def routing_as_logits(
     dense = torch.zeros(index.shape[0], num_experts, dtype=weights.dtype, device=weights.device)
     dense = dense.scatter_add(1, index.clamp(min=0), weights)
     total = dense.sum(dim=-1, keepdim=True)
-    logits = torch.where(dense > 0, dense.log(), torch.full_like(dense, UNCHOSEN_LOGIT))
+    logits = dense.log().clamp(min=UNCHOSEN_LOGIT)  # log 0 = -inf; any positive float32 weight's log is above
     return logits.to(like.dtype), total.to(like.dtype)
 
 
