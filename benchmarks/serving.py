@@ -7,7 +7,8 @@ hidden size, expert width, top-k, attention heads) and random weights (normal, s
 vocabulary so that the layers, not the embeddings, are what is measured. The compressed variants are
 calibrated on random tokens (speed does not depend on what was learnt). Every variant is exported with
 ``moefx.export.onnx(..., kv_cache=True)`` in the form named (``fused``: one ``com.microsoft.MoE`` node
-per MoE block; ``int8``/``int4``: ``com.microsoft.QMoE``; ``portable``: standard ONNX, for MC-SMoE's
+per MoE block; ``int8``/``int4``: ``com.microsoft.QMoE``, with ``a8`` on int8 activations
+(``int8_activations=True``); ``portable``: standard ONNX, for MC-SMoE's
 LoSparse experts), passing the export's parity check, then measured in a fresh process with the given
 number of ONNX Runtime threads:
 
@@ -56,12 +57,16 @@ from moefx.demo import median_ms  # noqa: E402
 VOCAB = 256
 PREFILL, THROUGHPUT, PROMPT, DECODE_STEPS, PROFILED_DECODE_STEPS = (1, 128), (16, 128), 512, 32, 8
 EXPERT_OPS = ("MoE", "QMoE")  # the fused forms' expert nodes
-FORMS = {"portable": {}, "fused": {"fused": True}, "int8": {"expert_bits": 8}, "int4": {"expert_bits": 4}}
+FORMS = {
+    "portable": {}, "fused": {"fused": True}, "int8": {"expert_bits": 8}, "int4": {"expert_bits": 4},
+    "int8 a8": {"expert_bits": 8, "int8_activations": True}, "int4 a8": {"expert_bits": 4, "int8_activations": True},
+}  # fmt: skip
+INT4_FORMS = ("int4", "int4 a8")
 # (label, compile options or None for the original, the forms it is exported in)
 VARIANTS = [
-    ("original", None, ("fused", "portable", "int4")),
+    ("original", None, ("fused", "portable", *INT4_FORMS)),
     ("default 50%", {"experts": 0.5}, ("fused", "portable")),
-    ("default 25%", {"experts": 0.25}, ("fused", "portable", "int8", "int4")),
+    ("default 25%", {"experts": 0.25}, ("fused", "portable", "int8", "int8 a8", *INT4_FORMS)),
     ("mc-smoe 25%", {"experts": 0.25, "method": "mc-smoe"}, ("portable",)),
 ]
 
@@ -270,10 +275,10 @@ def profile_lines(rows: list[dict[str, Any]]) -> list[str]:
                 f"default 25% at {shape[0]}x{shape[1]}: {sum(portable['op_ms'][phase].values()):.1f} ms of nodes in "
                 f"the portable form against {sum(fused['op_ms'][phase].values()):.1f} in the fused one"
             )
-    for variant in ("original", "default 25%"):
-        if (r := find_row(rows, variant, "int4")) is not None:
+    for variant, form in ((v, f) for v in ("original", "default 25%") for f in INT4_FORMS):
+        if (r := find_row(rows, variant, form)) is not None:
             lines.append(
-                f"{variant} int4 decode step: QMoE {expert_ms(r, 'decode'):.2f} ms against the original's float32 "
+                f"{variant} {form} decode step: QMoE {expert_ms(r, 'decode'):.2f} ms against the original's float32 "
                 f"MoE {expert_ms(base, 'decode'):.2f} ({expert_ms(r, 'decode') / expert_ms(base, 'decode'):.2f}x the "
                 f"time for an eighth of the bytes{' of a quarter of the experts' if variant != 'original' else ''}); "
                 f"other nodes {other_ms(r, 'decode'):.2f} ms against {other_ms(base, 'decode'):.2f}"
@@ -301,9 +306,9 @@ def target_lines(rows: list[dict[str, Any]]) -> list[str]:
     if (r := find_row(rows, "mc-smoe 25%", "portable")) is not None:
         checks.append(("mc-smoe 25% (portable; LoSparse cannot be fused) 16x128 speedup",
                        r["throughput_tok_s"] / base["throughput_tok_s"], 1.2))  # fmt: skip
-    for variant in ("original", "default 25%"):
-        if (r := find_row(rows, variant, "int4")) is not None:
-            checks.append((f"{variant} int4 decode tok/s over the original's float32", r["decode_tok_s"] /
+    for variant, form in ((v, f) for v in ("original", "default 25%") for f in INT4_FORMS):
+        if (r := find_row(rows, variant, form)) is not None:
+            checks.append((f"{variant} {form} decode tok/s over the original's float32", r["decode_tok_s"] /
                            base["decode_tok_s"], 2.0))  # fmt: skip
     lines = [f"{name}: {value:.2f} (target >= {target:g}): " + ("met" if value >= target else
              f"missed by {1 - value / target:.0%}") for name, value, target in checks]  # fmt: skip

@@ -282,9 +282,12 @@ def _export(args: argparse.Namespace) -> None:
     if path.exists():
         raise CheckpointError(f"{path} already exists: remove it or give another --path")
     model = moefx.export.load(directory)
-    onnx_only = {"fused": args.fused, "expert_bits": args.expert_bits, "kv_cache": args.kv_cache}
+    onnx_only = {"fused": args.fused, "expert_bits": args.expert_bits, "kv_cache": args.kv_cache,
+                 "int8_activations": args.int8_activations}  # fmt: skip
     if args.format != "onnx" and any(v not in (False, None) for v in onnx_only.values()):
-        raise ConfigError(f"--fused, --expert-bits and --kv-cache apply to --format onnx only, not {args.format}")
+        raise ConfigError(
+            f"--fused, --expert-bits, --int8-activations and --kv-cache apply to --format onnx only, not {args.format}"
+        )
     options = onnx_only if args.format == "onnx" else {}
     getattr(moefx.export, args.format)(model, path, moefx.export.checkpoint_inputs(directory), verify=args.verify,
                                        **options)  # fmt: skip
@@ -559,6 +562,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=(8, 4),
         default=None,
         help="onnx only: experts as 8- or 4-bit weights in ONNX Runtime's com.microsoft.QMoE operator (default: float)",
+    )
+    export.add_argument(
+        "--int8-activations",
+        action="store_true",
+        help="onnx only, with --expert-bits: ONNX Runtime's CPU kernel rounds the experts' inputs to int8 too and "
+        "multiplies in integers, faster; the parity check then compares with eager rounding them alike (default: "
+        "float activations)",
     )
     export.add_argument(
         "--kv-cache",

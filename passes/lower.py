@@ -18,7 +18,10 @@ canonical graph itself (standard ONNX ops, each expert run once on its routed to
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import operator
+from collections.abc import Iterator
 
 import onnx
 import onnxscript
@@ -42,6 +45,41 @@ def _swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float, beta: float, lim
     return gate * torch.sigmoid(alpha * gate) * (up + beta)
 
 
+def _experts_output(
+    tokens: torch.Tensor,
+    weights: torch.Tensor,
+    index: torch.Tensor,
+    fc1: torch.Tensor,
+    fc1_bias: torch.Tensor | None,
+    fc2: torch.Tensor,
+    fc2_bias: torch.Tensor | None,
+    activation: str,
+    alpha: float,
+    beta: float,
+    limit: float | None,
+    activation_block: int = 0,
+) -> torch.Tensor:
+    """``sum_j weights[t, j] * expert_{index[t, j]}(tokens[t])`` on ``(E, out, in)`` weights, each matrix's
+    input rounded by :func:`quantize_activations` where ``activation_block`` is set (and not in
+    :func:`float_activations`)."""
+    block = 0 if _FLOAT_ACTIVATIONS.get() else activation_block
+
+    def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(quantize_activations(x, block) if block else x, weight, bias)
+
+    out = torch.zeros_like(tokens)
+    for e in range(fc1.shape[0]):
+        token, slot = torch.where(index == e)
+        h = linear(tokens[token], fc1[e], None if fc1_bias is None else fc1_bias[e])
+        if activation == "swiglu":
+            h = _swiglu(h[:, 0::2], h[:, 1::2], alpha, beta, limit)
+        else:
+            h = _PLAIN_ACTIVATIONS[activation](h)
+        y = linear(h, fc2[e], None if fc2_bias is None else fc2_bias[e])
+        out.index_add_(0, token, (y * weights[token, slot, None]).to(out.dtype))
+    return out
+
+
 @torch.library.custom_op("moefx::ort_moe", mutates_args=())
 def ort_moe(
     tokens: torch.Tensor,
@@ -61,17 +99,7 @@ def ort_moe(
     weights, index = torch.softmax(logits.float(), dim=-1).topk(k, dim=-1)
     if normalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    out = torch.zeros_like(tokens)
-    for e in range(fc1.shape[0]):
-        token, slot = torch.where(index == e)
-        h = F.linear(tokens[token], fc1[e], None if fc1_bias is None else fc1_bias[e])
-        if activation == "swiglu":
-            h = _swiglu(h[:, 0::2], h[:, 1::2], alpha, beta, limit)
-        else:
-            h = _PLAIN_ACTIVATIONS[activation](h)
-        y = F.linear(h, fc2[e], None if fc2_bias is None else fc2_bias[e])
-        out.index_add_(0, token, (y * weights[token, slot, None]).to(out.dtype))
-    return out
+    return _experts_output(tokens, weights, index, fc1, fc1_bias, fc2, fc2_bias, activation, alpha, beta, limit)
 
 
 @ort_moe.register_fake
@@ -83,13 +111,38 @@ UNCHOSEN_LOGIT = -1e4  # exp(-1e4 - log w) is 0 in float32 for every positive fl
 QUANTIZED_BLOCK = 32  # 4-bit experts: one scale per 32 input columns where every input dimension divides by it
 
 
-def quantization_block_size(bits: int, in_features: list[int]) -> int:
-    """QMoE's ``block_size`` for experts whose matrices have ``in_features`` columns: 4-bit weights get one
-    scale per 32 columns where every count divides by 32, otherwise (and 8-bit weights always) one per row
-    (0). ONNX Runtime's CPU kernel multiplies block-wise 8-bit weights with 8-bit activations, which would
-    no longer compute what the dequantized experts compute."""
-    blockwise = bits == 4 and all(n % QUANTIZED_BLOCK == 0 for n in in_features)
-    return QUANTIZED_BLOCK if blockwise else 0
+INT8_ACTIVATIONS_ACCURACY_LEVEL = 4  # QMoE's accuracy_level whose CPU kernel takes int8 activations
+_FLOAT_ACTIVATIONS = contextvars.ContextVar("moefx_float_activations", default=False)
+
+
+def quantization_block_size(bits: int, in_features: list[int], int8_activations: bool = False) -> int:
+    """QMoE's ``block_size`` for experts whose matrices have ``in_features`` columns: one scale per 32
+    columns where every count divides by 32 and either the weights are 4-bit or the activations int8,
+    otherwise one per row (0). ONNX Runtime's CPU kernel multiplies block-wise 8-bit weights with int8
+    activations whatever it is asked, so float activations keep 8-bit weights row-wise."""
+    divisible = all(n % QUANTIZED_BLOCK == 0 for n in in_features)
+    return QUANTIZED_BLOCK if divisible and (bits == 4 or int8_activations) else 0
+
+
+def quantize_activations(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``x`` (``[..., K]``) rounded as ONNX Runtime's CPU kernel rounds a matrix's input for int8 activations
+    (MLAS ``QuantizeARow_CompInt8``): per ``block_size`` columns, codes ``round(x * (127 / amax))`` (halves
+    to even) for scale ``amax / 127``, computed in float32 in that order so that the codes are the kernel's."""
+    blocks = x.float().reshape(*x.shape[:-1], x.shape[-1] // block_size, block_size)
+    largest = blocks.abs().amax(dim=-1, keepdim=True)
+    inverse = torch.where(largest > 0, 127.0 / largest, torch.zeros_like(largest))
+    return ((blocks * inverse).round() * (largest / 127.0)).reshape(x.shape).to(x.dtype)
+
+
+@contextlib.contextmanager
+def float_activations() -> Iterator[None]:
+    """Within it, lowered QMoE blocks compute on float activations even where the file takes int8 ones: what
+    the model before lowering computes on the same weights, against which the lowering itself is checked."""
+    token = _FLOAT_ACTIVATIONS.set(True)
+    try:
+        yield
+    finally:
+        _FLOAT_ACTIVATIONS.reset(token)
 
 
 def quantize(weight: torch.Tensor, bits: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,11 +175,12 @@ def fake_quantize(weight: torch.Tensor, bits: int, block_size: int) -> torch.Ten
     return dequantize(*quantize(weight, bits, block_size), bits, block_size).to(weight.dtype)
 
 
-def quantize_experts(bank: nn.Module, bits: int) -> None:
+def quantize_experts(bank: nn.Module, bits: int, int8_activations: bool = False) -> None:
     """Round an expert bank's weights in place to what their ``bits``-bit codes stand for: the experts a
     QMoE node lowered from the bank computes (quantizing the rounded weights gives the same codes)."""
     for ffn in map(bank.ffn, range(bank.num_experts)):
-        block_size = quantization_block_size(bits, [ffn.in_weights[0].shape[1], ffn.out_weight.shape[1]])
+        in_features = [ffn.in_weights[0].shape[1], ffn.out_weight.shape[1]]
+        block_size = quantization_block_size(bits, in_features, int8_activations)
         with torch.no_grad():
             for weight in (*ffn.in_weights, ffn.out_weight):
                 weight.copy_(fake_quantize(weight, bits, block_size))
@@ -149,15 +203,20 @@ def ort_qmoe(
     limit: float | None,
     bits: int,
     block_size: int,
+    int8_activations: bool,
 ) -> torch.Tensor:
-    """ONNX Runtime's QMoE operator in PyTorch: the top k logits, a softmax over them, dequantized experts."""
+    """ONNX Runtime's QMoE operator in PyTorch: the top k logits, a softmax over them, dequantized experts
+    (with ``int8_activations``, each expert matrix's input rounded per ``block_size`` as the kernel does)."""
     fc1, fc2 = (dequantize(w, s, bits, block_size).to(tokens.dtype) for w, s in ((fc1, fc1_scales), (fc2, fc2_scales)))
-    return ort_moe(tokens, logits, fc1, fc1_bias, fc2, fc2_bias, k, True, activation, alpha, beta, limit)
+    weights, index = torch.softmax(logits.float(), dim=-1).topk(k, dim=-1)
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    block = block_size if int8_activations else 0
+    return _experts_output(tokens, weights, index, fc1, fc1_bias, fc2, fc2_bias, activation, alpha, beta, limit, block)
 
 
 @ort_qmoe.register_fake
 def _(tokens, logits, fc1, fc1_scales, fc1_bias, fc2, fc2_scales, fc2_bias, k, activation, alpha, beta, limit, bits,
-      block_size):  # fmt: skip
+      block_size, int8_activations):  # fmt: skip
     return torch.empty_like(tokens)
 
 
@@ -178,7 +237,8 @@ def _register_schema(name: str) -> None:
         ("activation_type", attr.STRING), ("k", attr.INT), ("normalize_routing_weights", attr.INT),
         ("swiglu_fusion", attr.INT), ("activation_alpha", attr.FLOAT), ("activation_beta", attr.FLOAT),
         ("swiglu_limit", attr.FLOAT), ("use_sparse_mixer", attr.INT),
-        *((("expert_weight_bits", attr.INT), ("block_size", attr.INT)) if quantized else ()),
+        *((("expert_weight_bits", attr.INT), ("block_size", attr.INT), ("accuracy_level", attr.INT))
+          if quantized else ()),
     )]  # fmt: skip
     types = [("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "")]
     if quantized:
@@ -215,11 +275,13 @@ def ort_moe_to_onnx(tokens, logits, fc1, fc1_bias, fc2, fc2_bias, k, normalize, 
 
 
 def ort_qmoe_to_onnx(tokens, logits, fc1, fc1_scales, fc1_bias, fc2, fc2_scales, fc2_bias, k, activation, alpha,
-                     beta, limit, bits, block_size):  # fmt: skip
+                     beta, limit, bits, block_size, int8_activations):  # fmt: skip
     """The ONNX translation of :func:`ort_qmoe`: one ``com.microsoft.QMoE`` node."""
     _register_schema("QMoE")
     msft = onnxscript.values.Opset("com.microsoft", 1)
     attributes = {"k": k, "normalize_routing_weights": 1, "expert_weight_bits": bits, "block_size": block_size}
+    if int8_activations:
+        attributes["accuracy_level"] = INT8_ACTIVATIONS_ACCURACY_LEVEL
     attributes |= _activation_attributes(activation, alpha, beta, limit)
     return msft.QMoE(tokens, logits, fc1, fc1_scales, fc1_bias, fc2, fc2_scales, fc2_bias, **attributes)
 
@@ -321,7 +383,7 @@ def fused_moe_blocker(graph_module: fx.GraphModule) -> str | None:
 
 class LowerToFusedMoE(PassBase):
     """Replace a canonical block's experts with one ``moefx::ort_moe`` call (``moefx::ort_qmoe`` with
-    ``expert_bits``).
+    ``expert_bits``, on int8 activations with ``int8_activations``).
 
     Matches: a canonical block that :func:`fused_moe_blocker` accepts. Rewrites: registers ``fc1``/``fc2``
     (and bias) buffers in the operator's layout, with ``expert_bits`` as :func:`quantize` codes and their
@@ -332,9 +394,9 @@ class LowerToFusedMoE(PassBase):
     per-token sum (QMoE takes a softmax over the top k logits, which on log weights is their share).
     """
 
-    def __init__(self, expert_bits: int | None = None) -> None:
+    def __init__(self, expert_bits: int | None = None, int8_activations: bool = False) -> None:
         super().__init__()
-        self.expert_bits = expert_bits
+        self.expert_bits, self.int8_activations = expert_bits, int8_activations
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         if fused_moe_blocker(graph_module) is not None:
@@ -360,7 +422,10 @@ class LowerToFusedMoE(PassBase):
             buffers["fc2_bias"] = torch.stack([f.out_bias for f in ffns])
         bits = self.expert_bits
         if bits is not None:
-            block_size = quantization_block_size(bits, [buffers["fc1"].shape[-1], buffers["fc2"].shape[-1]])
+            in_features = [buffers["fc1"].shape[-1], buffers["fc2"].shape[-1]]
+            block_size = quantization_block_size(bits, in_features, self.int8_activations)
+            if self.int8_activations and not block_size:
+                raise ValueError(f"int8 activations need inputs of a multiple of {QUANTIZED_BLOCK}, not {in_features}")
             for fc in ("fc1", "fc2"):
                 buffers[fc], buffers[f"{fc}_scales"] = quantize(buffers[fc], bits, block_size)
         for name, tensor in buffers.items():
@@ -389,7 +454,7 @@ class LowerToFusedMoE(PassBase):
                 fused = graph.call_function(
                     torch.ops.moefx.ort_qmoe.default,
                     (tokens, router_input, attrs["fc1"], attrs["fc1_scales"], attrs.get("fc1_bias"), attrs["fc2"],
-                     attrs["fc2_scales"], attrs.get("fc2_bias"), k, *act, bits, block_size),
+                     attrs["fc2_scales"], attrs.get("fc2_bias"), k, *act, bits, block_size, self.int8_activations),
                 )  # fmt: skip
             if not native:
                 total = graph.call_function(operator.getitem, (as_logits, 1))

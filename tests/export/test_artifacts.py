@@ -118,6 +118,38 @@ def test_quantized_experts_export_to_qmoe_and_match_eager_on_the_same_quantized_
     assert (torch.from_numpy(logits) - float_logits).abs().max() > 1e-4  # the weights really are quantized
 
 
+def _mixtral_of_32_column_blocks(seed: int = 0) -> nn.Module:
+    """The tiny Mixtral compiled by default, with expert sizes that divide into int8 activations' blocks."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.MixtralConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=2, num_local_experts=8, num_experts_per_tok=2, pad_token_id=0,
+    )  # fmt: skip
+    calib = [example_inputs("mixtral", batch=4, seq=16, seed=s) for s in range(2)]
+    return moefx.compile(transformers.MixtralForCausalLM(config).eval(), calib, experts=0.5, progress=False)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_int8_activations_run_qmoe_at_accuracy_level_4_and_match_eager_that_rounds_them_alike(bits, tmp_path):
+    model, inputs = _mixtral_of_32_column_blocks(), example_inputs("mixtral")
+    path = moefx.export.onnx(model, tmp_path / "a8.onnx", inputs, expert_bits=bits, int8_activations=True)
+    qmoe = [n for n in onnx_pkg.load(str(path)).graph.node if n.op_type == "QMoE"]
+    assert len(qmoe) == 2
+    for node in qmoe:
+        attributes = {a.name: onnx_pkg.helper.get_attribute_value(a) for a in node.attribute}
+        assert attributes["accuracy_level"] == 4 and attributes["block_size"] == 32
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    logits = torch.from_numpy(session.run(None, {k: v.numpy() for k, v in inputs.items()})[0])
+    with torch.no_grad():
+        rounded = moefx.export.with_quantized_experts(model, inputs, bits, int8_activations=True)(**inputs).logits
+        weights_only = moefx.export.with_quantized_experts(model, inputs, bits)(**inputs).logits
+    off = (logits - rounded).abs()
+    assert off.mean() < 1e-5 and off.max() < 1e-2
+    assert (logits - weights_only).abs().mean() > 100 * off.mean()  # the activations really are rounded
+
+
 def test_quantized_export_refuses_what_qmoe_cannot_run(compiled_tiny, tmp_path):
     with pytest.raises(moefx.ConfigError, match="expert_bits must be 8 or 4"):
         moefx.export.onnx(compiled_tiny("mixtral"), tmp_path / "m.onnx", example_inputs("mixtral"), expert_bits=3)
@@ -128,6 +160,12 @@ def test_quantized_export_refuses_what_qmoe_cannot_run(compiled_tiny, tmp_path):
             example_inputs("mixtral"),
             expert_bits=4,
         )
+    mixtral, inputs = compiled_tiny("mixtral"), example_inputs("mixtral")
+    with pytest.raises(moefx.ConfigError, match="int8_activations applies to quantized experts: pass expert_bits"):
+        moefx.export.onnx(mixtral, tmp_path / "m.onnx", inputs, int8_activations=True)
+    with pytest.raises(moefx.ConfigError, match="blocks of 32 columns, which model.layers.0.mlp's experts .inputs of "
+                       "32 and 48. do not divide into; export it without int8_activations"):  # fmt: skip
+        moefx.export.onnx(mixtral, tmp_path / "m.onnx", inputs, expert_bits=4, int8_activations=True)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -20,6 +20,7 @@ from moefx.passes.lower import (
     operator_computes_routing,
     quantization_block_size,
     quantize,
+    quantize_activations,
     quantize_experts,
     routing_as_logits,
 )
@@ -149,6 +150,26 @@ def test_quantization_rounds_each_weight_to_its_nearest_code_and_is_idempotent(b
     assert ((rounded - weight).abs() <= per_column / 2 * (1 + 1e-5)).all()  # the nearest code
     assert ((rounded / per_column).round() - rounded / per_column).abs().max() < 1e-4  # on the code grid
     torch.testing.assert_close(fake_quantize(rounded, bits, block_size), rounded, atol=1e-6, rtol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 4), blocks=st.integers(1, 3), zero_block=st.booleans(), seed=st.integers(0, 2**16))
+def test_int8_activations_round_each_block_to_its_nearest_of_255_codes_and_keep_its_largest(
+    rows, blocks, zero_block, seed
+):
+    x = torch.randn(rows, 32 * blocks, generator=torch.Generator().manual_seed(seed)) * 3
+    if zero_block:
+        x[0, :32] = 0.0
+    rounded = quantize_activations(x, 32)
+    largest = x.reshape(rows, blocks, 32).abs().amax(dim=-1, keepdim=True)
+    step = (largest / 127).expand(rows, blocks, 32).reshape(x.shape)
+    assert ((rounded - x).abs() <= step / 2 * (1 + 1e-5) + 1e-7).all()  # the nearest code
+    codes = torch.where(step > 0, rounded / step, torch.zeros_like(x))
+    assert (codes.abs() <= 127 + 1e-4).all() and ((codes.round() - codes).abs() < 1e-3).all()  # on the grid
+    at_largest = x.abs() == largest.expand(rows, blocks, 32).reshape(x.shape)
+    torch.testing.assert_close(rounded[at_largest], x[at_largest])  # each block's largest value is exact
+    if zero_block:
+        assert (rounded[0, :32] == 0.0).all()
 
 
 def test_experts_with_their_own_output_norms_stay_portable():
