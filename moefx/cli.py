@@ -566,7 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--int8-activations",
         action="store_true",
-        help="onnx only, with --expert-bits: ONNX Runtime's CPU kernel rounds the experts' inputs to int8 too and "
+        help="onnx only, with --expert-bits 4: ONNX Runtime's CPU kernel rounds the experts' inputs to int8 too and "
         "multiplies in integers, faster; the parity check then compares with eager rounding them alike (default: "
         "float activations)",
     )

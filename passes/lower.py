@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import operator
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import onnx
 import onnxscript
@@ -45,37 +45,35 @@ def _swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float, beta: float, lim
     return gate * torch.sigmoid(alpha * gate) * (up + beta)
 
 
+def _activation(name: str, alpha: float, beta: float, limit: float | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The operator's activation ``name`` on ``fc1``'s output (SwiGLU: gate and up rows interleaved)."""
+    if name == "swiglu":
+        return lambda h: _swiglu(h[:, 0::2], h[:, 1::2], alpha, beta, limit)
+    return _PLAIN_ACTIVATIONS[name]
+
+
 def _experts_output(
     tokens: torch.Tensor,
-    weights: torch.Tensor,
-    index: torch.Tensor,
-    fc1: torch.Tensor,
-    fc1_bias: torch.Tensor | None,
-    fc2: torch.Tensor,
-    fc2_bias: torch.Tensor | None,
-    activation: str,
-    alpha: float,
-    beta: float,
-    limit: float | None,
+    routing: tuple[torch.Tensor, torch.Tensor],
+    fc1: tuple[torch.Tensor, torch.Tensor | None],
+    fc2: tuple[torch.Tensor, torch.Tensor | None],
+    act: Callable[[torch.Tensor], torch.Tensor],
     activation_block: int = 0,
 ) -> torch.Tensor:
-    """``sum_j weights[t, j] * expert_{index[t, j]}(tokens[t])`` on ``(E, out, in)`` weights, each matrix's
-    input rounded by :func:`quantize_activations` where ``activation_block`` is set (and not in
-    :func:`float_activations`)."""
+    """``sum_j weights[t, j] * expert_{index[t, j]}(tokens[t])`` for ``routing = (weights, index)`` on
+    ``(E, out, in)`` weights and biases, each matrix's input rounded by :func:`quantize_activations` where
+    ``activation_block`` is set (and not in :func:`float_activations`)."""
     block = 0 if _FLOAT_ACTIVATIONS.get() else activation_block
+    weights, index = routing
 
-    def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return F.linear(quantize_activations(x, block) if block else x, weight, bias)
+    def linear(x: torch.Tensor, e: int, matrix: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+        weight, bias = matrix
+        return F.linear(quantize_activations(x, block) if block else x, weight[e], None if bias is None else bias[e])
 
     out = torch.zeros_like(tokens)
-    for e in range(fc1.shape[0]):
+    for e in range(fc1[0].shape[0]):
         token, slot = torch.where(index == e)
-        h = linear(tokens[token], fc1[e], None if fc1_bias is None else fc1_bias[e])
-        if activation == "swiglu":
-            h = _swiglu(h[:, 0::2], h[:, 1::2], alpha, beta, limit)
-        else:
-            h = _PLAIN_ACTIVATIONS[activation](h)
-        y = linear(h, fc2[e], None if fc2_bias is None else fc2_bias[e])
+        y = linear(act(linear(tokens[token], e, fc1)), e, fc2)
         out.index_add_(0, token, (y * weights[token, slot, None]).to(out.dtype))
     return out
 
@@ -99,7 +97,8 @@ def ort_moe(
     weights, index = torch.softmax(logits.float(), dim=-1).topk(k, dim=-1)
     if normalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    return _experts_output(tokens, weights, index, fc1, fc1_bias, fc2, fc2_bias, activation, alpha, beta, limit)
+    act = _activation(activation, alpha, beta, limit)
+    return _experts_output(tokens, (weights, index), (fc1, fc1_bias), (fc2, fc2_bias), act)
 
 
 @ort_moe.register_fake
@@ -210,8 +209,8 @@ def ort_qmoe(
     fc1, fc2 = (dequantize(w, s, bits, block_size).to(tokens.dtype) for w, s in ((fc1, fc1_scales), (fc2, fc2_scales)))
     weights, index = torch.softmax(logits.float(), dim=-1).topk(k, dim=-1)
     weights = weights / weights.sum(dim=-1, keepdim=True)
-    block = block_size if int8_activations else 0
-    return _experts_output(tokens, weights, index, fc1, fc1_bias, fc2, fc2_bias, activation, alpha, beta, limit, block)
+    act, block = _activation(activation, alpha, beta, limit), block_size if int8_activations else 0
+    return _experts_output(tokens, (weights, index), (fc1, fc1_bias), (fc2, fc2_bias), act, block)
 
 
 @ort_qmoe.register_fake
