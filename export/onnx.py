@@ -92,10 +92,15 @@ def block_lowering(served: nn.Module, fused: bool) -> dict[str, str | None]:
 
 
 def quantize_blocks(
-    served: nn.Module, lowering: dict[str, str | None], bits: int, int8_activations: bool = False
+    served: nn.Module, lowering: dict[str, str | None], bits: int | None, int8_activations: bool = False
 ) -> None:
     """Round the experts of every block in ``lowering`` as ``expert_bits=bits`` writes them, refusing with
     one line (before changing anything) where the QMoE operator cannot run a block."""
+    if int8_activations and bits != 4:
+        raise ConfigError(
+            f"int8_activations applies to 4-bit experts, not expert_bits={bits}: ONNX Runtime's 8-bit kernel on "
+            "int8 activations does not compute what moefx's eager rounding does; pass expert_bits=4 with it"
+        )
     if bits not in (8, 4):
         raise ConfigError(f"expert_bits must be 8 or 4 (or None for float experts), not {bits!r}")
     blocked = next(((name, reason) for name, reason in lowering.items() if reason is not None), None)
@@ -108,14 +113,14 @@ def quantize_blocks(
     for name, bank in banks.items() if int8_activations else {}.items():
         ffn = bank.ffn(0)
         in_features = [ffn.in_weights[0].shape[1], ffn.out_weight.shape[1]]
-        if not quantization_block_size(bits, in_features, int8_activations=True):
+        if not quantization_block_size(bits, in_features):
             raise ConfigError(
                 f"int8_activations quantizes expert inputs in blocks of {QUANTIZED_BLOCK} columns, which "
                 f"{name}'s experts (inputs of {in_features[0]} and {in_features[1]}) do not divide into; "
                 f"export it without int8_activations"
             )
     for bank in banks.values():
-        quantize_experts(bank, bits, int8_activations)
+        quantize_experts(bank, bits)
 
 
 def with_quantized_experts(
@@ -209,11 +214,6 @@ def onnx(
     :class:`~moefx.export.generation.OnnxGenerator` decodes greedily; the parity check then covers the
     logits and the cache.
     """
-    if int8_activations and expert_bits != 4:
-        raise ConfigError(
-            f"int8_activations applies to 4-bit experts, not expert_bits={expert_bits}: ONNX Runtime's 8-bit kernel "
-            "on int8 activations does not compute what moefx's eager rounding does; pass expert_bits=4 with it"
-        )
     serving, inputs = serving_model(model, example_inputs)
     lowering = block_lowering(serving.served, fused or expert_bits is not None)
     if kv_cache:
@@ -221,7 +221,7 @@ def onnx(
     if dtype is not None:  # the serving model is a copy
         serving.to(dtype)
         inputs = tuple(t.to(dtype) if t.is_floating_point() else t for t in inputs)
-    if expert_bits is not None:  # eager on the rounded weights is what the file must match
+    if expert_bits is not None or int8_activations:  # eager on the rounded weights is what the file must match
         quantize_blocks(serving.served, lowering, expert_bits, int8_activations)
     traced, checked = export_inputs(serving, inputs, dynamic and not kv_cache)
     # before lowering, so the check covers it; eager breaks top-k ties as ONNX's TopK does

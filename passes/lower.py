@@ -114,13 +114,13 @@ INT8_ACTIVATIONS_ACCURACY_LEVEL = 4  # QMoE's accuracy_level whose CPU kernel ta
 _FLOAT_ACTIVATIONS = contextvars.ContextVar("moefx_float_activations", default=False)
 
 
-def quantization_block_size(bits: int, in_features: list[int], int8_activations: bool = False) -> int:
-    """QMoE's ``block_size`` for experts whose matrices have ``in_features`` columns: one scale per 32
-    columns where every count divides by 32 and either the weights are 4-bit or the activations int8,
-    otherwise one per row (0). ONNX Runtime's CPU kernel multiplies block-wise 8-bit weights with int8
-    activations whatever it is asked, so float activations keep 8-bit weights row-wise."""
-    divisible = all(n % QUANTIZED_BLOCK == 0 for n in in_features)
-    return QUANTIZED_BLOCK if divisible and (bits == 4 or int8_activations) else 0
+def quantization_block_size(bits: int, in_features: list[int]) -> int:
+    """QMoE's ``block_size`` for experts whose matrices have ``in_features`` columns: 4-bit weights get one
+    scale per 32 columns where every count divides by 32, otherwise (and 8-bit weights always) one per row
+    (0). ONNX Runtime's CPU kernel multiplies block-wise 8-bit weights with int8 activations whatever it is
+    asked, which would no longer compute what the dequantized experts compute."""
+    blockwise = bits == 4 and all(n % QUANTIZED_BLOCK == 0 for n in in_features)
+    return QUANTIZED_BLOCK if blockwise else 0
 
 
 def quantize_activations(x: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -174,12 +174,11 @@ def fake_quantize(weight: torch.Tensor, bits: int, block_size: int) -> torch.Ten
     return dequantize(*quantize(weight, bits, block_size), bits, block_size).to(weight.dtype)
 
 
-def quantize_experts(bank: nn.Module, bits: int, int8_activations: bool = False) -> None:
+def quantize_experts(bank: nn.Module, bits: int) -> None:
     """Round an expert bank's weights in place to what their ``bits``-bit codes stand for: the experts a
     QMoE node lowered from the bank computes (quantizing the rounded weights gives the same codes)."""
     for ffn in map(bank.ffn, range(bank.num_experts)):
-        in_features = [ffn.in_weights[0].shape[1], ffn.out_weight.shape[1]]
-        block_size = quantization_block_size(bits, in_features, int8_activations)
+        block_size = quantization_block_size(bits, [ffn.in_weights[0].shape[1], ffn.out_weight.shape[1]])
         with torch.no_grad():
             for weight in (*ffn.in_weights, ffn.out_weight):
                 weight.copy_(fake_quantize(weight, bits, block_size))
@@ -395,6 +394,8 @@ class LowerToFusedMoE(PassBase):
 
     def __init__(self, expert_bits: int | None = None, int8_activations: bool = False) -> None:
         super().__init__()
+        if int8_activations and expert_bits != 4:  # the 8-bit kernel's int8 activations are not ours
+            raise ValueError(f"int8 activations need 4-bit experts, not expert_bits={expert_bits}")
         self.expert_bits, self.int8_activations = expert_bits, int8_activations
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
@@ -422,7 +423,7 @@ class LowerToFusedMoE(PassBase):
         bits = self.expert_bits
         if bits is not None:
             in_features = [buffers["fc1"].shape[-1], buffers["fc2"].shape[-1]]
-            block_size = quantization_block_size(bits, in_features, self.int8_activations)
+            block_size = quantization_block_size(bits, in_features)
             if self.int8_activations and not block_size:
                 raise ValueError(f"int8 activations need inputs of a multiple of {QUANTIZED_BLOCK}, not {in_features}")
             for fc in ("fc1", "fc2"):

@@ -172,6 +172,12 @@ def test_int8_activations_round_each_block_to_its_nearest_of_255_codes_and_keep_
         assert (rounded[0, :32] == 0.0).all()
 
 
+@pytest.mark.parametrize("bits", [None, 8])
+def test_int8_activations_are_for_4_bit_experts_only(bits):
+    with pytest.raises(ValueError, match=f"int8 activations need 4-bit experts, not expert_bits={bits}"):
+        LowerToFusedMoE(bits, int8_activations=True)
+
+
 def test_experts_with_their_own_output_norms_stay_portable():
     model = tiny_transformers_model("ergo")
     block = find_moe_blocks(model, example_inputs("ergo"))[0]
