@@ -110,8 +110,7 @@ def quantize_blocks(
             f"{blocked[0]}: {blocked[1]}; export it without expert_bits"
         )
     banks = {name: served.get_submodule(name).get_submodule("experts") for name in lowering}
-    for name, bank in banks.items() if int8_activations else {}.items():
-        ffn = bank.ffn(0)
+    for name, ffn in ((n, b.ffn(0)) for n, b in banks.items() if int8_activations):
         in_features = [ffn.in_weights[0].shape[1], ffn.out_weight.shape[1]]
         if not quantization_block_size(bits, in_features):
             raise ConfigError(

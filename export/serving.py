@@ -255,8 +255,7 @@ def check_parity(
     if len(outputs) != len(reference.expected):
         raise MoefxError(f"the {kind} artifact returned {len(outputs)} outputs, eager {len(reference.expected)}")
     largest = 0.0
-    unrounded = dict(zip(reference.names, reference.float_activations or (), strict=False))
-    unrounded = {name: t.float() for name, t in unrounded.items()}
+    unrounded = {name: t.float() for name, t in zip(reference.names, reference.float_activations or (), strict=False)}
     for name, got, expected in zip(reference.names, outputs, reference.expected, strict=True):
         if got.shape != expected.shape:
             raise MoefxError(
