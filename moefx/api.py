@@ -289,7 +289,7 @@ def convert(
     refits_output = _refits_output(ffns, plans, config)
     second = [b for b in state.blocks if _needs_second_pass(plans[b.name], refits_output[b.name], config)]
     if second and calib_batches is None:
-        if config.resolved("refit") != "none":
+        if config.refits:
             warnings.warn("merged experts were not refit: refitting needs calib_batches", MoefxWarning, stacklevel=2)
         second = []
     if second:
@@ -305,6 +305,7 @@ def convert(
             graph, s, bank, originals = graphs.pop(b.name), stats.pop(b.name), banks.pop(b.name), ffns.pop(b.name)
             _refit_merged(plans[b.name], s, originals, config)
             compact, block_report = _rewrite_block(b, graph, plans[b.name], s, bank, originals, config)
+            plans[b.name].merged = None  # held in compact now
             observed.set_submodule(b.name, compact)
             report.blocks.append(block_report)
     if config.method_object.compresses_experts:
@@ -351,7 +352,7 @@ def _refits_output(
 ) -> dict[str, bool]:
     """Which blocks' merged experts get their output projections refit (all, where the method refits, but
     those whose experts end in their own RMSNorm: a least-squares output would miss the norm after it)."""
-    refit = config.resolved("refit") != "none"
+    refit = config.refits
     normed = [name for name, f in ffns.items() if f[0].out_norm is not None and plans[name].merged_groups]
     if refit and normed:
         warnings.warn(f"{', '.join(normed)}: experts that end in their own RMSNorm are refit on their input "
@@ -368,8 +369,9 @@ def _start_second_pass(
     if refits_output and plan.merged_groups:
         merged = bank.with_experts(plan.merged, [g[0] for g in plan.groups])
         plan.merged = [merged.ffn(g) for g in range(merged.num_experts)]  # views: held once
-        units = config.resolved("refit") == "units"
-        candidates = [[e for e, _ in plan.unit_candidates(g)] for g in plan.merged_groups] if units else None
+        candidates = None
+        if config.refits_units:
+            candidates = [[e for e, _ in plan.unit_candidates(g)] for g in plan.merged_groups]
         observed_experts = graph.get_submodule("observed_experts")
         observed_experts.start_refit(plan.expert_to_group, merged, plan.merged_groups, candidates)
 
@@ -380,7 +382,7 @@ def _refit_merged(plan: BlockPlan, s: BlockStats, originals: list[FFN], config: 
         return
     for slot, g in enumerate(s.refit_groups.tolist()):
         gram, cross = s.refit_system(slot)
-        if config.resolved("refit") == "units":
+        if config.refits_units:
             members, coefficients = zip(*plan.unit_candidates(g), strict=True)
             pool = [originals[e] for e in members]
             plan.merged[g] = least_squares_units(plan.merged[g], pool, list(coefficients), gram, cross, config.ridge)
@@ -407,9 +409,7 @@ def _rewrite_block(
     compact = PassManager(passes)(graph).graph_module
     after = (_experts_params(compact.experts), block_flops(compact, compact.experts, b.top_k))
     ranked = originals if config.stable_ranks else None
-    block_report = _block_report(b, plan, s, before, after, ranked, compact)
-    plan.merged = None
-    return compact, block_report
+    return compact, _block_report(b, plan, s, before, after, ranked, compact)
 
 
 def _report_compressed_experts(model: nn.Module, blocks: list[MoEBlock], report: CompressionReport) -> None:

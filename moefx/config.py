@@ -128,7 +128,7 @@ class CompressionConfig:
         if self.method_object.prunes and self.resolved("selection") == "error":
             raise ConfigError(f"selection='error' chooses the experts that stand in for merged ones, not for "
                               f"method={self.method!r}, which drops them: use a score")  # fmt: skip
-        if self.method_object.prunes and self.resolved("refit") != "none":
+        if self.method_object.prunes and self.refits:
             raise ConfigError(f"refit applies to merged experts, not to method={self.method!r}: leave refit unset")
         if isinstance(self.sparse_keep, bool) or not 0.0 <= self.sparse_keep <= 1.0:
             raise ConfigError(f"sparse_keep={self.sparse_keep!r} is out of range: give a fraction in [0, 1]")
@@ -140,6 +140,16 @@ class CompressionConfig:
         value = getattr(self, name)
         known = self.method in METHODS  # resolved() runs before validate() has checked the name
         return METHODS[self.method].defaults[name] if value is None and known else value
+
+    @property
+    def refits(self) -> bool:
+        """Whether merged experts are refit on the calibration data at all."""
+        return self.resolved("refit") != "none"
+
+    @property
+    def refits_units(self) -> bool:
+        """Whether merged experts' hidden units are chosen among their members' (``"units"``)."""
+        return self.resolved("refit") == "units"
 
     @property
     def refits_inputs(self) -> bool:
