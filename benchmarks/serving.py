@@ -350,14 +350,14 @@ WHY = (
     "speedup could give, from the time of the nodes around the experts.\n\n"
     "Session memory. Weights beyond 64 MiB go to a data file, which ONNX Runtime memory-maps (from a single file "
     "it parses a second copy while loading). At batch 1 the fused float files stay within 1.2x. The portable "
-    "forms hold ONNX Runtime's prepacked copy of each MatMul weight beside the mapped pages it was packed from, "
-    "and the QMoE kernels prepack their expert weights alike when the session is created (the loaded column), so "
-    "a quantized file's weights are held about twice before any step runs. The small files (int8, int4, MC-SMoE) "
-    "also carry the 512-token prompt's activations and the runtime's own memory, which do not shrink with the "
-    "weights. With the 16 x 128 step the peak holds that step's activations, a few hundred MB whatever the file, "
-    "so the smaller the file the larger the ratio. moefx's sessions run without ONNX Runtime's memory patterns "
-    "(`enable_mem_pattern=False`): a pattern is planned per input shape, a generator's shapes change at every "
-    "step, and with patterns on the 16 x 128 step peaked higher and ran slower."
+    "forms hold ONNX Runtime's prepacked copy of each MatMul weight beside the mapped pages it was packed from. "
+    "The QMoE kernels repack their expert weights into a layout of their own when the session is created, which "
+    "for 4-bit weights on int8 activations is larger than the file (the loaded column). The small files (int8, "
+    "int4, MC-SMoE) also carry the 512-token prompt's activations and the runtime's own memory, which do not "
+    "shrink with the weights. With the 16 x 128 step the peak holds that step's activations, a few hundred MB "
+    "whatever the file, so the smaller the file the larger the ratio. moefx's sessions run without ONNX Runtime's"
+    " memory patterns (`enable_mem_pattern=False`): a pattern is planned per input shape, a generator's shapes "
+    "change at every step, and with patterns on the 16 x 128 step peaked higher and ran slower."
 )
 
 
