@@ -347,23 +347,31 @@ def environment(settings: Settings) -> dict[str, Any]:
 
 
 def quantized_rows(task: Task, settings: Settings, compressed: dict[tuple[str, float], nn.Module]) -> list[dict]:
-    """Quality and ONNX file bytes of the original and the default with ``settings.expert_bits`` experts (QMoE), each
-    against the same model with float32 experts. Quality is measured on the eager model with the rounded
-    weights the file holds, which the export's parity check ties to ONNX Runtime's output."""
+    """Quality and ONNX file bytes of the original and the default with ``settings.expert_bits`` experts (QMoE), 4-bit
+    ones also on int8 activations, each against the same model with float32 experts. Quality is measured on the
+    eager model with the rounded weights (and activations) the file computes with, which the export's parity
+    check ties to ONNX Runtime's output."""
+    forms = [(bits, False) for bits in settings.expert_bits] + [(4, True)] * (4 in settings.expert_bits)
     served = [("original", 1.0, task.model)]
     served += [(label, r, m) for (label, r), m in compressed.items() if label.startswith(DEFAULT)]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for label, ratio, model in served if settings.expert_bits else []:
             float_scores = task.evaluate(model)
-            for bits in settings.expert_bits:
-                path = moefx.export.onnx(model, Path(tmp) / f"{len(rows)}.onnx", task.example, expert_bits=bits)
+            for bits, int8_activations in forms:
+                path = moefx.export.onnx(model, Path(tmp) / f"{len(rows)}.onnx", task.example, expert_bits=bits,
+                                         int8_activations=int8_activations)  # fmt: skip
                 size = sum(f.stat().st_size for f in Path(tmp).glob(f"{path.name}*"))
-                scores = task.evaluate(moefx.export.with_quantized_experts(model, task.example, bits))
-                rows.append({"fixture": task.name, "label": label, "experts": ratio, "bits": bits, **scores,
-                             "float": float_scores, "onnx_bytes": size})  # fmt: skip
-                print(f"{task.name} {label} {ratio} int{bits}: {task.metric} {scores[task.metric]:.4f} "
-                      f"(float32 experts {float_scores[task.metric]:.4f})", flush=True)  # fmt: skip
+                quantized = moefx.export.with_quantized_experts(model, task.example, bits, int8_activations)
+                scores = task.evaluate(quantized)
+                rows.append({"fixture": task.name, "label": label, "experts": ratio, "bits": bits,
+                             "int8_activations": int8_activations, **scores, "float": float_scores,
+                             "onnx_bytes": size})  # fmt: skip
+                print(
+                    f"{task.name} {label} {ratio} int{bits}{' a8' if int8_activations else ''}: {task.metric} "
+                    f"{scores[task.metric]:.4f} (float32 experts {float_scores[task.metric]:.4f})",
+                    flush=True,
+                )
     return rows
 
 
@@ -484,14 +492,17 @@ def render_markdown(results: dict[str, Any]) -> str:
                   "`moefx.export.onnx(..., expert_bits=8 | 4)`: symmetric 8-bit (a scale per row) or 4-bit (a scale "
                   "per 32 input columns) expert weights. Quality is that of the eager model with the file's rounded "
                   "expert weights (`moefx.export.with_quantized_experts`; the export's parity check ties ONNX "
-                  "Runtime's output to it), against the same model with float32 experts. ONNX MiB is the whole "
-                  "file.", "",
+                  "Runtime's output to it), against the same model with float32 experts. `4, int8 activations` "
+                  "rows are exported with `int8_activations=True`: ONNX Runtime's kernel also rounds each expert "
+                  "matrix's input to int8 per 32 columns, and the eager model rounds them alike. ONNX MiB is the "
+                  "whole file.", "",
                   "| fixture | model | experts | expert bits | metric | float32 experts | quantized | change | "
                   "ONNX MiB |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in results["quantized"]:
             metric = METRICS[r["fixture"]][0]
             lines.append(
-                f"| {r['fixture']} | {r['label']} | {r['experts']:g} | {r['bits']} | {metric} | "
+                f"| {r['fixture']} | {r['label']} | {r['experts']:g} | {r['bits']}"
+                f"{', int8 activations' if r['int8_activations'] else ''} | {metric} | "
                 f"{r['float'][metric]:.4f} | {r[metric]:.4f} | {r[metric] - r['float'][metric]:+.4f} | "
                 f"{_mib(r['onnx_bytes'])} |"
             )

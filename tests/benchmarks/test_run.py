@@ -49,7 +49,9 @@ def test_benchmark_smoke_run_measures_serving(tmp_path):
     assert results["serving"][1]["onnx_bytes"] < results["serving"][0]["onnx_bytes"]
     assert "ort_ms_16x128" in json.loads((tmp_path / "results.json").read_text())["serving"][0]
     quantized = results["quantized"]
-    assert [(r["label"], r["bits"]) for r in quantized] == [("original", 4), (f"{DEFAULT} (default)", 4)]
-    for row, served in zip(quantized, results["serving"], strict=True):
+    assert [(r["label"], r["bits"], r["int8_activations"]) for r in quantized] == [
+        ("original", 4, False), ("original", 4, True), (f"{DEFAULT} (default)", 4, False),
+        (f"{DEFAULT} (default)", 4, True)]  # fmt: skip
+    for row, served in zip(quantized, [s for s in results["serving"] for _ in range(2)], strict=True):
         assert 0.0 < row["test_acc"] <= 1.0 and row["onnx_bytes"] < served["onnx_bytes"]  # 4-bit experts
     assert "## Quantized experts" in (tmp_path / "results.md").read_text()
