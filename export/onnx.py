@@ -36,6 +36,7 @@ from moefx.passes.lower import (
     LowerToFusedMoE,
     float_activations,
     fused_moe_blocker,
+    matrix_inputs,
     quantization_block_size,
     quantize_experts,
 )
@@ -115,7 +116,7 @@ def quantize_blocks(
         )
     banks = {name: served.get_submodule(name).get_submodule("experts") for name in lowering}
     for name, ffn in ((n, b.ffn(0)) for n, b in banks.items() if int8_activations):
-        in_features = [ffn.in_weights[0].shape[1], ffn.out_weight.shape[1]]
+        in_features = matrix_inputs(ffn)
         if not quantization_block_size(bits, in_features):
             raise ConfigError(
                 f"int8_activations quantizes expert inputs in blocks of {QUANTIZED_BLOCK} columns, which "

@@ -227,9 +227,9 @@ class ParityReference:
         ``float_activations`` the reference before it. ``onnx_topk``: break top-k ties as ONNX does (for an
         ONNX artifact)."""
         outputs, tied = eager_with_routing_ties(serving, inputs, onnx_topk)
-        unrounded = None if float_activations is None else float_activations.expected
+        unrounded = None
         if float_activations is not None:
-            tied = tied | float_activations.tied
+            unrounded, tied = float_activations.expected, tied | float_activations.tied
         return ParityReference(inputs, outputs, tied, tuple(serving.output_names), unrounded)
 
 
@@ -255,14 +255,16 @@ def check_parity(
     if len(outputs) != len(reference.expected):
         raise MoefxError(f"the {kind} artifact returned {len(outputs)} outputs, eager {len(reference.expected)}")
     largest = 0.0
-    unrounded = {name: t.float() for name, t in zip(reference.names, reference.float_activations or (), strict=False)}
-    for name, got, expected in zip(reference.names, outputs, reference.expected, strict=True):
+    unrounded_outputs = reference.float_activations or (None,) * len(reference.expected)
+    for name, got, expected, unrounded in zip(
+        reference.names, outputs, reference.expected, unrounded_outputs, strict=True
+    ):
         if got.shape != expected.shape:
             raise MoefxError(
                 f"the {kind} artifact returned {name} of shape {tuple(got.shape)}, eager {tuple(expected.shape)}"
             )
         diff = (got.float() - expected.float()).abs()
-        rounding = None if reference.float_activations is None else (unrounded[name] - expected.float()).abs()
+        rounding = None if unrounded is None else (unrounded.float() - expected.float()).abs()
         if diff.ndim >= 1 and diff.shape[0] == len(tied):
             if bool(tied.all()):
                 raise MoefxError(f"cannot check the {kind} artifact: every row of the check inputs has a routing tie")

@@ -32,7 +32,7 @@ from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from moefx.block import experts_node, runs_per_slot_rows, selection_nodes
-from moefx.experts import FusedExperts, ModuleExperts
+from moefx.experts import FFN, FusedExperts, ModuleExperts
 from moefx.routing import select_experts
 
 # ONNX Runtime's MoE GELU is an approximation (about 1e-4 off exact GELU), so GELU experts stay portable.
@@ -114,6 +114,11 @@ INT8_ACTIVATIONS_ACCURACY_LEVEL = 4  # QMoE's accuracy_level whose CPU kernel ta
 _FLOAT_ACTIVATIONS = contextvars.ContextVar("moefx_float_activations", default=False)
 
 
+def matrix_inputs(ffn: FFN) -> list[int]:
+    """The input columns of an expert's two QMoE matrices: fc1 (its input projections) and fc2."""
+    return [ffn.in_weights[0].shape[1], ffn.out_weight.shape[1]]
+
+
 def quantization_block_size(bits: int, in_features: list[int]) -> int:
     """QMoE's ``block_size`` for experts whose matrices have ``in_features`` columns: 4-bit weights get one
     scale per 32 columns where every count divides by 32, otherwise (and 8-bit weights always) one per row
@@ -178,7 +183,7 @@ def quantize_experts(bank: nn.Module, bits: int) -> None:
     """Round an expert bank's weights in place to what their ``bits``-bit codes stand for: the experts a
     QMoE node lowered from the bank computes (quantizing the rounded weights gives the same codes)."""
     for ffn in map(bank.ffn, range(bank.num_experts)):
-        block_size = quantization_block_size(bits, [ffn.in_weights[0].shape[1], ffn.out_weight.shape[1]])
+        block_size = quantization_block_size(bits, matrix_inputs(ffn))
         with torch.no_grad():
             for weight in (*ffn.in_weights, ffn.out_weight):
                 weight.copy_(fake_quantize(weight, bits, block_size))
