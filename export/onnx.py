@@ -143,12 +143,18 @@ def with_quantized_experts(
 
 
 def lower_blocks(
-    served: nn.Module, lowering: dict[str, str | None], expert_bits: int | None = None, int8_activations: bool = False
+    served: nn.Module,
+    lowering: dict[str, str | None],
+    expert_bits: int | None = None,
+    int8_activations: bool = False,
+    width_splits: int = 1,
 ) -> None:
-    """Lower each block ``lowering`` maps to None to one fused MoE node (QMoE with ``expert_bits``)."""
+    """Lower each block ``lowering`` maps to None to one fused MoE node (QMoE with ``expert_bits``), float
+    experts cut into ``width_splits`` operator experts each."""
+    lower = LowerToFusedMoE(expert_bits, int8_activations, width_splits if expert_bits is None else 1)
     for name, reason in lowering.items():
         if reason is None:
-            PassManager([LowerToFusedMoE(expert_bits, int8_activations)])(served.get_submodule(name))
+            PassManager([lower])(served.get_submodule(name))
 
 
 def describe_lowering(blocks: dict[str, str | None]) -> str:
@@ -179,6 +185,7 @@ def onnx(
     expert_bits: int | None = None,
     kv_cache: bool = False,
     int8_activations: bool = False,
+    width_splits: int = 2,
 ) -> Path:
     """Export ``model`` to an ONNX file that ONNX Runtime runs; returns the path.
 
@@ -188,8 +195,12 @@ def onnx(
     threads). With ``fused``, each MoE block whose experts the ``com.microsoft.MoE`` operator can run
     becomes one such node instead, whatever its routing (routing the operator cannot compute itself runs
     before the node); blocks it cannot run (LoSparse experts, or an activation it lacks) stay portable.
-    ONNX Runtime 1.32's CPU kernel of that operator runs each expert's GEMM on one thread and repacks its
-    weights on every call, so on the CPU the portable form is usually the faster one. The file's metadata
+    ONNX Runtime 1.32's CPU kernel of that operator runs each expert's GEMM on one thread and gives each
+    thread a contiguous range of experts, so a block whose experts carry unequal shares of the tokens (as
+    merged groups do) leaves threads idle: ``width_splits`` (default 2) cuts each float expert's hidden
+    units into that many operator experts, which every routed token takes together, so that each of that
+    many threads gets an equal share of every expert's work (the same function; see
+    :mod:`moefx.passes.lower`). On the CPU the portable form is often the faster one still. The file's metadata
     says which blocks are fused (:func:`fused_blocks`), and the ``moefx.export.onnx`` logger logs it. With
     ``expert_bits`` (8 or 4), every block becomes one ``com.microsoft.QMoE`` node on symmetrically
     quantized expert weights (4-bit: a scale per 32 input columns where the sizes allow, otherwise and for
@@ -218,6 +229,8 @@ def onnx(
     :class:`~moefx.export.generation.OnnxGenerator` decodes greedily; the parity check then covers the
     logits and the cache.
     """
+    if isinstance(width_splits, bool) or not isinstance(width_splits, int) or width_splits < 1:
+        raise ConfigError(f"width_splits must be a positive whole number of parts per expert, not {width_splits!r}")
     serving, inputs = serving_model(model, example_inputs)
     lowering = block_lowering(serving.served, fused or expert_bits is not None)
     if kv_cache:
@@ -230,7 +243,7 @@ def onnx(
     traced, checked = export_inputs(serving, inputs, dynamic and not kv_cache)
     # before lowering, so the check covers it; eager breaks top-k ties as ONNX's TopK does
     reference = ParityReference.of(serving, checked, onnx_topk=True) if verify else None
-    lower_blocks(serving.served, lowering, expert_bits, int8_activations)
+    lower_blocks(serving.served, lowering, expert_bits, int8_activations, width_splits)
     if verify and int8_activations:  # the lowering against eager in PyTorch; the file against int8 activations
         with float_activations():
             check_parity("lowered", reference, lambda feed: serving(*feed))

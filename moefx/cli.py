@@ -283,12 +283,13 @@ def _export(args: argparse.Namespace) -> None:
         raise CheckpointError(f"{path} already exists: remove it or give another --path")
     model = moefx.export.load(directory)
     onnx_only = {"fused": args.fused, "expert_bits": args.expert_bits, "kv_cache": args.kv_cache,
-                 "int8_activations": args.int8_activations}  # fmt: skip
+                 "int8_activations": args.int8_activations, "width_splits": args.width_splits}  # fmt: skip
     if args.format != "onnx" and any(v not in (False, None) for v in onnx_only.values()):
         raise ConfigError(
-            f"--fused, --expert-bits, --int8-activations and --kv-cache apply to --format onnx only, not {args.format}"
+            f"--fused, --expert-bits, --int8-activations, --width-splits and --kv-cache apply to --format onnx only, "
+            f"not {args.format}"
         )
-    options = onnx_only if args.format == "onnx" else {}
+    options = {k: v for k, v in onnx_only.items() if v is not None} if args.format == "onnx" else {}
     getattr(moefx.export, args.format)(model, path, moefx.export.checkpoint_inputs(directory), verify=args.verify,
                                        **options)  # fmt: skip
     size = moefx.export.file_bytes(path) if args.format == "onnx" else path.stat().st_size
@@ -555,6 +556,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="onnx only: each MoE block whose experts ONNX Runtime's com.microsoft.MoE operator can run becomes "
         "one such node (default: the portable form, faster on ONNX Runtime's CPU provider)",
+    )
+    export.add_argument(
+        "--width-splits",
+        type=int,
+        default=None,
+        help="onnx only, with --fused: cut each float expert's hidden units into this many of the operator's "
+        "experts, so that as many threads share every expert's work evenly (default: 2)",
     )
     export.add_argument(
         "--expert-bits",

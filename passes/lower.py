@@ -14,6 +14,14 @@ group-limited selection, routed scaling, capacity) stays in the graph: its weigh
 the operator as ``log w``, whose softmax is ``w / sum(w)``, and the operator's output is multiplied back by
 ``sum(w)``. :func:`fused_moe_blocker` says why a block is left to the portable lowering, which is the
 canonical graph itself (standard ONNX ops, each expert run once on its routed tokens).
+
+ONNX Runtime's CPU kernel gives each thread a contiguous range of the operator's experts, and a merged
+block's groups carry very unequal shares of the tokens, so one thread can end up with most of the work.
+With ``width_splits=S`` each expert's hidden units are cut into S equal parts, laid out part-major as S x E
+operator experts (an FFN's output is the sum of its parts' outputs, the output bias kept in part 0), and
+every token picks all S parts of its experts: the router input repeated S times, ``k`` times S, and the
+output multiplied by S (each part's softmax weight is ``1/S`` of its expert's). With S threads, each then
+gets an equal share of every expert's work, whatever the routing.
 """
 
 from __future__ import annotations
@@ -356,6 +364,23 @@ def routing_as_logits(
     return logits.to(like.dtype), total.to(like.dtype)
 
 
+def split_width(buffers: dict[str, torch.Tensor], splits: int) -> dict[str, torch.Tensor]:
+    """The operator's float expert buffers (``fc1`` ``(E, rows, in)`` with its rows in hidden-unit order,
+    gate and up interleaved; ``fc2`` ``(E, out, width)``; optional biases) as ``splits`` x E experts of
+    ``width / splits`` hidden units each, part-major: expert ``s * E + e`` is part ``s`` of expert ``e``.
+    The output bias goes to part 0 only, so the parts' outputs add up to the expert's."""
+    parts = {
+        name: tensor.chunk(splits, dim=-1 if name == "fc2" else 1)
+        for name, tensor in buffers.items()
+        if name != "fc2_bias"
+    }
+    split = {name: torch.cat(chunks) for name, chunks in parts.items()}
+    if "fc2_bias" in buffers:
+        bias = buffers["fc2_bias"]
+        split["fc2_bias"] = torch.cat([bias, bias.new_zeros((splits - 1) * bias.shape[0], bias.shape[1])])
+    return split
+
+
 def operator_computes_routing(graph_module: fx.GraphModule) -> bool:
     """Whether the operator's own routing (softmax top-k over the router's logits) is the block's."""
     selection, _, index = selection_nodes(graph_module.graph)
@@ -395,13 +420,17 @@ class LowerToFusedMoE(PassBase):
     weights are not quantized (the selection is then removed if nothing else reads it); otherwise a
     :func:`routing_as_logits` call on the selected weights and indices, with the output multiplied by their
     per-token sum (QMoE takes a softmax over the top k logits, which on log weights is their share).
+    With ``width_splits`` (float experts only), each expert becomes that many operator experts (see the
+    module's docstring), where it divides the experts' width; otherwise one.
     """
 
-    def __init__(self, expert_bits: int | None = None, int8_activations: bool = False) -> None:
+    def __init__(self, expert_bits: int | None = None, int8_activations: bool = False, width_splits: int = 1) -> None:
         super().__init__()
         if int8_activations and expert_bits != 4:  # the 8-bit kernel's int8 activations are not ours
             raise ValueError(f"int8 activations need 4-bit experts, not expert_bits={expert_bits}")
-        self.expert_bits, self.int8_activations = expert_bits, int8_activations
+        if width_splits < 1 or (width_splits > 1 and expert_bits is not None):
+            raise ValueError(f"width_splits must be 1, or more for float experts, not {width_splits}")
+        self.expert_bits, self.int8_activations, self.width_splits = expert_bits, int8_activations, width_splits
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         if fused_moe_blocker(graph_module) is not None:
@@ -417,6 +446,8 @@ class LowerToFusedMoE(PassBase):
         def fc1_rows(parts: list[torch.Tensor]) -> torch.Tensor:  # interleave gate and up rows
             return torch.stack(parts, dim=1).flatten(0, 1) if gated else parts[0]
 
+        width = ffns[0].out_weight.shape[1]
+        splits = self.width_splits if width % self.width_splits == 0 else 1
         buffers = {
             "fc1": torch.stack([fc1_rows(f.in_weights) for f in ffns]),
             "fc2": torch.stack([f.out_weight for f in ffns]),
@@ -425,6 +456,8 @@ class LowerToFusedMoE(PassBase):
             buffers["fc1_bias"] = torch.stack([fc1_rows(f.in_biases) for f in ffns])
         if ffns[0].out_bias is not None:
             buffers["fc2_bias"] = torch.stack([f.out_bias for f in ffns])
+        if splits > 1:
+            buffers = split_width(buffers, splits)
         bits = self.expert_bits
         if bits is not None:
             in_features = [buffers["fc1"].shape[-1], buffers["fc2"].shape[-1]]
@@ -438,7 +471,7 @@ class LowerToFusedMoE(PassBase):
         experts = experts_node(graph)
         tokens, index, weights = experts.args
         native = bits is None and operator_computes_routing(graph_module)
-        k = 1 if runs_per_slot_rows(graph) else min(routing["top_k"], bank.num_experts)
+        k = splits * (1 if runs_per_slot_rows(graph) else min(routing["top_k"], bank.num_experts))
         act = (activation["activation"], activation["alpha"], activation["beta"], activation["limit"])
         with graph.inserting_before(experts):
             attrs = {name: graph.get_attr(name) for name in buffers}
@@ -449,6 +482,8 @@ class LowerToFusedMoE(PassBase):
                 as_logits = graph.call_function(routing_as_logits, (weights, index, bank.num_experts, tokens))
                 router_input = graph.call_function(operator.getitem, (as_logits, 0))
                 normalize = False
+            if splits > 1:
+                router_input = graph.call_function(torch.cat, ([router_input] * splits, -1))
             if bits is None:
                 fused = graph.call_function(
                     torch.ops.moefx.ort_moe.default,
@@ -463,7 +498,11 @@ class LowerToFusedMoE(PassBase):
                 )  # fmt: skip
             if not native:
                 total = graph.call_function(operator.getitem, (as_logits, 1))
+                if splits > 1:
+                    total = graph.call_function(operator.mul, (total, splits))
                 fused = graph.call_function(operator.mul, (fused, total))
+            elif splits > 1:
+                fused = graph.call_function(operator.mul, (fused, splits))
         experts.replace_all_uses_with(fused)
         graph.erase_node(experts)
         graph_module.delete_submodule("experts")

@@ -149,7 +149,7 @@ def test_export_kv_cache_writes_a_decoder_that_generates_what_the_checkpoint_gen
 
 def test_fused_applies_to_onnx_only(compressed, tmp_path, capsys):
     assert cli.main(["export", str(compressed), "--format", "pt2", "--path", str(tmp_path / "m.pt2"), "--fused"]) == 2
-    expected = "--fused, --expert-bits, --int8-activations and --kv-cache apply to --format onnx only"
+    expected = "--fused, --expert-bits, --int8-activations, --width-splits and --kv-cache apply to --format onnx only"
     assert expected in _one_error_line(capsys)
 
 

@@ -83,7 +83,8 @@ def test_fused_onnx_export_matches_eager(compiled_tiny, family, variant, tmp_pat
         attributes = {a.name: onnx_pkg.helper.get_attribute_value(a) for a in moe[0].attribute}
         if family in SWIGLU:
             assert attributes["activation_type"] == b"swiglu" and attributes["swiglu_fusion"] == 1
-        assert attributes["k"] == (1 if family == "switch" else 2)
+        # every routed token takes both halves of each expert (width_splits=2; the tiny widths are even)
+        assert attributes["k"] == 2 * (1 if family == "switch" else 2)
     else:  # LoSparse experts, or an activation the operator lacks: portable, with the reason in the metadata
         assert moe == [] and all(reason is not None for reason in blocks.values())
 
@@ -166,6 +167,9 @@ def test_quantized_export_refuses_what_qmoe_cannot_run(compiled_tiny, tmp_path):
     with pytest.raises(moefx.ConfigError, match="blocks of 32 columns, which model.layers.0.mlp's experts .inputs of "
                        "32 and 48. do not divide into; export it without int8_activations"):  # fmt: skip
         moefx.export.onnx(mixtral, tmp_path / "m.onnx", inputs, expert_bits=4, int8_activations=True)
+    for splits in (0, 1.5, True):
+        with pytest.raises(moefx.ConfigError, match=f"width_splits must be a positive whole number.*not {splits}"):
+            moefx.export.onnx(mixtral, tmp_path / "m.onnx", inputs, fused=True, width_splits=splits)
     assert list(tmp_path.iterdir()) == []
 
 

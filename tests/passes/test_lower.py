@@ -71,6 +71,39 @@ def test_lowered_block_computes_what_the_canonical_block_computes(zoo, family, m
             torch.testing.assert_close(lowered(x), canonical(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("splits", [2, 3])
+@pytest.mark.parametrize("family, merged", list(CASES), ids=[f"{f}-{'merged' if m else 'original'}" for f, m in CASES])
+def test_width_splits_give_each_expert_that_many_parts_and_compute_the_same(zoo, family, merged, splits):
+    """Each part is an operator expert with its share of the hidden units, which every token takes as a whole."""
+    block = zoo(family)[3][0]
+    canonical = _merged_behind_the_exact_router(block) if merged else build_block(block.module, block)
+    whole = PassManager([LowerToFusedMoE()])(copy.deepcopy(canonical)).graph_module
+    split = PassManager([LowerToFusedMoE(width_splits=splits)])(copy.deepcopy(canonical)).graph_module
+    (one,), (parted,) = (
+        [n for n in g.graph.nodes if n.target is torch.ops.moefx.ort_moe.default] for g in (whole, split)
+    )
+    experts, rows, _ = whole.fc1.shape
+    width = whole.fc2.shape[-1]
+    parts = splits if width % splits == 0 else 1
+    assert split.fc1.shape == (parts * experts, rows // parts, whole.fc1.shape[-1])
+    assert split.fc2.shape == (parts * experts, whole.fc2.shape[1], width // parts)
+    assert parted.args[6] == parts * one.args[6]  # k
+    if hasattr(whole, "fc2_bias"):  # added once: part 0 has the bias, the others none
+        torch.testing.assert_close(split.fc2_bias[:experts], whole.fc2_bias, rtol=0, atol=0)
+        assert not split.fc2_bias[experts:].any()
+    for seed, (batch, seq) in enumerate([(2, 5), (1, 9), (3, 1)]):
+        x = torch.randn(batch, seq, block.hidden_size, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            torch.testing.assert_close(split(x), canonical(x), atol=1e-5, rtol=1e-5)
+
+
+def test_width_splits_are_for_float_experts():
+    with pytest.raises(ValueError, match="width_splits"):
+        LowerToFusedMoE(expert_bits=4, width_splits=2)
+    with pytest.raises(ValueError, match="width_splits"):
+        LowerToFusedMoE(width_splits=0)
+
+
 @pytest.mark.parametrize("merged", [False, True])
 def test_identity_experts_stay_outside_the_operator(merged):
     # LongCat-Flash: the operator runs the 8 experts on the weights left after the identity experts' split
