@@ -7,7 +7,8 @@ hidden size, expert width, top-k, attention heads) and random weights (normal, s
 vocabulary so that the layers, not the embeddings, are what is measured. The compressed variants are
 calibrated on random tokens (speed does not depend on what was learnt). Every variant is exported with
 ``moefx.export.onnx(..., kv_cache=True)`` in the form named (``fused``: one ``com.microsoft.MoE`` node
-per MoE block; ``int8``/``int4``: ``com.microsoft.QMoE``, ``int4 a8`` on int8 activations
+per MoE block, each expert cut into two of the node's experts (``width_splits=2``, the default);
+``fused unsplit``: one node expert per expert (``width_splits=1``); ``int8``/``int4``: ``com.microsoft.QMoE``, ``int4 a8`` on int8 activations
 (``int8_activations=True``); ``portable``: standard ONNX, for MC-SMoE's
 LoSparse experts), passing the export's parity check, then measured in a fresh process with the given
 number of ONNX Runtime threads:
@@ -59,15 +60,15 @@ VOCAB = 256
 PREFILL, THROUGHPUT, PROMPT, DECODE_STEPS, PROFILED_DECODE_STEPS = (1, 128), (16, 128), 512, 32, 8
 EXPERT_OPS = ("MoE", "QMoE")  # the fused forms' expert nodes
 FORMS = {
-    "portable": {}, "fused": {"fused": True}, "int8": {"expert_bits": 8}, "int4": {"expert_bits": 4},
-    "int4 a8": {"expert_bits": 4, "int8_activations": True},
+    "portable": {}, "fused": {"fused": True}, "fused unsplit": {"fused": True, "width_splits": 1},
+    "int8": {"expert_bits": 8}, "int4": {"expert_bits": 4}, "int4 a8": {"expert_bits": 4, "int8_activations": True},
 }  # fmt: skip
 INT4_FORMS = ("int4", "int4 a8")
 # (label, compile options or None for the original, the forms it is exported in)
 VARIANTS = [
-    ("original", None, ("fused", "portable", *INT4_FORMS)),
+    ("original", None, ("fused", "fused unsplit", "portable", *INT4_FORMS)),
     ("default 50%", {"experts": 0.5}, ("fused", "portable")),
-    ("default 25%", {"experts": 0.25}, ("fused", "portable", "int8", *INT4_FORMS)),
+    ("default 25%", {"experts": 0.25}, ("fused", "fused unsplit", "portable", "int8", *INT4_FORMS)),
     ("mc-smoe 25%", {"experts": 0.25, "method": "mc-smoe"}, ("portable",)),
 ]
 
