@@ -8,10 +8,10 @@ vocabulary so that the layers, not the embeddings, are what is measured. The com
 calibrated on random tokens (speed does not depend on what was learnt). Every variant is exported with
 ``moefx.export.onnx(..., kv_cache=True)`` in the form named (``fused``: one ``com.microsoft.MoE`` node
 per MoE block, each expert cut into two of the node's experts (``width_splits=2``, the default);
-``fused unsplit``: one node expert per expert (``width_splits=1``); ``int8``/``int4``: ``com.microsoft.QMoE``, ``int4 a8`` on int8 activations
-(``int8_activations=True``); ``portable``: standard ONNX, for MC-SMoE's
-LoSparse experts), passing the export's parity check, then measured in a fresh process with the given
-number of ONNX Runtime threads:
+``fused unsplit``: one node expert per expert (``width_splits=1``); ``int8``/``int4``:
+``com.microsoft.QMoE``, ``int4 a8`` on int8 activations (``int8_activations=True``); ``portable``:
+standard ONNX, for MC-SMoE's LoSparse experts), passing the export's parity check, then measured in a
+fresh process with the given number of ONNX Runtime threads:
 
 - prefill: median latency of the first step (empty cache) on 1 x 128 tokens;
 - throughput: tokens per second of that step on 16 x 128 tokens;
@@ -276,6 +276,13 @@ def profile_lines(rows: list[dict[str, Any]]) -> list[str]:
                 f"the time for a quarter of the expert weights); other nodes {other_ms(fused, phase):.1f} ms "
                 f"against {other_ms(base, phase):.1f}"
             )
+    for variant in ("original", "default 25%"):
+        split, unsplit = find_row(rows, variant, "fused"), find_row(rows, variant, "fused unsplit")
+        if split is not None and unsplit is not None:
+            lines.append(
+                f"{variant} at {PREFILL[0]}x{PREFILL[1]}: expert nodes {expert_ms(split, 'prefill'):.1f} ms with two "
+                f"node experts per expert (fused) against {expert_ms(unsplit, 'prefill'):.1f} with one (fused unsplit)"
+            )
     if (portable := find_row(rows, "default 25%", "portable")) is not None and fused is not None:
         for phase, shape in (("prefill", PREFILL), ("throughput", THROUGHPUT)):
             lines.append(
@@ -335,12 +342,14 @@ WHY = (
     "kernel skips a pick of weight 0, so the node computes each group a token uses once. Its work therefore "
     "follows the (token, group) pairs, not the weights: with a quarter of the experts left as groups, a token's k"
     " experts still fall into several groups, and each such pair costs a whole expert's rows, so the expert "
-    "nodes' time falls much less than their weights do (the profile lines above). At 1x128 each group also gets "
-    "only a few dozen rows, and the portable form's prepacked MatMuls on both threads run them faster than the "
-    "node, whose kernel runs each expert's GEMM on one thread and packs its weights on every call. At 16x128 the "
-    "kernel splits the experts over its threads by index range, and a merged group takes all its members' tokens,"
-    " so the threads' loads can be uneven; the profile times nodes, not threads, so that is a likely cost, not a "
-    "measured one, and ordering the groups by load is not done. Nodes outside the experts also vary from probe to"
+    "nodes' time falls much less than their weights do (the profile lines above). The kernel also gives each of "
+    "its threads a contiguous range of the node's experts, and a merged group takes all its members' tokens, so "
+    "with one node expert per group one thread can get most of a step's work; the `fused` files therefore cut "
+    "each expert's hidden units into two node experts that every routed token takes together (`width_splits=2`),"
+    " one per thread, and the `fused unsplit` rows show what that changes. At 1x128 each group also gets only a "
+    "few dozen rows, and the portable form's prepacked MatMuls on both threads run them faster than the node, "
+    "whose kernel runs each expert's GEMM on one thread and packs its weights on every call. Nodes outside the "
+    "experts also vary from probe to"
     " probe on this VM: around the experts the default's graph is the original's plus a few small routing ops "
     "that feed the node, so most of any gap between their 'other nodes' times in the profile lines is noise.\n"
     "- **int4 decode.** `int4` rows run the 4-bit QMoE node on float32 activations, so the file computes what "

@@ -28,6 +28,7 @@ from moefx.export.serving import (
     export_program,
     is_canonical_block,
     serving_model,
+    set_implementation,
 )
 from moefx.passes.complex_views import ComplexViewsAsReal
 from moefx.passes.lower import (
@@ -224,6 +225,10 @@ def onnx(
     ``dtype``, before lowering) within 1e-4. The file appears only once everything succeeded; ``model`` is
     not changed.
 
+    A transformers model's attention is exported in its eager form (``q @ k^T`` as one MatMul, into which
+    ONNX Runtime fuses the key's transpose), not SDPA, whose ONNX translation transposes and scales the
+    whole key cache at every decoding step.
+
     With ``kv_cache``, a causal LM is written as one decoding step with its attention key/value cache
     (``past_key_values.*`` in, ``present.*`` out; see :mod:`moefx.export.generation`), which
     :class:`~moefx.export.generation.OnnxGenerator` decodes greedily; the parity check then covers the
@@ -232,6 +237,9 @@ def onnx(
     if isinstance(width_splits, bool) or not isinstance(width_splits, int) or width_splits < 1:
         raise ConfigError(f"width_splits must be a positive whole number of parts per expert, not {width_splits!r}")
     serving, inputs = serving_model(model, example_inputs)
+    # q @ k^T as one MatMul, whose key transpose ONNX Runtime fuses into it; SDPA's ONNX translation
+    # transposes and scales the whole key cache at every decoding step
+    set_implementation(serving.served, "attn", "eager")
     lowering = block_lowering(serving.served, fused or expert_bits is not None)
     if kv_cache:
         serving, inputs = cached_decoder(serving.served, serving.input_names, inputs)

@@ -98,12 +98,18 @@ def serving_model(model: nn.Module, example_inputs: Any) -> tuple[ServingModule,
             config.use_cache = False
     canonicalize(copied, kwargs)
     # experts that no canonical block replaced (DeepSeek-V4's hash-routed blocks) run as batched matmuls, which
-    # the exporters capture; transformers' default grouped_mm is a custom op ONNX cannot translate. The
-    # outermost transformers model sets it for every config below it
-    outermost = next((m for m in copied.modules() if getattr(m, "_can_set_experts_implementation", None)), None)
-    if outermost is not None and outermost._can_set_experts_implementation():
-        outermost.set_experts_implementation("batched_mm")
+    # the exporters capture; transformers' default grouped_mm is a custom op ONNX cannot translate
+    set_implementation(copied, "experts", "batched_mm")
     return ServingModule(copied, names), tuple(kwargs.values())
+
+
+def set_implementation(model: nn.Module, kind: str, name: str) -> None:
+    """Have the outermost transformers model in ``model``, which sets it for every config below it, use the
+    ``kind`` (``"attn"`` or ``"experts"``) implementation ``name``, where its class lets it be set."""
+    can_set = f"_can_set_{kind}_implementation"
+    outermost = next((m for m in model.modules() if getattr(m, can_set, None)), None)
+    if outermost is not None and getattr(outermost, can_set)():
+        getattr(outermost, f"set_{kind}_implementation")(name)
 
 
 class _PositionalAdapter(nn.Module):

@@ -120,6 +120,28 @@ def test_the_steps_are_the_pieces_of_generate(decoder_file):
     assert torch.equal(logits[:, -1].argmax(-1), two[:, -1])
 
 
+def test_onnx_runtime_reads_the_key_cache_without_copying_it_into_a_transpose(decoder_file, tmp_path):
+    """Eager attention's ``q @ k^T``: ONNX Runtime's optimizer folds the key's transpose into the MatMul."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    onnxruntime.InferenceSession(str(decoder_file("mixtral", "default fused")), options,
+                                 providers=["CPUExecutionProvider"])  # fmt: skip
+    graph = onnx_pkg.load(options.optimized_model_filepath, load_external_data=False).graph
+    producer = {out: n for n in graph.node for out in n.output}
+
+    def reads_the_key_cache(name: str) -> bool:  # directly or through views (and GQA's repeat of the heads)
+        node = producer.get(name)
+        return name.startswith("present.") and name.endswith(".key") or (
+            node is not None and node.op_type in ("Reshape", "Unsqueeze", "Expand")
+            and reads_the_key_cache(node.input[0]))  # fmt: skip
+
+    scores = [n for n in graph.node if n.op_type == "FusedMatMul" and reads_the_key_cache(n.input[1])]
+    assert len(scores) == 2  # one per layer, the key transposed inside the MatMul
+    assert not [n for n in graph.node if n.op_type == "Transpose" and reads_the_key_cache(n.input[0])]
+
+
 def test_a_one_row_example_exports_a_decoder_for_any_batch_and_warns_of_ignored_generation_settings(tmp_path):
     model = tiny_model("mixtral")
     model.generation_config.repetition_penalty = 1.05  # changes greedy tokens in transformers' generate
