@@ -289,6 +289,9 @@ def _export(args: argparse.Namespace) -> None:
             f"--fused, --expert-bits, --int8-activations, --width-splits and --kv-cache apply to --format onnx only, "
             f"not {args.format}"
         )
+    if args.width_splits is not None and (not args.fused or args.expert_bits is not None):
+        raise ConfigError("--width-splits cuts the float experts of fused nodes: pass it with --fused, without "
+                          "--expert-bits")  # fmt: skip
     options = {k: v for k, v in onnx_only.items() if v is not None} if args.format == "onnx" else {}
     getattr(moefx.export, args.format)(model, path, moefx.export.checkpoint_inputs(directory), verify=args.verify,
                                        **options)  # fmt: skip

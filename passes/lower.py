@@ -428,8 +428,10 @@ class LowerToFusedMoE(PassBase):
         super().__init__()
         if int8_activations and expert_bits != 4:  # the 8-bit kernel's int8 activations are not ours
             raise ValueError(f"int8 activations need 4-bit experts, not expert_bits={expert_bits}")
-        if width_splits < 1 or (width_splits > 1 and expert_bits is not None):
-            raise ValueError(f"width_splits must be 1, or more for float experts, not {width_splits}")
+        if width_splits < 1:
+            raise ValueError(f"width_splits must be 1 or more, not {width_splits}")
+        if width_splits > 1 and expert_bits is not None:
+            raise ValueError(f"width_splits applies to float experts, not to expert_bits={expert_bits}")
         self.expert_bits, self.int8_activations, self.width_splits = expert_bits, int8_activations, width_splits
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:

@@ -153,6 +153,25 @@ def test_fused_applies_to_onnx_only(compressed, tmp_path, capsys):
     assert expected in _one_error_line(capsys)
 
 
+def test_width_splits_set_how_many_node_experts_each_expert_becomes(compressed, tmp_path):
+    k = {}
+    for splits in (1, 2):
+        path = tmp_path / f"split{splits}.onnx"
+        argv = ["export", str(compressed), "--format", "onnx", "--path", str(path), "--fused", "--no-verify"]
+        assert cli.main([*argv, "--width-splits", str(splits)]) == 0
+        (node, *_) = [n for n in onnx.load(str(path)).graph.node if n.op_type == "MoE"]
+        k[splits] = next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "k")
+    assert k[2] == 2 * k[1]  # every routed token takes both halves of its experts
+
+
+@pytest.mark.parametrize("form", [[], ["--expert-bits", "4"]], ids=["portable", "quantized"])
+def test_width_splits_apply_to_fused_float_experts_only(compressed, tmp_path, capsys, form):
+    argv = ["export", str(compressed), "--format", "onnx", "--path", str(tmp_path / "m.onnx"), "--width-splits", "2"]
+    assert cli.main(argv + form) == 2
+    assert "--width-splits cuts the float experts of fused nodes: pass it with --fused" in _one_error_line(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_export_refuses_to_overwrite(compressed, tmp_path, capsys):
     path = tmp_path / "existing.onnx"
     path.write_text("keep me")
