@@ -500,10 +500,8 @@ class LowerToFusedMoE(PassBase):
                 )  # fmt: skip
             if not native:
                 total = graph.call_function(operator.getitem, (as_logits, 1))
-                if splits > 1:
-                    total = graph.call_function(operator.mul, (total, splits))
                 fused = graph.call_function(operator.mul, (fused, total))
-            elif splits > 1:
+            if splits > 1:
                 fused = graph.call_function(operator.mul, (fused, splits))
         experts.replace_all_uses_with(fused)
         graph.erase_node(experts)
